@@ -1,0 +1,45 @@
+# Two entry points: `make demo` and `make test`. Both create .venv when it is missing and install the
+# project into it; nothing else needs to be on the machine but Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The speed comparison needs torch. A pinned CPU build is installed first so that the `bench` extra's
+# range is already satisfied (an unpinned torch pulls a multi-GB CUDA build). WITH_TORCH=0 skips it;
+# the torch tests then skip with a stated reason.
+TORCH_PIN ?= torch==2.13.0
+WITH_TORCH ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if [ "$(WITH_TORCH)" = "1" ]; then $(PY) -m pip install --quiet "$(TORCH_PIN)" || \
+	  echo "warning: $(TORCH_PIN) could not be installed; torch comparisons will be skipped"; fi
+	$(PY) -m pip install --quiet -e '.[experiments,test]'
+	if [ "$(WITH_TORCH)" = "1" ] && $(PY) -c 'import torch' 2>/dev/null; then \
+	  $(PY) -m pip install --quiet -e '.[bench]'; fi
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.main --config experiments/configs/demo.py --workdir runs/demo --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.compare --out BENCHMARKS.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
