@@ -1,0 +1,29 @@
+"""ewc_jax: Elastic Weight Consolidation in JAX.
+
+The whole method in a few names::
+
+    fisher = ewc_jax.fisher_diagonal(model.apply, params, x_a, estimator="exact")
+    state = ewc_jax.consolidate(None, params, fisher)           # after task A
+    loss = task_b_loss(params) + ewc_jax.penalty(params, state, strength=2000.0)
+
+or, as an Optax transformation::
+
+    tx = optax.chain(ewc_jax.add_ewc_penalty(2000.0), optax.sgd(1e-3))
+    opt_state = ewc_jax.set_ewc_state(tx.init(params), state)
+
+References:
+  Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
+"""
+
+from ewc_jax._consolidation import CONSOLIDATION_MODES as CONSOLIDATION_MODES
+from ewc_jax._consolidation import EWCState as EWCState
+from ewc_jax._consolidation import consolidate as consolidate
+from ewc_jax._consolidation import empty_state as empty_state
+from ewc_jax._consolidation import penalty as penalty
+from ewc_jax._fisher import ESTIMATORS as ESTIMATORS
+from ewc_jax._fisher import fisher_diagonal as fisher_diagonal
+from ewc_jax._transform import AddEWCPenaltyState as AddEWCPenaltyState
+from ewc_jax._transform import add_ewc_penalty as add_ewc_penalty
+from ewc_jax._transform import set_ewc_state as set_ewc_state
+
+__version__ = "0.1.0"

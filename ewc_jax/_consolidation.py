@@ -1,0 +1,178 @@
+"""Consolidation state and the EWC penalty.
+
+After task ``k`` the posterior over parameters is approximated by a Gaussian centred on the
+trained parameters ``θ*_k`` with diagonal precision ``F_k`` (the Fisher). Everything EWC needs
+to remember is therefore one anchor and one precision per parameter, kept in :class:`EWCState`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ewc_jax._types import Params
+from ewc_jax._validation import (
+    check_finite,
+    check_nonnegative_scalar,
+    check_same_structure,
+    check_unit_interval,
+    concrete_or_none,
+)
+
+CONSOLIDATION_MODES = ("separate", "online")
+
+
+class EWCState(NamedTuple):
+    """What EWC remembers about past tasks: a pytree, passed to jitted code as an argument.
+
+    Attributes:
+      anchor: params-shaped tree, the centre ``θ̄`` of the quadratic penalty.
+      precision: params-shaped tree, the diagonal precision ``Λ`` (summed or decayed Fishers).
+      num_tasks: int32 scalar, how many tasks have been consolidated.
+    """
+
+    anchor: Params
+    precision: Params
+    num_tasks: jax.Array
+
+
+def empty_state(params: Params) -> EWCState:
+    """The state before any task: zero precision, so the penalty is zero everywhere.
+
+    Lets a jitted train step take an ``EWCState`` argument from the first task on, so that
+    consolidating later changes only values, never the traced program.
+
+    Args:
+      params: the model parameters (defines the tree structure, shapes and dtypes).
+
+    Returns:
+      ``EWCState(anchor=params, precision=zeros_like(params), num_tasks=0)``.
+    """
+    return EWCState(
+        anchor=params,
+        precision=jax.tree.map(jnp.zeros_like, params),
+        num_tasks=jnp.zeros((), jnp.int32),
+    )
+
+
+def consolidate(
+    state: EWCState | None,
+    params: Params,
+    fisher: Params,
+    *,
+    mode: Literal["separate", "online"] = "separate",
+    gamma: float = 1.0,
+) -> EWCState:
+    r"""Folds a finished task's parameters and Fisher into the EWC state.
+
+    ``mode="separate"`` (Kirkpatrick et al. 2017) keeps one quadratic per past task,
+    :math:`\sum_k F_k (θ - θ_k)^2`. That sum is itself one quadratic,
+
+    .. math:: \sum_k F_k (θ - θ_k)^2 = Λ (θ - θ̄)^2 + \text{const},\quad
+              Λ = \sum_k F_k,\quad θ̄ = \frac{\sum_k F_k θ_k}{\sum_k F_k},
+
+    so it is stored in O(1) memory, with the same gradient as the explicit per-task sum. Where
+    ``Λ = 0`` the anchor is the latest ``params`` (the penalty does not depend on it there).
+
+    ``mode="online"`` (Schwarz et al. 2018, online EWC): :math:`Λ \leftarrow γ Λ + F`,
+    :math:`θ̄ \leftarrow θ`.
+
+    Args:
+      state: the state so far, or None before the first task.
+      params: parameters at the end of the task just finished (``θ*``).
+      fisher: its diagonal Fisher, same tree as ``params`` (see :func:`fisher_diagonal`).
+      mode: ``"separate"`` or ``"online"``.
+      gamma: decay of the old precision in online mode, in [0, 1]; must be 1 in separate mode.
+
+    Returns:
+      The new ``EWCState``.
+
+    Raises:
+      ValueError: unknown mode, gamma outside [0, 1], trees that differ (the message names the
+        first differing path), or NaN/Inf/negative values in ``params`` or ``fisher``.
+
+    References:
+      Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
+      Schwarz et al., "Progress & Compress: A scalable framework for continual learning",
+      ICML 2018.
+    """
+    if mode not in CONSOLIDATION_MODES:
+        raise ValueError(
+            f"Unknown consolidation mode {mode!r}; valid modes: {CONSOLIDATION_MODES}."
+        )
+    check_unit_interval(gamma, "gamma")
+    if mode == "separate" and concrete_or_none(gamma) is not None and float(gamma) != 1.0:
+        raise ValueError(
+            f"gamma={gamma!r} has no meaning in mode='separate' (every task keeps its full "
+            "penalty); use mode='online' for a decaying precision."
+        )
+    check_same_structure(params, fisher, "params", "fisher")
+    check_finite(params, "params")
+    check_finite(fisher, "fisher")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fisher)[0]:
+        value = concrete_or_none(leaf)
+        if value is not None and (value < 0).any():
+            raise ValueError(
+                f"fisher has negative values at {jax.tree_util.keystr(path)}; a diagonal Fisher "
+                "is a mean of squares and cannot be negative."
+            )
+    if state is None:
+        state = empty_state(params)
+    else:
+        check_same_structure(params, state.anchor, "params", "state.anchor")
+        check_same_structure(params, state.precision, "params", "state.precision")
+
+    if mode == "separate":
+        precision = jax.tree.map(lambda p, f: p + f, state.precision, fisher)
+        anchor = jax.tree.map(
+            _precision_weighted_mean, precision, state.precision, state.anchor, fisher, params
+        )
+    else:
+        anchor = params
+        precision = jax.tree.map(
+            lambda p, f: jnp.asarray(gamma, p.dtype) * p + f, state.precision, fisher
+        )
+    return EWCState(anchor=anchor, precision=precision, num_tasks=state.num_tasks + 1)
+
+
+def _precision_weighted_mean(total, old_precision, old_anchor, fisher, theta):
+    """``(Λ_old θ̄_old + F θ) / (Λ_old + F)``, or ``θ`` where the total precision is zero."""
+    positive = total > 0
+    safe_total = jnp.where(positive, total, jnp.ones_like(total))
+    return jnp.where(positive, (old_precision * old_anchor + fisher * theta) / safe_total, theta)
+
+
+def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
+    r"""The EWC penalty :math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2`.
+
+    Add it to the loss of the current task: :math:`L(θ) = L_B(θ) + \frac{λ}{2}\sum_i
+    F_i (θ_i - θ^*_{A,i})^2`. Its gradient is :math:`λ Λ (θ - θ̄)`.
+
+    The ½ is the paper's convention. The PyTorch tutorial this project started from writes
+    ``importance * Σ F (θ - θ*)²`` without the ½: its ``importance=1000`` is ``strength=2000`` here.
+
+    Args:
+      params: current parameters θ.
+      state: an :class:`EWCState` from :func:`consolidate` or :func:`empty_state`; pass it as an
+        argument of jitted code, never close over it.
+      strength: λ >= 0 (a Python float or a scalar array).
+
+    Returns:
+      A float32 (or wider) scalar.
+
+    References:
+      Kirkpatrick et al., PNAS 2017, Eq. 3.
+    """
+    check_nonnegative_scalar(strength, "strength")
+    check_same_structure(state.anchor, params, "state.anchor", "params")
+    terms = jax.tree.leaves(
+        jax.tree.map(
+            lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, state.anchor, state.precision
+        )
+    )
+    dtype = functools.reduce(jnp.promote_types, [t.dtype for t in terms], jnp.dtype(jnp.float32))
+    total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
+    return jnp.asarray(0.5 * strength, dtype) * total
