@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	if [ "$(WITH_TORCH)" = "1" ]; then $(PY) -m pip install --quiet "$(TORCH_PIN)" || \
 	  echo "warning: $(TORCH_PIN) could not be installed; torch comparisons will be skipped"; fi
-	$(PY) -m pip install --quiet -e '.[experiments,test]'
+	$(PY) -m pip install --quiet -e '.[experiments,tfds,test]'
 	if [ "$(WITH_TORCH)" = "1" ] && $(PY) -c 'import torch' 2>/dev/null; then \
 	  $(PY) -m pip install --quiet -e '.[bench]'; fi
 	touch $@

@@ -7,11 +7,11 @@ to remember is therefore one anchor and one precision per parameter, kept in :cl
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ewc_jax._types import Params
 from ewc_jax._validation import (
@@ -110,6 +110,9 @@ def consolidate(
             "penalty); use mode='online' for a decaying precision."
         )
     check_same_structure(params, fisher, "params", "fisher")
+    if state is not None:
+        check_same_structure(params, state.anchor, "params", "state.anchor")
+        check_same_structure(params, state.precision, "params", "state.precision")
     check_finite(params, "params")
     check_finite(fisher, "fisher")
     for path, leaf in jax.tree_util.tree_flatten_with_path(fisher)[0]:
@@ -121,9 +124,6 @@ def consolidate(
             )
     if state is None:
         state = empty_state(params)
-    else:
-        check_same_structure(params, state.anchor, "params", "state.anchor")
-        check_same_structure(params, state.precision, "params", "state.precision")
 
     if mode == "separate":
         precision = jax.tree.map(lambda p, f: p + f, state.precision, fisher)
@@ -142,7 +142,9 @@ def _precision_weighted_mean(total, old_precision, old_anchor, fisher, theta):
     """``(Λ_old θ̄_old + F θ) / (Λ_old + F)``, or ``θ`` where the total precision is zero."""
     positive = total > 0
     safe_total = jnp.where(positive, total, jnp.ones_like(total))
-    return jnp.where(positive, (old_precision * old_anchor + fisher * theta) / safe_total, theta)
+    merged = (old_precision * old_anchor + fisher * theta) / safe_total
+    # Where nothing was consolidated before, the anchor is exactly θ (no rounding).
+    return jnp.where(positive & (old_precision > 0), merged, theta)
 
 
 def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
@@ -173,6 +175,7 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
             lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, state.anchor, state.precision
         )
     )
-    dtype = functools.reduce(jnp.promote_types, [t.dtype for t in terms], jnp.dtype(jnp.float32))
+    dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
+    dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
     total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
     return jnp.asarray(0.5 * strength, dtype) * total

@@ -211,8 +211,10 @@ def _checked_labels(labels: Any, n: int, num_classes: int) -> jax.Array:
     return jnp.asarray(labels, jnp.int32)
 
 
-def _accumulate_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
+def _accumulate_dtype(dtype: Any) -> np.dtype:
+    """Sums run in float32 at least (bfloat16/float16 squares would lose most digits)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 def _default_chunk_size(

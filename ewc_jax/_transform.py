@@ -51,7 +51,9 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(
+                "add_ewc_penalty needs the current params: call tx.update(updates, state, params)."
+            )
         ewc = state.ewc
         updates = jax.tree.map(
             lambda g, p, a, f: g + jnp.asarray(strength, g.dtype) * f * (p - a),
