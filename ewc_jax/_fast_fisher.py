@@ -304,37 +304,38 @@ def tapped_sums(
     plan: Plan,
     param_leaves: Sequence[Any],
     example_leaves: Sequence[Any],
-    cotangents: jax.Array,
-    weights: jax.Array,
+    targets: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     accumulate_dtype: Callable[[Any], Any],
-) -> dict[int, jax.Array]:
+) -> tuple[dict[int, jax.Array], jax.Array]:
     """``Σ_k Σ_n w_kn g_kn²`` for every tapped leaf, from one forward and one backward pass.
 
     Args:
       plan: from :func:`make_plan`.
       param_leaves: parameter leaves (unbatched).
       example_leaves: input leaves with a leading chunk axis ``B``.
-      cotangents: ``[K, B, C]`` gradients of the log-likelihood at the logits (``e_y - p``).
-      weights: ``[K, B]`` weight of each (class, example) term.
+      targets: maps the logits ``[B, C]`` to ``(cotangents [K, B, C], weights [K, B])``: the
+        gradients of the log-likelihood at the logits (``e_y - p``) for each of K labels per
+        example, and the weight of each (label, example) term.
       accumulate_dtype: maps a leaf dtype to the dtype of its sum.
 
     Returns:
-      ``{leaf index: params-leaf-shaped sum}``.
+      ``({leaf index: params-leaf-shaped sum}, logits)``.
     """
-    nodes = plan.perturbed_nodes
-    chunk = weights.shape[1]
+    first = jax.tree.leaves(example_leaves)[0]
+    chunk = first.shape[0]
     eps0 = {
         i: jnp.zeros(
             (chunk, *plan.nodes[i].outputs[0].aval.shape), plan.nodes[i].outputs[0].aval.dtype
         )
-        for i in nodes
+        for i in plan.perturbed_nodes
     }
 
     def forward(eps):
         return jax.vmap(lambda x, e: evaluate(plan, param_leaves, x, e))(example_leaves, eps)
 
-    _, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
-    deltas = jax.vmap(lambda ct: pullback(ct.astype(cotangents.dtype))[0])(cotangents)  # [K, B, ..]
+    logits, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
+    cotangents, weights = targets(logits)
+    deltas = jax.vmap(lambda ct: pullback(ct.astype(logits.dtype))[0])(cotangents)  # [K, B, ..]
 
     sums: dict[int, jax.Array] = {}
     num_terms = weights.shape[0]
@@ -368,7 +369,7 @@ def tapped_sums(
             sums[tap.leaf] = jnp.tensordot(
                 weights.reshape(-1).astype(dtype), jnp.square(grads), axes=1
             )
-    return sums
+    return sums, logits
 
 
 def bytes_per_example(plan: Plan, num_terms: int) -> int:

@@ -51,6 +51,7 @@ def fisher_diagonal(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     fast: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Params:
     r"""Diagonal of the Fisher information of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
 
@@ -97,6 +98,9 @@ def fisher_diagonal(
       chunk_size: examples per chunk; default: as many as fit in ``MEMORY_BUDGET_BYTES``.
       batch_size: mini-batch size for ``"batched"``.
       fast: use the one-pass path where it applies; ``False`` forces ``vmap(grad)`` everywhere.
+      mesh: data parallelism: a ``jax.sharding.Mesh`` whose first axis splits the examples
+        across devices (params replicated); each device runs the chunked computation on its
+        shard and one ``psum`` adds them up. ``None``: one device. ``"batched"`` ignores it.
 
     Returns:
       A pytree with the structure, shapes and dtypes of ``params``; every entry >= 0.
@@ -151,6 +155,7 @@ def fisher_diagonal(
         estimator=estimator,
         chunk_size=min(int(chunk_size), n),
         fast=fast,
+        mesh=mesh,
     )
 
 
@@ -316,52 +321,73 @@ def _chunk_sums(
 ) -> list[jax.Array]:
     leaves, _ = jax.tree.flatten(params)
     all_leaves = tuple(range(len(leaves)))
-    logits = apply_fn(params, x)
-    classes, weights = _targets(logits, estimator, labels, keys)
-    weights = weights * mask.astype(weights.dtype)[None]
+
+    def classes_and_weights(logits):
+        classes, weights = _targets(logits, estimator, labels, keys)
+        return classes, weights * mask.astype(weights.dtype)[None]
+
     if not fast:
-        sums = _general_sums(apply_fn, params, x, classes, weights, all_leaves)
-    else:
-        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
-        plan = _fast_fisher.make_plan(apply_fn, params, example)
+        classes, weights = classes_and_weights(apply_fn(params, x))
+        return _as_list(_general_sums(apply_fn, params, x, classes, weights, all_leaves), leaves)
+
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+    plan = _fast_fisher.make_plan(apply_fn, params, example)
+    chosen = {}
+
+    def cotangents_and_weights(logits):
+        # d log p(y | x) / d logits = e_y - softmax(logits), for each of the K labels.
+        classes, weights = classes_and_weights(logits)
+        chosen.update(classes=classes, weights=weights)
         probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(weights.dtype), axis=-1)
         onehots = jax.nn.one_hot(classes, logits.shape[-1], dtype=probs.dtype)
-        cotangents = (onehots - probs[None]).astype(logits.dtype)
-        sums = _fast_fisher.tapped_sums(
-            plan, leaves, jax.tree.leaves(x), cotangents, weights, _accumulate_dtype
+        return onehots - probs[None], weights
+
+    sums, _ = _fast_fisher.tapped_sums(
+        plan, leaves, jax.tree.leaves(x), cotangents_and_weights, _accumulate_dtype
+    )
+    if plan.fallback:
+        sums.update(
+            _general_sums(apply_fn, params, x, chosen["classes"], chosen["weights"], plan.fallback)
         )
-        if plan.fallback:
-            sums.update(_general_sums(apply_fn, params, x, classes, weights, plan.fallback))
-        for i in plan.unused:
-            sums[i] = jnp.zeros(leaves[i].shape, _accumulate_dtype(leaves[i].dtype))
-    return [sums[i] for i in all_leaves]
+    return _as_list(sums, leaves)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "fast"))
-def _chunked_fisher(
+def _as_list(sums: dict[int, jax.Array], leaves: list[Any]) -> list[jax.Array]:
+    """Leaf sums in leaf order; leaves the logits do not depend on get zeros."""
+    return [
+        sums[i] if i in sums else jnp.zeros(leaf.shape, _accumulate_dtype(leaf.dtype))
+        for i, leaf in enumerate(leaves)
+    ]
+
+
+def _local_sums(
     params: Params,
     inputs: PyTree,
     labels: jax.Array | None,
     keys: jax.Array | None,
+    num_valid: jax.Array | int,
     *,
-    apply_fn: _Static,
+    apply_fn: ApplyFn,
     estimator: str,
     chunk_size: int,
     fast: bool,
-) -> Params:
+) -> list[jax.Array]:
+    """Sums of weighted squared gradients over the first ``num_valid`` examples, chunk by chunk."""
     n = jax.tree.leaves(inputs)[0].shape[0]
+    chunk_size = min(chunk_size, n)
     num_chunks = -(-n // chunk_size)
-    leaves, treedef = jax.tree.flatten(params)
 
     def take(tree, start):
         return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk_size), tree)
 
     def body(total, i):
-        # The last chunk is the final `chunk_size` examples; those already counted are masked.
+        # The last chunk is the final `chunk_size` examples; those already counted are masked,
+        # and so are padding examples past `num_valid`.
         start = jnp.minimum(i * chunk_size, n - chunk_size)
-        mask = start + jnp.arange(chunk_size) >= i * chunk_size
+        index = start + jnp.arange(chunk_size)
+        mask = (index >= i * chunk_size) & (index < num_valid)
         sums = _chunk_sums(
-            apply_fn.fn,
+            apply_fn,
             params,
             take(inputs, start),
             None if labels is None else take(labels, start),
@@ -372,14 +398,76 @@ def _chunked_fisher(
         )
         return [t + s for t, s in zip(total, sums, strict=True)], None
 
-    zero = [jnp.zeros(p.shape, _accumulate_dtype(p.dtype)) for p in leaves]
+    zero = [jnp.zeros(p.shape, _accumulate_dtype(p.dtype)) for p in jax.tree.leaves(params)]
     if num_chunks == 1:
         total, _ = body(zero, 0)
     else:
         total, _ = jax.lax.scan(body, zero, jnp.arange(num_chunks))
+    return total
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "fast", "mesh"))
+def _chunked_fisher(
+    params: Params,
+    inputs: PyTree,
+    labels: jax.Array | None,
+    keys: jax.Array | None,
+    *,
+    apply_fn: _Static,
+    estimator: str,
+    chunk_size: int,
+    fast: bool,
+    mesh: jax.sharding.Mesh | None,
+) -> Params:
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    leaves, treedef = jax.tree.flatten(params)
+    static = dict(apply_fn=apply_fn.fn, estimator=estimator, chunk_size=chunk_size, fast=fast)
+    if mesh is None:
+        total = _local_sums(params, inputs, labels, keys, n, **static)
+    else:
+        total = _sharded_sums(params, inputs, labels, keys, mesh=mesh, **static)
     return jax.tree.unflatten(
         treedef, [(t / n).astype(p.dtype) for t, p in zip(total, leaves, strict=True)]
     )
+
+
+def _sharded_sums(params, inputs, labels, keys, *, mesh, **static) -> list[jax.Array]:
+    """Data parallel: each device sums over its shard of the examples; one psum at the end.
+
+    N not divisible by the device count is padded by repeating the last example, and the
+    padding is masked out, so no example is dropped or counted twice.
+    """
+    axis = mesh.axis_names[0]
+    devices = mesh.shape[axis]
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    local = -(-n // devices)
+
+    def pad(a):
+        if a is None or local * devices == n:
+            return a
+        return jnp.concatenate([a, jnp.repeat(a[-1:], local * devices - n, axis=0)])
+
+    data = jax.sharding.PartitionSpec(axis)
+    sharded = jax.sharding.NamedSharding(mesh, data)
+    inputs, labels, keys = jax.tree.map(
+        lambda a: jax.device_put(pad(a), sharded), (inputs, labels, keys)
+    )
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def per_device(params, inputs, labels, keys):
+        num_valid = jnp.clip(n - jax.lax.axis_index(axis) * local, 0, local)
+        sums = _local_sums(params, inputs, labels, keys, num_valid, **static)
+        return jax.lax.psum(sums, axis)
+
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(jax.sharding.PartitionSpec(), data, data, data),
+        out_specs=jax.sharding.PartitionSpec(),
+        # The fast path re-binds primitives traced outside shard_map (e.g. relu's `x > 0.0`
+        # against an unvarying literal), which the varying-axes check would reject.
+        check_vma=False,
+    )(params, inputs, labels, keys)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
