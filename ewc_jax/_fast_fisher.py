@@ -335,52 +335,88 @@ def tapped_sums(
 
     logits, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
     cotangents, weights = targets(logits)
-    deltas = jax.vmap(lambda ct: pullback(ct.astype(logits.dtype))[0])(cotangents)  # [K, B, ..]
+    one_term_nodes = sorted({t.node for t in plan.taps if t.one_term})
+    several = [t for t in plan.taps if not t.one_term]
+    dtypes = {t.leaf: accumulate_dtype(param_leaves[t.leaf].dtype) for t in plan.taps}
+    node_dtype = {t.node: dtypes[t.leaf] for t in plan.taps}
 
-    sums: dict[int, jax.Array] = {}
-    num_terms = weights.shape[0]
-    for tap in plan.taps:
+    def per_example_grads(tap, delta):
         leaf = param_leaves[tap.leaf]
-        dtype = accumulate_dtype(leaf.dtype)
-        delta = deltas[tap.node].astype(dtype)
+
+        def one(o, d):
+            _, pull = jax.vjp(lambda p: _consume(plan, tap, p, o), leaf)
+            return pull(d.astype(leaf.dtype))[0]
+
+        return jax.vmap(one)(recorded[(tap.node, 1 - tap.operand)], delta)
+
+    def add_label(totals, cotangent_and_weight):
+        # One backward pass for one label per example (K passes for the exact Fisher, one
+        # after another, so memory does not grow with the number of classes).
+        cotangent, w = cotangent_and_weight
+        deltas = pullback(cotangent.astype(logits.dtype))[0]
+        squares, sums = totals
+        squares = {
+            i: squares[i]
+            + _expand(w, deltas[i].ndim).astype(node_dtype[i])
+            * jnp.square(deltas[i].astype(node_dtype[i]))
+            for i in squares
+        }
+        sums = {
+            t.leaf: sums[t.leaf]
+            + jnp.tensordot(
+                w.astype(dtypes[t.leaf]),
+                jnp.square(per_example_grads(t, deltas[t.node]).astype(dtypes[t.leaf])),
+                axes=1,
+            )
+            for t in several
+        }
+        return (squares, sums), None
+
+    totals = (
+        {i: jnp.zeros(eps0[i].shape, node_dtype[i]) for i in one_term_nodes},
+        {t.leaf: jnp.zeros(param_leaves[t.leaf].shape, dtypes[t.leaf]) for t in several},
+    )
+    if weights.shape[0] == 1:
+        (squares, sums), _ = add_label(totals, (cotangents[0], weights[0]))
+    else:
+        (squares, sums), _ = jax.lax.scan(add_label, totals, (cotangents, weights))
+
+    for tap in plan.taps:
+        if not tap.one_term:
+            continue
+        leaf = param_leaves[tap.leaf]
         other = recorded[(tap.node, 1 - tap.operand)]
-        w = weights.astype(dtype).reshape(weights.shape + (1,) * (delta.ndim - 2))
-        if tap.one_term:
-            delta_sq = jnp.sum(w * jnp.square(delta), axis=0)
-            other_sq = jnp.square(other.astype(dtype)).astype(other.dtype)
+        other_sq = jnp.square(other.astype(dtypes[tap.leaf])).astype(other.dtype)
 
-            def contraction(p, other_sq=other_sq, tap=tap):
-                return jax.vmap(lambda o: _consume(plan, tap, p, o))(other_sq)
+        def contraction(p, other_sq=other_sq, tap=tap):
+            return jax.vmap(lambda o: _consume(plan, tap, p, o))(other_sq)
 
-            out, pull = jax.vjp(contraction, leaf)
-            (total,) = pull(delta_sq.astype(out.dtype))
-            sums[tap.leaf] = jnp.abs(total.astype(dtype))
-        else:
-            flat_delta = delta.reshape((num_terms * chunk, *delta.shape[2:]))
-            flat_other = jnp.broadcast_to(other, (num_terms, *other.shape)).reshape(
-                (num_terms * chunk, *other.shape[1:])
-            )
-
-            def per_example(o, d, tap=tap, leaf=leaf):
-                _, pull = jax.vjp(lambda p: _consume(plan, tap, p, o), leaf)
-                return pull(d.astype(leaf.dtype))[0]
-
-            grads = jax.vmap(per_example)(flat_other, flat_delta).astype(dtype)
-            sums[tap.leaf] = jnp.tensordot(
-                weights.reshape(-1).astype(dtype), jnp.square(grads), axes=1
-            )
+        # Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²): the layer's own contraction, applied to squares.
+        out, pull = jax.vjp(contraction, leaf)
+        (total,) = pull(squares[tap.node].astype(out.dtype))
+        sums[tap.leaf] = jnp.abs(total.astype(dtypes[tap.leaf]))
     return sums, logits
 
 
-def bytes_per_example(plan: Plan, num_terms: int) -> int:
-    """A rough working-memory estimate of the fast path per example, for choosing chunks."""
+def _expand(w: jax.Array, ndim: int) -> jax.Array:
+    """``[B]`` weights reshaped to broadcast against a ``[B, ...]`` array of rank ``ndim``."""
+    return w.reshape(w.shape + (1,) * (ndim - 1))
+
+
+def bytes_per_example(plan: Plan) -> int:
+    """A rough working-memory estimate of the fast path per example, for choosing chunks.
+
+    Per tapped operation: its other operand, the output gradient and the running sum of squared
+    output gradients; per several-terms parameter: one per-example gradient and its square.
+    Labels are processed one after another, so the estimate does not depend on their number.
+    """
     total = 0
     for tap in plan.taps:
         node = plan.nodes[tap.node]
         other = node.inputs[1 - tap.operand]
         itemsize = np.dtype(node.outputs[0].aval.dtype).itemsize
         out_size = math.prod(node.outputs[0].aval.shape)
-        total += itemsize * (math.prod(other.aval.shape) + 2 * num_terms * out_size)
+        total += itemsize * (math.prod(other.aval.shape) + 3 * out_size)
         if not tap.one_term:
-            total += 2 * itemsize * num_terms * math.prod(plan.inputs[tap.leaf].aval.shape)
+            total += 2 * itemsize * math.prod(plan.inputs[tap.leaf].aval.shape)
     return max(total, 1)

@@ -145,7 +145,7 @@ def fisher_diagonal(
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     if chunk_size is None:
-        chunk_size = _default_chunk_size(apply_fn, params, inputs, num_classes, estimator, fast)
+        chunk_size = _default_chunk_size(apply_fn, params, inputs, fast)
     return _chunked_fisher(
         params,
         inputs,
@@ -222,17 +222,15 @@ def _accumulate_dtype(dtype: Any) -> np.dtype:
     return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
-def _default_chunk_size(
-    apply_fn: ApplyFn, params: Params, inputs: PyTree, num_classes: int, estimator: str, fast: bool
-) -> int:
+def _default_chunk_size(apply_fn: ApplyFn, params: Params, inputs: PyTree, fast: bool) -> int:
+    """Examples per chunk so that the working memory stays under ``MEMORY_BUDGET_BYTES``."""
     leaves = jax.tree.leaves(params)
     general_bytes = 3 * sum(math.prod(np.shape(p)) * jnp.result_type(p).itemsize for p in leaves)
     if not fast:
         return int(np.clip(MEMORY_BUDGET_BYTES // general_bytes, 1, _MAX_GENERAL_CHUNK))
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), inputs)
     plan = _fast_fisher.make_plan(apply_fn, params, example)
-    num_terms = num_classes if estimator == "exact" else 1
-    per_example = _fast_fisher.bytes_per_example(plan, num_terms)
+    per_example = _fast_fisher.bytes_per_example(plan)
     limit = _MAX_FAST_CHUNK
     if plan.fallback:
         fallback_bytes = 3 * sum(
