@@ -1,0 +1,179 @@
+"""Figures of a run: learning curves per task, accuracy-matrix heatmaps, a method comparison.
+
+Matplotlib is imported inside the functions and used through ``matplotlib.figure.Figure`` with
+the Agg canvas, so no display, no pyplot and no global backend state are involved. Every figure
+is written to a temporary file and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from experiments.train import RunRecord
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_accuracy_curves(runs: Sequence[RunRecord], task_names: Sequence[str], path: Path) -> Path:
+    """Test accuracy of each task over training, one panel per task, one line per method.
+
+    Dotted vertical lines mark task boundaries, as in the PyTorch EWC tutorial's plots. The
+    first run of each method is drawn.
+
+    Args:
+        runs: records (only the first of each method is drawn).
+        task_names: names of the tasks.
+        path: output PNG.
+
+    Returns:
+        ``path``.
+    """
+    first: dict[str, RunRecord] = {}
+    for run in runs:
+        first.setdefault(run.method, run)
+    num_tasks = len(task_names)
+    columns = min(num_tasks, 5)
+    rows = math.ceil(num_tasks / columns)
+    figure = _new_figure(3.2 * columns, 2.6 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    boundaries = np.cumsum(next(iter(first.values())).steps_per_task)[:-1]
+    for j, name in enumerate(task_names):
+        ax = axes[j // columns][j % columns]
+        for method, run in first.items():
+            points = [(c["step"], c["accuracy"][j]) for c in run.curves if c["task"] >= j]
+            if points:
+                steps, accuracy = zip(*points, strict=True)
+                ax.plot(steps, accuracy, marker="." if len(points) < 60 else None, label=method)
+        for boundary in boundaries:
+            ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"task {j + 1}: {name}")
+        ax.set_xlabel("training step")
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+        if j % columns == 0:
+            ax.set_ylabel("test accuracy")
+    for k in range(num_tasks, rows * columns):
+        axes[k // columns][k % columns].set_visible(False)
+    axes[0][0].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_accuracy_matrices(
+    summary: dict[str, dict[str, Any]], task_names: Sequence[str], path: Path
+) -> Path:
+    """Heatmap of the accuracy matrix ``R[i, j]`` (mean over seeds), one panel per method.
+
+    Args:
+        summary: from :func:`experiments.train.summarize_runs`.
+        task_names: names of the tasks.
+        path: output PNG.
+
+    Returns:
+        ``path``.
+    """
+    methods = list(summary)
+    num_tasks = len(task_names)
+    size = max(2.8, 0.45 * num_tasks + 1.5)
+    figure = _new_figure(size * len(methods), size)
+    axes = figure.subplots(1, len(methods), squeeze=False)[0]
+    image = None
+    for ax, method in zip(axes, methods, strict=True):
+        matrix = np.asarray(summary[method]["accuracy_matrix_mean"])
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        if num_tasks <= 10:
+            for i in range(num_tasks):
+                for j in range(num_tasks):
+                    color = "black" if matrix[i, j] > 0.6 else "white"
+                    ax.text(
+                        j,
+                        i,
+                        f"{matrix[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        color=color,
+                        fontsize=8,
+                    )
+        ax.set_title(method)
+        ax.set_xticks(range(num_tasks), task_names, rotation=45, fontsize=7)
+        ax.set_yticks(range(num_tasks), task_names, fontsize=7)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_ylabel("after training task i")
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy")
+    return _save(figure, path)
+
+
+def plot_method_comparison(summary: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Bar chart of average accuracy and average forgetting per method (± std over seeds).
+
+    Args:
+        summary: from :func:`experiments.train.summarize_runs`.
+        path: output PNG.
+
+    Returns:
+        ``path``.
+    """
+    methods = list(summary)
+    figure = _new_figure(max(5.0, 1.4 * len(methods) + 2.0), 3.2)
+    axes = figure.subplots(1, 2)
+    positions = np.arange(len(methods))
+    for ax, metric, title in (
+        (axes[0], "average_accuracy", "average accuracy (higher is better)"),
+        (axes[1], "average_forgetting", "average forgetting (lower is better)"),
+    ):
+        means = [summary[m][metric]["mean"] for m in methods]
+        several_seeds = any(summary[m]["num_seeds"] > 1 for m in methods)
+        stds = [summary[m][metric]["std"] for m in methods] if several_seeds else None
+        bars = ax.bar(positions, means, yerr=stds, capsize=4, color=[f"C{k}" for k in positions])
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], fontsize=8, padding=2)
+        ax.set_xticks(positions, methods)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0.0, 1.1)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+def write_figures(
+    runs: Sequence[RunRecord],
+    summary: dict[str, dict[str, Any]],
+    task_names: Sequence[str],
+    workdir: Path,
+) -> list[Path]:
+    """Writes all figures of a run into ``workdir``.
+
+    Args:
+        runs: records of every method and seed.
+        summary: from :func:`experiments.train.summarize_runs`.
+        task_names: names of the tasks.
+        workdir: output directory.
+
+    Returns:
+        Paths of ``accuracy_curves.png``, ``accuracy_matrix.png`` and ``method_comparison.png``.
+    """
+    return [
+        plot_accuracy_curves(runs, task_names, workdir / "accuracy_curves.png"),
+        plot_accuracy_matrices(summary, task_names, workdir / "accuracy_matrix.png"),
+        plot_method_comparison(summary, workdir / "method_comparison.png"),
+    ]

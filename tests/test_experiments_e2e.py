@@ -1,0 +1,211 @@
+"""End-to-end runs of the experiments: the CLI, the results files, the tutorial config."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import metrics, train
+from experiments.configs import default, tutorial
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ["accuracy_curves.png", "accuracy_matrix.png", "method_comparison.png"]
+
+
+def run_cli(*args, workdir):
+    command = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+DIGITS_ARGS = (
+    "--config=experiments/configs/demo.py",
+    "--config.dataset=embedded:digits",
+    "--config.num_tasks=2",
+    "--config.epochs=1",
+    "--config.methods=finetune,l2,ewc",
+    "--config.fisher_samples=64",
+)
+
+
+def check_results_schema(results, *, methods, seeds, num_tasks):
+    assert results["schema_version"] == train.RESULTS_SCHEMA_VERSION
+    assert results["finished"] is True
+    assert results["methods"] == methods and results["seeds"] == seeds
+    assert len(results["task_names"]) == num_tasks
+    assert results["figures"] == FIGURES
+    env = results["environment"]
+    import flax
+    import jax
+    import optax
+
+    assert (env["jax"], env["flax"], env["optax"]) == (
+        jax.__version__,
+        flax.__version__,
+        optax.__version__,
+    )
+    assert env["platform"] == "cpu" and env["device"]
+    assert len(results["runs"]) == len(methods) * len(seeds)
+    for run in results["runs"]:
+        matrix = np.asarray(run["accuracy_matrix"])
+        assert matrix.shape == (num_tasks, num_tasks)
+        assert np.all((matrix >= 0) & (matrix <= 1))
+        assert run["metrics"] == pytest.approx(metrics.summarize(matrix))
+        assert len(run["task_wall_time_s"]) == num_tasks
+        assert len(run["fisher_wall_time_s"]) == num_tasks
+        assert len(run["steps_per_task"]) == num_tasks
+        # Curves: while training task i, the tasks 0..i are evaluated; the last point of each
+        # task is the diagonal and lower triangle of the accuracy matrix.
+        for i in range(num_tasks):
+            points = [c for c in run["curves"] if c["task"] == i]
+            assert points and all(len(c["accuracy"]) == i + 1 for c in points)
+            assert points[-1]["accuracy"] == pytest.approx(matrix[i, : i + 1].tolist())
+            assert points[-1]["step"] == sum(run["steps_per_task"][: i + 1])
+    for method in methods:
+        entry = results["summary"][method]
+        values = [
+            r["metrics"]["average_accuracy"] for r in results["runs"] if r["method"] == method
+        ]
+        assert entry["average_accuracy"]["mean"] == pytest.approx(np.mean(values))
+        expected_std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        assert entry["average_accuracy"]["std"] == pytest.approx(expected_std)
+        assert entry["num_seeds"] == len(seeds)
+
+
+@pytest.mark.slow
+def test_cli_writes_results_and_refuses_to_overwrite(tmp_path):
+    workdir = tmp_path / "digits"
+    done = run_cli(*DIGITS_ARGS, workdir=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "avg acc" in done.stdout and "forgetting" in done.stdout
+    for name in FIGURES:
+        assert f"figure: {workdir / name}" in done.stdout
+        assert (workdir / name).read_bytes()[:8] == PNG_SIGNATURE
+
+    results_bytes = (workdir / "results.json").read_bytes()
+    results = json.loads(results_bytes)
+    check_results_schema(results, methods=["finetune", "l2", "ewc"], seeds=[0], num_tasks=2)
+    assert results["task_names"] == ["perm0", "perm1"]
+    # One epoch of the 1,433 digits in batches of 32.
+    assert results["runs"][0]["steps_per_task"] == [45, 45]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"] == "embedded:digits" and config["num_tasks"] == 2
+    rows = (workdir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("method,seed,average_accuracy,backward_transfer,average_forgetting")
+    assert [row.split(",")[0] for row in rows[1:]] == ["finetune", "l2", "ewc"]
+
+    refused = run_cli(*DIGITS_ARGS, workdir=workdir)
+    assert refused.returncode != 0
+    assert "already holds finished results" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    assert (workdir / "results.json").read_bytes() == results_bytes
+
+    bad = run_cli(*DIGITS_ARGS, "--overwrite", "--config.methods=finetune,ewc2", workdir=workdir)
+    assert bad.returncode != 0
+    assert "unknown method 'ewc2'" in bad.stderr
+    assert (workdir / "results.json").read_bytes() == results_bytes
+
+
+def digits_config(**overrides):
+    config = default.get_config()
+    config.dataset = "embedded:digits"
+    config.hidden_sizes = "32"
+    config.batch_size = 16
+    config.fisher_samples = 64
+    for field, value in overrides.items():
+        config[field] = value
+    return config
+
+
+@pytest.mark.slow
+def test_split_task_incremental_over_seeds_with_joint(tmp_path):
+    config = digits_config(
+        scenario="split",
+        split_mode="task",
+        methods="finetune,ewc,online_ewc,joint",
+        seeds="0,1",
+        steps_per_task=30,
+        eval_every_steps=10,
+        optimizer="adam",
+        learning_rate=3e-3,
+        strength=100.0,
+        gamma=0.8,
+    )
+    results = train.train_and_evaluate(config, tmp_path)
+    check_results_schema(
+        results, methods=["finetune", "ewc", "online_ewc", "joint"], seeds=[0, 1], num_tasks=5
+    )
+    assert results["scenario"] == "split-task"
+    assert results["task_names"] == ["0/1", "2/3", "4/5", "6/7", "8/9"]
+    for run in results["runs"]:
+        assert run["steps_per_task"] == [30] * 5
+        # Evaluation happens at the end of the first epoch at or past every 10 steps (an epoch
+        # of a pair is ~18 batches here) and always at the end of the task.
+        steps = [c["step"] for c in run["curves"] if c["task"] == 0]
+        assert steps[0] >= 10 and steps[-1] == 30 and steps == sorted(set(steps))
+    # Task-incremental digits with a head per pair: every method clears chance (50%) by far.
+    for method, entry in results["summary"].items():
+        assert entry["average_accuracy"]["mean"] > 0.8, method
+    assert all((tmp_path / name).exists() for name in FIGURES)
+
+
+@pytest.mark.slow
+def test_methods_tasks_and_seeds_share_one_compiled_train_step(tmp_path):
+    def traces():
+        return sum(n for k, n in train.TRACE_COUNTS.items() if k.endswith(":train_epoch"))
+
+    before = traces()
+    config = digits_config(
+        num_tasks=3, methods="finetune,l2,ewc,online_ewc", seeds="0,1", epochs=1, gamma=0.5
+    )
+    config.strengths.l2 = 0.01
+    train.train_and_evaluate(config, tmp_path)
+    assert traces() - before == 1
+
+
+@pytest.mark.slow
+def test_crash_leaves_no_finished_results(tmp_path):
+    train.train_and_evaluate(digits_config(num_tasks=2, methods="finetune"), tmp_path)
+    assert (tmp_path / "results.json").exists()
+    with pytest.raises(train.WorkdirExistsError, match="--overwrite"):
+        train.train_and_evaluate(digits_config(num_tasks=2, methods="finetune"), tmp_path)
+    diverging = digits_config(num_tasks=2, methods="ewc", learning_rate=0.5, strength=1e7)
+    with pytest.raises(train.TrainingDivergedError):
+        train.train_and_evaluate(diverging, tmp_path, overwrite=True)
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["strength"] == 1e7
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"real Fashion-MNIST IDX files not installed at {FASHION_MNIST_DIR} "
+    "(Debian package dataset-fashion-mnist)",
+)
+def test_tutorial_config_on_real_fashion_mnist(tmp_path):
+    config = tutorial.get_config("small")
+    assert (config.learning_rate, config.batch_size, config.strength) == (1e-3, 32, 2000.0)
+    assert (config.estimator, config.fisher_samples, config.relu_on_logits) == ("argmax", 512, True)
+    assert tutorial.get_config().steps_per_task == 46_875
+    config.steps_per_task = 40
+    config.eval_every_steps = 20
+    config.train_limit = 640
+    config.test_limit = 300
+    config.fisher_samples = 32
+    results = train.train_and_evaluate(config, tmp_path)
+    check_results_schema(results, methods=["finetune", "ewc"], seeds=[0], num_tasks=2)
+    assert results["task_names"] == ["mnist", "fashion-mnist"]
+    assert results["config"]["datasets"] == f"embedded:mnist,idx:{FASHION_MNIST_DIR}"
+    for run in results["runs"]:
+        assert run["steps_per_task"] == [40, 40]
+        assert all(math.isfinite(v) for v in run["metrics"].values())
