@@ -7,14 +7,21 @@
 ``--config.<field>=<value>`` overrides any config field (see ``experiments/configs/default.py``);
 ``--overwrite`` replaces finished results already in the workdir. Installed as the console script
 ``ewc-jax-experiment``.
+
+Resume is the default: run the same command again after a crash or pre-emption and it continues
+from the latest complete checkpoint in the workdir (see ``experiments/checkpoint.py``); a workdir
+holding another config is refused, and ``--overwrite`` discards its checkpoints and starts afresh.
+Bad input (config, data files, checkpoints, workdir) ends with ``error: <what is wrong and what
+to do>`` and exit status 1, before any training where it can be detected.
 """
 
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import train
+from experiments import checkpoint, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -24,7 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the config, results and figures.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace finished results in --workdir (refused otherwise)."
+    "overwrite",
+    False,
+    "Replace finished results in --workdir, or another run's config and checkpoints there "
+    "(refused otherwise); without it an unfinished run in --workdir resumes.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,13 +45,35 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-    except (train.ConfigError, train.WorkdirExistsError, train.TrainingDivergedError) as error:
+    except (
+        train.ConfigError,
+        train.WorkdirExistsError,
+        train.TrainingDivergedError,
+        checkpoint.CheckpointError,
+        # The data loaders' and scenarios' own errors name the file or dataset and the fix.
+        ValueError,
+        FileNotFoundError,
+    ) as error:
         sys.exit(f"error: {error}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown ``--config.<field>`` reported in one clear line."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as error:  # ml_collections' "Did you mean ..." for a locked config
+        text = str(error)
+        guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        what = f"{guess[2]!r} (did you mean {guess[1]!r}?)" if guess else f"({text})"
+        sys.exit(
+            f"error: unknown config field {what}; the fields are those of "
+            "experiments/configs/default.py"
+        )
 
 
 def run() -> None:
     """Console-script entry point (``ewc-jax-experiment``)."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,50 @@ def write_figures(
         plot_accuracy_matrices(summary, task_names, workdir / "accuracy_matrix.png"),
         plot_method_comparison(summary, workdir / "method_comparison.png"),
     ]
+
+
+def plot_strength_sensitivity(summary: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Final average accuracy against the strength λ, one line per method, ± std band over seeds.
+
+    A method with a single strength (finetune, joint, or a regularised method run at one λ) is
+    drawn as a horizontal dashed line with its band across the whole strength axis. The axis is
+    logarithmic when every strength is positive and they span at least a factor of 10.
+
+    Args:
+        summary: from :func:`experiments.sweep.summarize_sweep`.
+        path: output PNG.
+
+    Returns:
+        ``path``.
+    """
+    swept = [e["strength"] for entries in summary.values() if len(entries) > 1 for e in entries]
+    swept = swept or [e["strength"] for entries in summary.values() for e in entries]
+    span = [min(swept), max(swept)]
+    if span[0] == span[1]:
+        span = [span[0] * 0.5, span[0] * 2.0] if span[0] > 0 else [0.0, 1.0]
+    log_axis = span[0] > 0 and span[1] / span[0] >= 10
+    figure = _new_figure(5.5, 3.6)
+    ax = figure.subplots()
+    for k, (method, entries) in enumerate(summary.items()):
+        mean = np.asarray([e["average_accuracy"]["mean"] for e in entries])
+        std = np.asarray([e["average_accuracy"]["std"] for e in entries])
+        seeds = max(e["num_seeds"] for e in entries)
+        label = f"{method} ({seeds} seed{'s' if seeds > 1 else ''})"
+        color = f"C{k}"
+        if len(entries) == 1:
+            x = np.asarray(span)
+            mean, std = np.repeat(mean, 2), np.repeat(std, 2)
+            ax.plot(x, mean, linestyle="--", color=color, label=label)
+        else:
+            x = np.asarray([e["strength"] for e in entries])
+            ax.plot(x, mean, marker="o", color=color, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    if log_axis:
+        ax.set_xscale("log")
+    ax.set_xlabel("strength λ")
+    ax.set_ylabel("final average accuracy")
+    ax.set_title("strength sensitivity (mean ± std over seeds)", fontsize=10)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(figure, path)

@@ -133,7 +133,10 @@ def task_sequence(datasets: Sequence[LabeledImages]) -> Scenario:
         raise ValueError("a task sequence needs at least one dataset")
     shapes = {tuple(ds.train_images.shape[1:]) for ds in datasets}
     if len(shapes) != 1:
-        raise ValueError(f"all datasets of a sequence need one image shape, got {sorted(shapes)}")
+        raise ValueError(
+            f"all datasets of a sequence need one image shape, got {sorted(shapes)}; resize them "
+            "to one [H, W, C] or choose datasets of one shape"
+        )
     tasks = tuple(
         _task(short_name(ds.name), ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
         for ds in datasets

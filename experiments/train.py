@@ -19,7 +19,9 @@ learning curves); after every task a row of the accuracy matrix ``R[i, j]`` (acc
 ``j`` after training task ``i``) is recorded, then the method consolidates.
 
 :func:`train_and_evaluate` runs every method and seed of a config on identical data and writes
-``config.json``, ``metrics.csv``, the figures and, last and atomically, ``results.json``.
+``config.json``, ``metrics.csv``, the figures and, last and atomically, ``results.json``. Each
+method and seed checkpoints after every task (and every ``checkpoint_every_steps`` steps, at
+epoch ends), and a rerun in the same workdir resumes by default (:mod:`experiments.checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -46,7 +49,7 @@ import numpy as np
 import optax
 
 import ewc_jax
-from experiments import metrics, models, plots, scenarios
+from experiments import checkpoint, metrics, models, plots, scenarios
 
 METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
 REGULARIZED_METHODS = ("l2", "ewc", "online_ewc")
@@ -143,11 +146,34 @@ def _choice(config: ml_collections.ConfigDict, field: str, valid: tuple[str, ...
         raise ConfigError(f"unknown {field} {config[field]!r}; valid choices: {', '.join(valid)}")
 
 
+def _check_known_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses fields that ``configs/default.py`` does not define (a typo would be ignored)."""
+    from experiments.configs import default
+
+    known = default.get_config()
+    for field in config:
+        if field not in known:
+            close = difflib.get_close_matches(field, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config field {field!r}{hint}; the valid fields are those of "
+                "experiments/configs/default.py"
+            )
+    for name in config.get("strengths", {}):
+        if name not in REGULARIZED_METHODS:
+            raise ConfigError(
+                f"unknown config field 'strengths.{name}'; per-method strengths exist for "
+                f"{', '.join(REGULARIZED_METHODS)}"
+            )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` with a clear message for a config that cannot run.
 
-    Checked: method, estimator, scenario, split mode, model and optimiser names; strengths >= 0;
-    gamma in [0, 1]; positive sizes; at least one method and seed.
+    Checked: no unknown fields; method, estimator, scenario, split mode, model and optimiser
+    names; strengths >= 0; gamma in [0, 1]; positive sizes; at least one method and seed; at
+    least 2 permuted tasks (the task count of the other scenarios is checked once their data is
+    loaded, by :func:`check_scenario`).
 
     Args:
         config: the experiment config.
@@ -155,6 +181,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Raises:
         ConfigError: the first problem found.
     """
+    _check_known_fields(config)
     try:
         names = parse_methods(config)
         seeds = parse_seeds(config)
@@ -199,8 +226,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("estimator 'batched' needs fisher_batch_size >= 1")
     if config.scenario == "sequence" and not scenarios.parse_list(config.datasets):
         raise ConfigError("scenario 'sequence' needs datasets, e.g. 'embedded:mnist,idx:<dir>'")
-    if config.scenario == "permuted" and int(config.num_tasks) < 1:
-        raise ConfigError(f"num_tasks must be >= 1, got {config.num_tasks!r}")
+    if config.scenario == "permuted" and int(config.num_tasks) < 2:
+        raise ConfigError(
+            f"num_tasks must be >= 2 (continual learning needs a second task to forget the "
+            f"first on), got {config.num_tasks!r}"
+        )
     if config.scenario == "rotated":
         try:
             angles = scenarios.parse_list(config.angles, float)
@@ -210,6 +240,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             ) from None
         if not angles:
             raise ConfigError("scenario 'rotated' needs angles, e.g. '0,45,90'")
+    mesh_devices = int(config.get("mesh_devices", 0))
+    if not 0 <= mesh_devices <= jax.device_count():
+        raise ConfigError(
+            f"mesh_devices must lie in [0, {jax.device_count()}] (0: all devices), "
+            f"got {mesh_devices}"
+        )
+    from experiments import sweep
+
+    sweep.validate_sweep(config)
 
 
 class TaskData(NamedTuple):
@@ -229,15 +268,21 @@ class TaskData(NamedTuple):
 
 
 def pad_task_data(
-    images: np.ndarray, labels: np.ndarray, heads: np.ndarray, capacity: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    heads: np.ndarray,
+    capacity: int,
+    device: jax.sharding.Sharding | None = None,
 ) -> TaskData:
-    """Pads examples to ``capacity`` rows and puts them on the default device.
+    """Pads examples to ``capacity`` rows and puts them on ``device``.
 
     Args:
         images: float32 ``[N, ...]``.
         labels: int ``[N]``.
         heads: int ``[N]``.
         capacity: rows of the result, >= N.
+        device: where the arrays go (e.g. :func:`replicated` over a mesh); None: the default
+            device.
 
     Returns:
         The padded :class:`TaskData`.
@@ -252,10 +297,10 @@ def pad_task_data(
     padded_heads = np.zeros(capacity, np.int32)
     padded_heads[:num] = heads
     return TaskData(
-        images=jax.device_put(padded_images),
-        labels=jax.device_put(padded_labels),
-        heads=jax.device_put(padded_heads),
-        num_valid=jax.device_put(np.asarray(num, np.int32)),
+        images=jax.device_put(padded_images, device),
+        labels=jax.device_put(padded_labels, device),
+        heads=jax.device_put(padded_heads, device),
+        num_valid=jax.device_put(np.asarray(num, np.int32), device),
     )
 
 
@@ -280,6 +325,33 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.sgd(config.learning_rate, momentum=float(config.momentum) or None)
 
 
+DATA_AXIS = "data"
+"""Name of the mesh axis that examples (or, in a sweep, runs) are split over."""
+
+
+def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+    """The 1-D ``("data",)`` mesh of ``config.data_parallel``, or None.
+
+    ``mesh_devices`` devices (0: all of ``jax.devices()``, which after
+    ``jax.distributed.initialize`` are those of every host).
+    """
+    if not config.get("data_parallel", False):
+        return None
+    devices = jax.devices()
+    count = int(config.get("mesh_devices", 0)) or len(devices)
+    return jax.sharding.Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
+
+
+def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Leading axis split over the mesh's data axis."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """A full copy on every device of the mesh."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 class Trainer:
     """The jitted train, evaluation and Fisher functions of one model, optimiser and batch size.
 
@@ -299,11 +371,13 @@ class Trainer:
         *,
         batch_size: int,
         eval_batch_size: int = 1000,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.model = model
         self.tx = tx
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
+        self.mesh = mesh
         self._counter_prefix = f"{id(self)}:"
         self.train_epoch = jax.jit(self._train_epoch, static_argnames=("num_batches",))
         self.evaluate = jax.jit(self._evaluate)
@@ -312,10 +386,24 @@ class Trainer:
         """How often this trainer's ``train_epoch`` or ``evaluate`` was traced."""
         return TRACE_COUNTS[self._counter_prefix + name]
 
+    @property
+    def num_devices(self) -> int:
+        """Devices of the data axis: the mesh's size, 1 without a mesh."""
+        return 1 if self.mesh is None else self.mesh.devices.size
+
     def init(self, key: jax.Array, example_images: jax.Array) -> Any:
-        """Initial parameters for a batch shaped like ``example_images``."""
+        """Initial parameters for a batch like ``example_images``, replicated on the mesh."""
         heads = jnp.zeros((example_images.shape[0],), jnp.int32)
-        return self.model.init(key, example_images, heads)["params"]
+        params = self.model.init(key, example_images, heads)["params"]
+        if self.mesh is not None:
+            params = jax.device_put(params, replicated(self.mesh))
+        return params
+
+    def _shard_batch(self, tree: Any) -> Any:
+        """Splits the leading (example) axis over the mesh; a no-op without one."""
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, data_sharding(self.mesh))
 
     def logits(self, params: Any, inputs: tuple[jax.Array, jax.Array]) -> jax.Array:
         """``apply_fn`` of the Fisher: logits ``[B, C]`` of inputs ``(images, heads)``."""
@@ -336,6 +424,13 @@ class Trainer:
     ) -> tuple[Any, Any, jax.Array]:
         """At most one pass over ``data`` in ``num_steps`` shuffled mini-batches.
 
+        With a mesh, each mini-batch is split over the devices (params stay replicated; XLA adds
+        the all-reduce of the gradients). A ``batch_size`` not divisible by the device count is
+        padded up to the next multiple with further examples of the shuffled order whose
+        cross-entropy weight is 0, and the loss is the weighted sum divided by ``batch_size``:
+        every example of the batch counts once, the padding not at all. Without a mesh the
+        padding is empty and the same code runs.
+
         The scan has ``num_batches`` iterations (default ``ceil(capacity / batch_size)``); those
         at or past ``num_steps`` are skipped by ``lax.cond``, so the last, partial epoch of a
         task measured in steps reuses the same compiled program. A batch that runs past the end
@@ -348,22 +443,26 @@ class Trainer:
         batch_size = self.batch_size
         capacity = data.labels.shape[0]
         num_batches = num_batches or -(-capacity // batch_size)
+        padded_size = -(-batch_size // self.num_devices) * self.num_devices
+        weights = self._shard_batch((jnp.arange(padded_size) < batch_size).astype(jnp.float32))
         scores = jax.random.uniform(key, (capacity,))
         scores = jnp.where(jnp.arange(capacity) < data.num_valid, scores, 2.0)
         order = jnp.argsort(scores)
 
         def loss_fn(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
             logits = self.model.apply({"params": p}, images, heads)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            ce = jnp.sum(weights * ce) / jnp.float32(batch_size)
             return ce + ewc_jax.penalty(p, ewc_state, strength), ce
 
         def train_step(carry: tuple[Any, Any], index: jax.Array):
             params, opt_state = carry
-            positions = (index * batch_size + jnp.arange(batch_size)) % data.num_valid
+            positions = (index * batch_size + jnp.arange(padded_size)) % data.num_valid
             batch = order[positions]
-            grads, ce = jax.grad(loss_fn, has_aux=True)(
-                params, data.images[batch], data.labels[batch], data.heads[batch]
+            images, labels, heads = self._shard_batch(
+                (data.images[batch], data.labels[batch], data.heads[batch])
             )
+            grads, ce = jax.grad(loss_fn, has_aux=True)(params, images, labels, heads)
             # optax.adam's bias correction computes `b1 ** count` (float ** int32), which
             # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
             with jax.numpy_dtype_promotion("standard"):
@@ -384,17 +483,23 @@ class Trainer:
         return params, opt_state, mean_loss
 
     def _evaluate(self, params: Any, data: TaskData) -> jax.Array:
-        """Accuracy on the valid rows of ``data``, in chunks of ``eval_batch_size``."""
+        """Accuracy on the valid rows of ``data``, in chunks of ``eval_batch_size``.
+
+        With a mesh, the chunk is rounded up to a multiple of the device count and split over the
+        devices when the capacity allows it (:func:`put_scenario` pads it to a multiple).
+        """
         TRACE_COUNTS[self._counter_prefix + "evaluate"] += 1
         capacity = data.labels.shape[0]
-        chunk = min(self.eval_batch_size, capacity)
+        devices = self.num_devices
+        chunk = min(-(-self.eval_batch_size // devices) * devices, capacity)
+        shard = self._shard_batch if chunk % devices == 0 else lambda tree: tree
         num_chunks = -(-capacity // chunk)
 
         def count(total: jax.Array, index: jax.Array):
             # The last chunk overlaps the one before; rows already counted are masked.
             start = jnp.minimum(index * chunk, capacity - chunk)
             rows = start + jnp.arange(chunk)
-            take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk)
+            take = lambda a: shard(jax.lax.dynamic_slice_in_dim(a, start, chunk))
             logits = self.model.apply({"params": params}, take(data.images), take(data.heads))
             hits = (jnp.argmax(logits, axis=-1) == take(data.labels)) & (rows < data.num_valid)
             hits &= rows >= index * chunk
@@ -412,7 +517,11 @@ class Trainer:
         spec: MethodSpec,
         key: jax.Array,
     ) -> Any:
-        """The diagonal Fisher of ``spec.estimator`` over the given examples."""
+        """The diagonal Fisher of ``spec.estimator`` over the given examples.
+
+        With a mesh the examples are split over its devices by :func:`ewc_jax.fisher_diagonal`,
+        which pads a count not divisible by the device count and masks the padding.
+        """
         needs_labels = spec.estimator in ("empirical", "batched")
         return ewc_jax.fisher_diagonal(
             self.logits,
@@ -422,6 +531,7 @@ class Trainer:
             estimator=spec.estimator,
             key=key if spec.estimator == "sampled" else None,
             batch_size=spec.fisher_batch_size if spec.estimator == "batched" else None,
+            mesh=self.mesh,
         )
 
 
@@ -480,6 +590,7 @@ def put_scenario(
     *,
     need_train: bool = True,
     need_joint: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> DeviceScenario:
     """Pads every task of ``scenario`` to a common capacity and puts it on device.
 
@@ -487,15 +598,24 @@ def put_scenario(
     holding all tasks in order; only ``num_valid`` differs between tasks, so one compiled
     ``train_epoch`` serves them all.
 
+    With a mesh every array is replicated on its devices (mini-batches are gathered from the
+    full set, then split) and the test capacity is rounded up to a multiple of the device count
+    so that evaluation chunks split evenly; the training capacity is left as it is, because the
+    shuffling draws one number per row.
+
     Args:
         scenario: the task stream.
         need_train: build the per-task training sets.
         need_joint: build the cumulative training sets of joint training.
+        mesh: the data-parallel mesh, or None for the default device.
 
     Returns:
         The :class:`DeviceScenario`.
     """
     tasks = scenario.tasks
+
+    device = None if mesh is None else replicated(mesh)
+    devices = 1 if mesh is None else mesh.devices.size
 
     def heads(task: scenarios.Task, n: int) -> np.ndarray:
         return np.full(n, task.head, np.int32)
@@ -504,7 +624,9 @@ def put_scenario(
     if need_train:
         capacity = max(len(t.train_labels) for t in tasks)
         train = [
-            pad_task_data(t.train_images, t.train_labels, heads(t, len(t.train_labels)), capacity)
+            pad_task_data(
+                t.train_images, t.train_labels, heads(t, len(t.train_labels)), capacity, device
+            )
             for t in tasks
         ]
     joint = None
@@ -515,12 +637,15 @@ def put_scenario(
             np.concatenate([t.train_labels for t in tasks]),
             np.concatenate([heads(t, len(t.train_labels)) for t in tasks]),
             total,
+            device,
         )
         cumulative = np.cumsum([len(t.train_labels) for t in tasks])
-        joint = [full._replace(num_valid=jax.device_put(np.int32(n))) for n in cumulative]
-    test_capacity = max(len(t.test_labels) for t in tasks)
+        joint = [full._replace(num_valid=jax.device_put(np.int32(n), device)) for n in cumulative]
+    test_capacity = -(-max(len(t.test_labels) for t in tasks) // devices) * devices
     test = [
-        pad_task_data(t.test_images, t.test_labels, heads(t, len(t.test_labels)), test_capacity)
+        pad_task_data(
+            t.test_images, t.test_labels, heads(t, len(t.test_labels)), test_capacity, device
+        )
         for t in tasks
     ]
     return DeviceScenario(scenario, train, joint, test)
@@ -550,19 +675,31 @@ def run_method(
     spec: MethodSpec,
     config: ml_collections.ConfigDict,
     seed: int,
+    *,
+    checkpoints: checkpoint.RunCheckpoints | None = None,
 ) -> RunRecord:
     """Trains one method on the whole task stream and records curves and accuracy matrix.
+
+    With ``checkpoints``, the run resumes from the latest complete checkpoint there (returning
+    the saved record at once if the method already finished), then saves one after every task
+    and at the end of the first epoch at or past every ``config.checkpoint_every_steps`` steps
+    of a task (see :mod:`experiments.checkpoint`).
 
     Args:
         trainer: the shared jitted functions.
         data: the scenario on device.
         spec: the method.
-        config: needs ``epochs``, ``steps_per_task``, ``eval_every_steps``, ``reset_optimizer``.
+        config: needs ``epochs``, ``steps_per_task``, ``eval_every_steps``, ``reset_optimizer``;
+            ``checkpoint_every_steps`` is read when given.
         seed: seeds the initial parameters, the shuffling and the Fisher's examples; every method
             with the same seed starts from the same parameters.
+        checkpoints: where this method and seed checkpoint; None: no checkpoints.
 
     Returns:
         The :class:`RunRecord`.
+
+    Raises:
+        checkpoint.CheckpointError: the latest checkpoint is corrupt or of another model.
     """
     tasks = data.scenario.tasks
     num_tasks = len(tasks)
@@ -578,11 +715,83 @@ def run_method(
 
     matrix = np.zeros((num_tasks, num_tasks))
     curves: list[dict[str, Any]] = []
-    task_times, fisher_times, steps_taken = [], [], []
-    global_step = 0
-    for i, task in enumerate(tasks):
-        start = time.perf_counter()
-        if i > 0 and config.reset_optimizer:
+    task_times: list[float] = []
+    fisher_times: list[float] = []
+    steps_taken: list[int] = []
+    global_step = first_task = done = epoch = 0
+    next_eval, task_elapsed = None, 0.0
+    checkpoint_every = int(config.get("checkpoint_every_steps", 0))
+
+    def state_arrays() -> dict[str, Any]:
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "ewc_state": ewc_state,
+            "key": jax.random.key_data(key),
+        }
+
+    def save(progress: dict[str, Any]) -> None:
+        assert checkpoints is not None
+        path = checkpoints.save(state_arrays(), {"method": spec.name, "seed": seed, **progress})
+        where = (
+            "finished"
+            if "record" in progress
+            else f"task {progress['task'] + 1}, step {progress['steps_done']}"
+        )
+        print(f"[{spec.name} seed {seed}] checkpoint {path} ({where})", flush=True)
+
+    def position(task: int, steps_done: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "task": task,
+            "steps_done": steps_done,
+            "epoch": epoch,
+            "next_eval": next_eval,
+            "global_step": global_step,
+            "task_elapsed_s": elapsed,
+            "fisher_rng": fisher_rng.bit_generator.state,
+            "accuracy_rows": matrix[:task].tolist(),
+            "curves": curves,
+            "task_wall_time_s": task_times,
+            "fisher_wall_time_s": fisher_times,
+            "steps_per_task": steps_taken,
+        }
+
+    if checkpoints is not None:
+        restored = checkpoints.restore(state_arrays())
+        if restored is not None:
+            arrays, progress = restored
+            if progress.get("record") is not None:
+                print(
+                    f"[{spec.name} seed {seed}] finished earlier: record from "
+                    f"{checkpoints.latest()}",
+                    flush=True,
+                )
+                return RunRecord(**progress["record"])
+            params, opt_state, ewc_state = (
+                arrays["params"],
+                arrays["opt_state"],
+                arrays["ewc_state"],
+            )
+            key = jax.random.wrap_key_data(arrays["key"])
+            fisher_rng.bit_generator.state = progress["fisher_rng"]
+            first_task, done, epoch = progress["task"], progress["steps_done"], progress["epoch"]
+            global_step, next_eval = progress["global_step"], progress["next_eval"]
+            task_elapsed = progress["task_elapsed_s"]
+            matrix[:first_task] = np.asarray(progress["accuracy_rows"]).reshape(-1, num_tasks)
+            curves = progress["curves"]
+            task_times = progress["task_wall_time_s"]
+            fisher_times = progress["fisher_wall_time_s"]
+            steps_taken = progress["steps_per_task"]
+            print(
+                f"[{spec.name} seed {seed}] resuming task {first_task + 1}/{num_tasks} at step "
+                f"{done} from {checkpoints.latest()}",
+                flush=True,
+            )
+
+    for i in range(first_task, num_tasks):
+        task = tasks[i]
+        start = time.perf_counter() - task_elapsed
+        if i > 0 and config.reset_optimizer and done == 0:
             opt_state = trainer.tx.init(params)
         train_data = train_sets[i]
         num_valid = int(train_data.num_valid)
@@ -591,9 +800,10 @@ def run_method(
         num_batches = scan_length(steps_per_epoch, capacity, trainer.batch_size)
         total_steps = int(config.steps_per_task) or int(config.epochs) * steps_per_epoch
         every = int(config.eval_every_steps)
-        next_eval = every
-        done = epoch = 0
+        if done == 0:
+            next_eval, epoch = every, 0
         bar = _progress(total_steps, f"{spec.name} seed {seed} task {i + 1}/{num_tasks}")
+        bar.update(done)
         while done < total_steps:
             steps = min(steps_per_epoch, total_steps - done)
             key, epoch_key = jax.random.split(key)
@@ -627,6 +837,11 @@ def run_method(
                     }
                 )
                 bar.set_postfix(acc=" ".join(f"{a:.3f}" for a in accuracy))
+            crossed = checkpoint_every and done // checkpoint_every > (done - steps) // (
+                checkpoint_every
+            )
+            if checkpoints is not None and crossed and done < total_steps:
+                save(position(i, done, time.perf_counter() - start))
         bar.close()
         matrix[i] = [float(trainer.evaluate(params, data.test[j])) for j in range(num_tasks)]
 
@@ -660,7 +875,10 @@ def run_method(
             f"({done} steps, {end - start:.1f} s)",
             flush=True,
         )
-    return RunRecord(
+        done, task_elapsed = 0, 0.0
+        if checkpoints is not None and i + 1 < num_tasks:
+            save(position(i + 1, 0, 0.0))
+    record = RunRecord(
         method=spec.name,
         seed=seed,
         accuracy_matrix=matrix.tolist(),
@@ -670,6 +888,9 @@ def run_method(
         steps_per_task=steps_taken,
         metrics=metrics.summarize(matrix),
     )
+    if checkpoints is not None:
+        save({**position(num_tasks, 0, 0.0), "record": dataclasses.asdict(record)})
+    return record
 
 
 def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
@@ -794,37 +1015,113 @@ def _load_datasets(
 ) -> dict[str, Any]:
     if load is None:
         from experiments.data import load_dataset as load
+    from experiments.data import validate_dataset
+
     data_dir = config.get("data_dir")
-    return {spec: load(spec, data_dir=data_dir) for spec in scenarios.dataset_specs(config)}
+    datasets = {spec: load(spec, data_dir=data_dir) for spec in scenarios.dataset_specs(config)}
+    for dataset in datasets.values():
+        # The default loader validates already; a loader passed in gets the same checks.
+        validate_dataset(dataset)
+    return datasets
+
+
+def check_scenario(scenario: scenarios.Scenario) -> None:
+    """Raises :class:`ConfigError` for a task stream that cannot mean anything.
+
+    A stream needs at least two tasks (with one there is nothing to consolidate for and no
+    forgetting to measure) and every task needs training and test examples.
+    """
+    if scenario.num_tasks < 2:
+        raise ConfigError(
+            f"scenario {scenario.name!r} has {scenario.num_tasks} task; continual learning "
+            "needs at least 2 (set num_tasks, angles, datasets or class_groups accordingly)"
+        )
+    for task in scenario.tasks:
+        for split, labels in (("training", task.train_labels), ("test", task.test_labels)):
+            if len(labels) == 0:
+                raise ConfigError(
+                    f"task {task.name!r} of scenario {scenario.name!r} has no {split} examples; "
+                    "check class_groups against the dataset's labels, or train_limit/test_limit"
+                )
+
+
+def build_trainer(
+    config: ml_collections.ConfigDict,
+    scenario: scenarios.Scenario,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Trainer:
+    """The :class:`Trainer` of the config's model and optimiser, sized for ``scenario``."""
+    model = models.build_model(
+        config.model,
+        num_heads=scenario.num_heads,
+        num_outputs=scenario.num_outputs,
+        hidden_sizes=scenarios.parse_list(config.hidden_sizes, int),
+        relu_on_logits=bool(config.relu_on_logits),
+    )
+    return Trainer(
+        model,
+        make_optimizer(config),
+        batch_size=int(config.batch_size),
+        eval_batch_size=int(config.eval_batch_size),
+        mesh=mesh,
+    )
 
 
 def _iterate_runs(
-    config: ml_collections.ConfigDict, seeds: list[int], specs: list[MethodSpec], datasets: dict
+    config: ml_collections.ConfigDict,
+    seeds: list[int],
+    specs: list[MethodSpec],
+    datasets: dict,
+    checkpoint_fingerprint: str | None = None,
+    workdir: Path | None = None,
 ) -> Iterator[tuple[scenarios.Scenario, RunRecord]]:
     trainer = None
+    mesh = data_mesh(config)
     for seed in seeds:
         scenario = scenarios.build_scenario(config, datasets, seed)
+        check_scenario(scenario)
         if trainer is None:
-            model = models.build_model(
-                config.model,
-                num_heads=scenario.num_heads,
-                num_outputs=scenario.num_outputs,
-                hidden_sizes=scenarios.parse_list(config.hidden_sizes, int),
-                relu_on_logits=bool(config.relu_on_logits),
-            )
-            trainer = Trainer(
-                model,
-                make_optimizer(config),
-                batch_size=int(config.batch_size),
-                eval_batch_size=int(config.eval_batch_size),
-            )
+            trainer = build_trainer(config, scenario, mesh=mesh)
         data = put_scenario(
             scenario,
             need_train=any(s.name != "joint" for s in specs),
             need_joint=any(s.name == "joint" for s in specs),
+            mesh=mesh,
         )
         for spec in specs:
-            yield scenario, run_method(trainer, data, spec, config, seed)
+            checkpoints = None
+            if workdir is not None and checkpoint_fingerprint is not None:
+                checkpoints = checkpoint.RunCheckpoints(
+                    checkpoint.checkpoints_root(workdir) / f"{spec.name}-seed{seed}",
+                    checkpoint_fingerprint,
+                )
+            yield scenario, run_method(trainer, data, spec, config, seed, checkpoints=checkpoints)
+
+
+def _check_same_run(config_path: Path, resolved: dict[str, Any]) -> None:
+    """Refuses a workdir with checkpoints whose ``config.json`` is another run's config.
+
+    Without checkpoints there is no progress to lose (the run failed before its first one), so
+    the workdir is reused.
+    """
+    if not config_path.exists() or not checkpoint.has_checkpoints(config_path.parent):
+        return
+    try:
+        previous = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise WorkdirExistsError(
+            f"{config_path} cannot be read ({error}), so the workdir may hold another run; "
+            "pass --overwrite to start afresh or choose another --workdir"
+        ) from None
+    old, new = checkpoint.run_identity(previous), checkpoint.run_identity(resolved)
+    if old != new:
+        fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fields[:5])
+        raise WorkdirExistsError(
+            f"{config_path.parent} holds another run (config differs in {changes}); resuming "
+            "needs the same config: choose another --workdir or pass --overwrite to discard it"
+        )
 
 
 def train_and_evaluate(
@@ -840,6 +1137,11 @@ def train_and_evaluate(
     is written last, atomically (temporary file + ``os.replace``), so its presence means the run
     finished; with ``overwrite`` an old one is removed first.
 
+    Resume is the default: a workdir whose ``config.json`` is this resolved config continues from
+    its checkpoints (:mod:`experiments.checkpoint`), and a workdir with checkpoints of another
+    config is refused unless ``overwrite``, which deletes them. The checkpoints are deleted once
+    ``results.json`` is written.
+
     Args:
         config: an experiment config (see ``experiments/configs``).
         workdir: output directory; created if missing.
@@ -852,8 +1154,15 @@ def train_and_evaluate(
 
     Raises:
         ConfigError: the config cannot run.
-        WorkdirExistsError: ``workdir`` holds finished results and ``overwrite`` is False.
+        WorkdirExistsError: ``workdir`` holds finished results, or the config of another run,
+            and ``overwrite`` is False.
+        checkpoint.CheckpointError: a checkpoint in ``workdir`` is corrupt or of another config.
     """
+    from experiments import sweep
+
+    validate_config(config)
+    if sweep.sweep_requested(config):
+        return sweep.run_sweep(config, workdir, overwrite=overwrite, load_dataset=load_dataset)
     specs = method_specs(config)
     seeds = parse_seeds(config)
     workdir = Path(workdir)
@@ -863,6 +1172,13 @@ def train_and_evaluate(
             f"{results_path} already holds finished results; pass --overwrite to replace them "
             "or choose another --workdir"
         )
+    resolved = json.loads(config.to_json_best_effort())
+    fingerprint = checkpoint.fingerprint(resolved)
+    if overwrite:
+        checkpoint.remove_all(workdir)
+    else:
+        _check_same_run(workdir / "config.json", resolved)
+        checkpoint.verify_workdir(workdir, fingerprint)
     workdir.mkdir(parents=True, exist_ok=True)
     results_path.unlink(missing_ok=True)
     _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
@@ -871,7 +1187,7 @@ def train_and_evaluate(
     datasets = _load_datasets(config, load_dataset)
     runs: list[RunRecord] = []
     scenario_name, task_names = "", []
-    for scenario, run in _iterate_runs(config, seeds, specs, datasets):
+    for scenario, run in _iterate_runs(config, seeds, specs, datasets, fingerprint, workdir):
         runs.append(run)
         scenario_name, task_names = scenario.name, scenario.task_names
     summary = summarize_runs(runs)
@@ -893,6 +1209,7 @@ def train_and_evaluate(
         "wall_time_s": time.perf_counter() - started,
     }
     _write_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    checkpoint.remove_all(workdir)
     print(format_summary(summary, task_names))
     for path in figures:
         print(f"figure: {path}")

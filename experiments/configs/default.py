@@ -13,13 +13,21 @@ Fields (override any with ``--config.<field>=<value>``):
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
-  epoch), ``eval_batch_size``.
+  epoch), ``eval_batch_size``, ``checkpoint_every_steps`` (0: checkpoint after every task
+  only; else also within a task, rounded up to whole epochs; see ``experiments/checkpoint.py``).
 * methods: ``methods`` (comma-separated: finetune, l2, ewc, online_ewc, joint) or ``method`` (one;
   overrides ``methods``), ``strength`` (λ of the penalty ``λ/2 Σ F (θ - θ*)²``) and
   ``strengths.<method>`` (per-method override), ``estimator`` (exact | sampled | empirical |
   argmax | batched), ``fisher_samples``, ``fisher_batch_size`` (batched estimator), ``gamma``
   (online EWC decay).
 * seeds: ``seeds`` (comma-separated; results report mean ± std) or ``seed`` (one; overrides).
+* devices: ``data_parallel`` (split every mini-batch, evaluation chunk and Fisher sample over a
+  1-D mesh of devices; params replicated), ``mesh_devices`` (how many; 0: all).
+* sweep (``experiments/sweep.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from the first
+  config seed; 0: the config's seeds) and ``sweep.strengths`` (comma-separated λ; empty: each
+  method's ``strength``). Either one set runs every (seed, strength) pair of every method as one
+  ``jax.vmap``-ed program on the scenario of the first seed (runs split over the devices with
+  ``data_parallel``), and writes mean ± std tables and a strength-sensitivity plot.
 
 A seed fixes everything random: the data subset, the permutations, the initial parameters (the
 same for every method), the shuffling and the Fisher's examples.
@@ -61,6 +69,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.reset_optimizer = True
     config.eval_every_steps = 0
     config.eval_batch_size = 1000
+    config.checkpoint_every_steps = 0
 
     config.method = config_dict.placeholder(str)
     config.methods = "finetune,ewc"
@@ -75,4 +84,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     config.seed = config_dict.placeholder(int)
     config.seeds = "0"
+
+    config.data_parallel = False
+    config.mesh_devices = 0
+    config.sweep = ml_collections.ConfigDict(dict(seeds=0, strengths=""))
     return config

@@ -1,0 +1,249 @@
+"""Checkpoints of a continual-learning run, so that a pre-empted run resumes where it stopped.
+
+Resume is the default: :func:`experiments.train.train_and_evaluate` (and the CLI) continue from
+the latest complete checkpoint in the workdir when the workdir's ``config.json`` is the same
+resolved config (``checkpoint_every_steps`` may differ). A workdir with checkpoints of a
+different config is refused, and ``--overwrite`` deletes them and starts afresh; a workdir whose
+run failed before its first checkpoint holds nothing to lose, and is simply reused.
+
+A run killed at any moment, even with SIGKILL, and then resumed produces the same accuracy matrix
+as an uninterrupted run, bit for bit on CPU, because everything random is restored rather than
+re-drawn.
+
+Layout: one directory per method and seed, ``<workdir>/checkpoints/<method>-seed<seed>/``, holding
+numbered checkpoints ``<n>/`` (the last two are kept). Each has
+
+* ``state/``: an Orbax checkpoint of the arrays: parameters, optimiser state, EWC state and the
+  JAX PRNG key (as ``key_data``). Orbax writes it to a temporary directory and renames it when
+  finished, so a half-written ``state/`` never exists under its final name;
+* ``checkpoint.json``: written atomically (temporary file + ``os.replace``) only after ``state/``
+  is finalized. It is the completeness marker and holds the config fingerprint, the position in
+  the task stream (method, seed, task, steps and epochs done in it, global step), the NumPy
+  generator state of the Fisher's example choice, and the results so far (accuracy-matrix rows,
+  curves, timings; the whole record once the method and seed have finished).
+
+A numbered directory without ``checkpoint.json`` or ``state/`` is an interrupted save: it is
+never taken for complete, and is deleted when the run resumes. A ``checkpoint.json`` that cannot
+be read, a fingerprint of another config, or arrays that do not fit the model raise
+:class:`CheckpointError` and nothing is overwritten.
+
+When checkpoints are taken: after every task, and within a task every
+``config.checkpoint_every_steps`` SGD steps (0: only after tasks). Training runs whole epochs in
+one ``lax.scan``, so a mid-task checkpoint is taken at the end of the first epoch at or past each
+multiple of that number: the interval is rounded up to whole epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+
+CHECKPOINT_FORMAT = 1
+MARKER = "checkpoint.json"
+STATE = "state"
+KEEP = 2
+NOT_IN_FINGERPRINT = ("checkpoint_every_steps",)
+"""Config fields that may change between a run and its resumption."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed: corrupt, or written by another config or model."""
+
+
+def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (``config.to_dict()``) that a resumed run must share."""
+    return {k: v for k, v in config_dict.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def fingerprint(config_dict: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of :func:`run_identity`.
+
+    Example:
+        >>> fingerprint({"seed": 0}) == fingerprint({"seed": 0, "checkpoint_every_steps": 9})
+        True
+    """
+    text = json.dumps(run_identity(config_dict), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoints_root(workdir: str | os.PathLike[str]) -> Path:
+    """``<workdir>/checkpoints``."""
+    return Path(workdir) / "checkpoints"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _numbered(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a numbered checkpoint directory was completely written (marker and state)."""
+    return (path / MARKER).is_file() and (path / STATE).is_dir()
+
+
+class RunCheckpoints:
+    """The checkpoints of one method and seed.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp
+        >>> ckpts = RunCheckpoints(Path(tempfile.mkdtemp()) / "ewc-seed0", "f" * 64)
+        >>> _ = ckpts.save({"w": jnp.ones(2)}, {"task": 1})
+        >>> arrays, progress = ckpts.restore({"w": jnp.zeros(2)})
+        >>> progress["task"], arrays["w"].tolist()
+        (1, [1.0, 1.0])
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], config_fingerprint: str, keep: int = KEEP
+    ):
+        self.directory = Path(directory)
+        self.fingerprint = config_fingerprint
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        complete = [p for p in _numbered(self.directory) if is_complete(p)]
+        return complete[-1] if complete else None
+
+    def read_marker(self, path: Path) -> dict[str, Any]:
+        """The validated ``checkpoint.json`` of ``path``.
+
+        Raises:
+            CheckpointError: unreadable, of another format, or of another config.
+        """
+        try:
+            marker = json.loads((path / MARKER).read_text())
+            fmt, found, progress = marker["format"], marker["fingerprint"], marker["progress"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt ({MARKER}: {error}); delete {path} to resume from "
+                "the one before, or pass --overwrite to start the run afresh"
+            ) from None
+        if fmt != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {path} has format {fmt!r}, this code reads {CHECKPOINT_FORMAT}; pass "
+                "--overwrite to start afresh or resume with the version that wrote it"
+            )
+        if found != self.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a different config (fingerprint "
+                f"{found[:12]}, this config {self.fingerprint[:12]}); choose another --workdir "
+                "or pass --overwrite to discard it"
+            )
+        return progress
+
+    def restore(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Arrays shaped like ``target`` and the progress of the latest complete checkpoint.
+
+        Interrupted saves (numbered directories that are not complete) are deleted first.
+
+        Args:
+            target: a pytree of arrays with the structure, shapes, dtypes and shardings of the
+                saved arrays.
+
+        Returns:
+            ``(arrays, progress)``, or None when there is no complete checkpoint.
+
+        Raises:
+            CheckpointError: the latest checkpoint is corrupt or does not fit ``target``.
+        """
+        for path in _numbered(self.directory):
+            if not is_complete(path):
+                shutil.rmtree(path)
+        path = self.latest()
+        if path is None:
+            return None
+        progress = self.read_marker(path)
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            arrays = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+                path / STATE, abstract
+            )
+        except Exception as error:  # Orbax/TensorStore raise many types for bad files.
+            raise CheckpointError(
+                f"cannot restore {path / STATE}: it is corrupt or was written for another model "
+                f"({type(error).__name__}: {str(error)[:300]}); delete {path} to resume from the "
+                "one before, or pass --overwrite to start the run afresh"
+            ) from None
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), arrays)
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), target)
+        if jax.tree.structure(arrays) != jax.tree.structure(target) or got != want:
+            raise CheckpointError(
+                f"checkpoint {path} holds arrays of another model; pass --overwrite to start afresh"
+            )
+        return arrays, progress
+
+    def save(self, arrays: Any, progress: dict[str, Any]) -> Path:
+        """Writes a new numbered checkpoint, marks it complete, then prunes the oldest.
+
+        Args:
+            arrays: pytree of arrays (parameters, optimiser and EWC state, PRNG key data).
+            progress: JSON-serialisable position and results so far.
+
+        Returns:
+            The new checkpoint's directory.
+        """
+        import orbax.checkpoint as ocp
+
+        existing = _numbered(self.directory)
+        number = int(existing[-1].name) + 1 if existing else 0
+        path = self.directory / f"{number:08d}"
+        path.mkdir(parents=True)
+        ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path / STATE, arrays)
+        marker = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "progress": progress,
+        }
+        _write_atomic(path / MARKER, json.dumps(marker) + "\n")
+        complete = [p for p in _numbered(self.directory) if is_complete(p)]
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old)
+        return path
+
+
+def has_checkpoints(workdir: str | os.PathLike[str]) -> bool:
+    """Whether any run in ``workdir`` has a complete checkpoint (progress a fresh start loses)."""
+    root = checkpoints_root(workdir)
+    if not root.is_dir():
+        return False
+    return any(is_complete(p) for run in root.iterdir() for p in _numbered(run))
+
+
+def verify_workdir(workdir: str | os.PathLike[str], config_fingerprint: str) -> None:
+    """Reads the marker of every run's latest checkpoint, so a bad one fails before training.
+
+    Raises:
+        CheckpointError: a corrupt marker or one of another config.
+    """
+    root = checkpoints_root(workdir)
+    if not root.is_dir():
+        return
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        run = RunCheckpoints(directory, config_fingerprint)
+        latest = run.latest()
+        if latest is not None:
+            run.read_marker(latest)
+
+
+def remove_all(workdir: str | os.PathLike[str]) -> None:
+    """Deletes ``<workdir>/checkpoints`` (after a finished run, or for ``--overwrite``)."""
+    shutil.rmtree(checkpoints_root(workdir), ignore_errors=True)

@@ -1,0 +1,398 @@
+"""Every bad input of the experiments gets a message that says what is wrong and what to do.
+
+One table, one row per bad input: each goes through the entry point a user calls
+(:func:`experiments.train.train_and_evaluate`, which the CLI wraps, or the ``ewc_jax`` call for
+library-level inputs), must raise with the expected message, and must leave no ``results.json``
+that would look like a finished run.
+"""
+
+import functools
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ewc_jax
+from experiments import checkpoint, data, train
+from experiments.configs import default
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def digits() -> data.Dataset:
+    return data.load_dataset("embedded:digits")
+
+
+def tiny_config(**overrides):
+    config = default.get_config()
+    config.dataset = "embedded:digits"
+    config.num_tasks = 2
+    config.hidden_sizes = "16"
+    config.fisher_samples = 16
+    config.steps_per_task = 4
+    for field, value in overrides.items():
+        config[field] = value
+    return config
+
+
+def loader_of(dataset: data.Dataset) -> Callable[..., data.Dataset]:
+    def load(spec, data_dir=None):
+        del spec, data_dir
+        return dataset
+
+    return load
+
+
+def with_train(**changes) -> data.Dataset:
+    return digits()._replace(**changes)
+
+
+def write_idx(path: Path, array: np.ndarray, magic_dtype: int = 0x08) -> None:
+    header = bytes([0, 0, magic_dtype, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def idx_dir(directory: Path) -> Path:
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    write_idx(directory / "train-images-idx3-ubyte", rng.integers(0, 256, (20, 5, 4)))
+    write_idx(directory / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    write_idx(directory / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 5, 4)))
+    write_idx(directory / "t10k-labels-idx1-ubyte", np.arange(10) % 10)
+    return directory
+
+
+def run(config, workdir: Path, **kwargs) -> Callable[[], object]:
+    return lambda: train.train_and_evaluate(config, workdir, **kwargs)
+
+
+# Each case: (tmp_path, workdir) -> the call that must fail.
+
+
+def nan_pixels(tmp, workdir):
+    images = digits().train_images.copy()
+    images[3, 0, 0, 0] = np.nan
+    return run(tiny_config(), workdir, load_dataset=loader_of(with_train(train_images=images)))
+
+
+def inf_pixels(tmp, workdir):
+    images = digits().test_images.copy()
+    images[0, 1, 1, 0] = np.inf
+    return run(tiny_config(), workdir, load_dataset=loader_of(with_train(test_images=images)))
+
+
+def label_out_of_range(tmp, workdir):
+    labels = digits().train_labels.copy()
+    labels[5] = 10
+    return run(tiny_config(), workdir, load_dataset=loader_of(with_train(train_labels=labels)))
+
+
+def images_not_nhwc(tmp, workdir):
+    images = digits().train_images[..., 0]
+    return run(tiny_config(), workdir, load_dataset=loader_of(with_train(train_images=images)))
+
+
+def train_and_test_shapes_differ(tmp, workdir):
+    images = np.zeros((len(digits().test_labels), 28, 28, 1), np.float32)
+    return run(tiny_config(), workdir, load_dataset=loader_of(with_train(test_images=images)))
+
+
+def sequence_of_different_shapes(tmp, workdir):
+    config = tiny_config(scenario="sequence", datasets=f"embedded:digits,idx:{idx_dir(tmp / 'i')}")
+    return run(config, workdir)
+
+
+def empty_split(tmp, workdir):
+    empty = with_train(
+        train_images=digits().train_images[:0], train_labels=digits().train_labels[:0]
+    )
+    return run(tiny_config(), workdir, load_dataset=loader_of(empty))
+
+
+def empty_task(tmp, workdir):
+    keep = digits().train_labels < 8  # no 8s and 9s to train on
+    dataset = with_train(
+        train_images=digits().train_images[keep], train_labels=digits().train_labels[keep]
+    )
+    config = tiny_config(scenario="split", class_groups="0-1,8-9")
+    return run(config, workdir, load_dataset=loader_of(dataset))
+
+
+def one_permuted_task(tmp, workdir):
+    return run(tiny_config(num_tasks=1), workdir)
+
+
+def one_split_task(tmp, workdir):
+    return run(tiny_config(scenario="split", class_groups="0-1"), workdir)
+
+
+def mismatched_fisher_tree(tmp, workdir):
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    fisher = {"dense": {"kernel": jnp.ones((2, 3)), "scale": jnp.zeros(3)}}
+    return lambda: ewc_jax.consolidate(None, params, fisher)
+
+
+def negative_strength_config(tmp, workdir):
+    return run(tiny_config(strength=-1.0), workdir)
+
+
+def negative_strength_library(tmp, workdir):
+    params = {"w": jnp.ones(3)}
+    state = ewc_jax.consolidate(None, params, {"w": jnp.ones(3)})
+    return lambda: ewc_jax.penalty(params, state, -1.0)
+
+
+def gamma_above_one_config(tmp, workdir):
+    return run(tiny_config(methods="online_ewc", gamma=1.5), workdir)
+
+
+def gamma_below_zero_library(tmp, workdir):
+    params = {"w": jnp.ones(3)}
+    return lambda: ewc_jax.consolidate(None, params, params, mode="online", gamma=-0.1)
+
+
+def unknown_config_field(tmp, workdir):
+    config = tiny_config()
+    config.strenght = 100.0
+    return run(config, workdir)
+
+
+def unknown_method(tmp, workdir):
+    return run(tiny_config(methods="finetune,ewc2"), workdir)
+
+
+def corrupt_idx_magic(tmp, workdir):
+    directory = idx_dir(tmp / "idx")
+    write_idx(directory / "train-images-idx3-ubyte", np.zeros((20, 5, 4)), magic_dtype=0x0D)
+    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+
+
+def truncated_idx(tmp, workdir):
+    directory = idx_dir(tmp / "idx")
+    path = directory / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-7])
+    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+
+
+def corrupt_gzip_idx(tmp, workdir):
+    directory = idx_dir(tmp / "idx")
+    path = directory / "train-labels-idx1-ubyte"
+    (directory / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(path.read_bytes())[:-9])
+    path.unlink()
+    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+
+
+def missing_data_directory(tmp, workdir):
+    return run(tiny_config(dataset=f"idx:{tmp / 'nowhere'}"), workdir)
+
+
+def workdir_of_another_run(tmp, workdir):
+    workdir.mkdir()
+    other = tiny_config(strength=5.0)
+    (workdir / "config.json").write_text(other.to_json_best_effort(indent=2))
+    fingerprint = checkpoint.fingerprint(json.loads(other.to_json_best_effort()))
+    saved = checkpoint.RunCheckpoints(
+        checkpoint.checkpoints_root(workdir) / "ewc-seed0", fingerprint
+    )
+    saved.save({"w": jnp.ones(3)}, {"task": 1})
+    return run(tiny_config(), workdir)
+
+
+def workdir_with_finished_results(tmp, workdir):
+    workdir.mkdir()
+    (workdir / "results.json").write_text('{"finished": true}\n')
+    return run(tiny_config(), workdir)
+
+
+def corrupt_checkpoint_marker(tmp, workdir):
+    config = tiny_config()
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    broken = checkpoint.checkpoints_root(workdir) / "ewc-seed0" / "00000003"
+    (broken / checkpoint.STATE).mkdir(parents=True)
+    (broken / checkpoint.MARKER).write_text('{"format": 1, "fingerp')
+    return run(config, workdir)
+
+
+def checkpoint_of_another_model(tmp, workdir):
+    config = tiny_config(methods="finetune")
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    fingerprint = checkpoint.fingerprint(json.loads(config.to_json_best_effort()))
+    saved = checkpoint.RunCheckpoints(
+        checkpoint.checkpoints_root(workdir) / "finetune-seed0", fingerprint
+    )
+    saved.save({"params": {"w": jnp.ones(3)}}, {"task": 1})
+    return run(config, workdir)
+
+
+CASES = [
+    ("NaN in the data", nan_pixels, ValueError, r"train_images has 1 NaN/Inf values"),
+    ("Inf in the data", inf_pixels, ValueError, r"test_images has 1 NaN/Inf values"),
+    ("label out of range", label_out_of_range, ValueError, r"train label 10 .* outside \[0, 10\)"),
+    ("images not [N,H,W,C]", images_not_nhwc, ValueError, r"must be float32 \[N, H, W, C\]"),
+    (
+        "train/test image shapes differ",
+        train_and_test_shapes_differ,
+        ValueError,
+        r"both splits need the same \[H, W, C\]",
+    ),
+    (
+        "sequence of different image shapes",
+        sequence_of_different_shapes,
+        ValueError,
+        "need one image shape",
+    ),
+    ("empty split", empty_split, ValueError, "the train split is empty"),
+    ("empty task", empty_task, train.ConfigError, "task '8/9' .* has no training examples"),
+    ("one task (permuted)", one_permuted_task, train.ConfigError, "num_tasks must be >= 2"),
+    ("one task (split)", one_split_task, train.ConfigError, "has 1 task; continual learning"),
+    (
+        "mismatched params/Fisher trees",
+        mismatched_fisher_tree,
+        ValueError,
+        r"fisher does not have the tree structure",
+    ),
+    (
+        "negative strength (config)",
+        negative_strength_config,
+        train.ConfigError,
+        "strength must be a finite number >= 0",
+    ),
+    (
+        "negative strength (library)",
+        negative_strength_library,
+        ValueError,
+        "strength must be a finite scalar >= 0",
+    ),
+    (
+        "gamma > 1 (config)",
+        gamma_above_one_config,
+        train.ConfigError,
+        r"gamma must lie in \[0, 1\]",
+    ),
+    (
+        "gamma < 0 (library)",
+        gamma_below_zero_library,
+        ValueError,
+        r"gamma must be a scalar in \[0, 1\]",
+    ),
+    (
+        "unknown config field",
+        unknown_config_field,
+        train.ConfigError,
+        r"unknown config field 'strenght' \(did you mean 'strength'\?\)",
+    ),
+    ("unknown method", unknown_method, train.ConfigError, "unknown method 'ewc2'"),
+    ("corrupt IDX header", corrupt_idx_magic, ValueError, "train-images-idx3-ubyte"),
+    ("truncated IDX file", truncated_idx, ValueError, "t10k-images-idx3-ubyte"),
+    ("corrupt gzip IDX file", corrupt_gzip_idx, ValueError, "train-labels-idx1-ubyte.gz"),
+    (
+        "missing data directory",
+        missing_data_directory,
+        FileNotFoundError,
+        "IDX data directory .* does not exist",
+    ),
+    (
+        "workdir of another run",
+        workdir_of_another_run,
+        train.WorkdirExistsError,
+        r"holds another run \(config differs in strength: 5.0 -> 1000.0\)",
+    ),
+    (
+        "workdir with finished results",
+        workdir_with_finished_results,
+        train.WorkdirExistsError,
+        "already holds finished results; pass --overwrite",
+    ),
+    (
+        "corrupt checkpoint",
+        corrupt_checkpoint_marker,
+        checkpoint.CheckpointError,
+        r"00000003 is corrupt .*--overwrite",
+    ),
+    (
+        "checkpoint of another model",
+        checkpoint_of_another_model,
+        checkpoint.CheckpointError,
+        "cannot restore .* another model",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_call", "error", "match"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, make_call, error, match):
+    workdir = tmp_path / "run"
+    call = make_call(tmp_path, workdir)
+    results = workdir / "results.json"
+    finished = results.read_bytes() if results.exists() else None
+    with pytest.raises(error, match=match):
+        call()
+    if finished is None:
+        assert not results.exists()
+    else:  # never overwritten
+        assert results.read_bytes() == finished
+    if (workdir / "config.json").exists():
+        assert not list(workdir.glob(".*.tmp"))
+
+
+def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
+    """No row trains: the checks all run before the first epoch (a crash here would show one)."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the input is bad")
+
+    monkeypatch.setattr(train, "run_method", no_training)
+    for _, make_call, error, match in CASES:
+        if make_call is checkpoint_of_another_model:
+            continue  # detected when the run restores, which is inside run_method
+        workdir = tmp_path / make_call.__name__
+        case_dir = tmp_path / f"{make_call.__name__}-data"
+        case_dir.mkdir()
+        call = make_call(case_dir, workdir)
+        with pytest.raises(error, match=match):
+            call()
+        shutil.rmtree(case_dir)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.strenght=5"], "unknown config field 'strenght' (did you mean 'strength'?)"),
+        (["--config.methods=finetune,ewc2"], "unknown method 'ewc2'"),
+        (["--config.dataset=idx:/nonexistent/mnist"], "IDX data directory /nonexistent/mnist"),
+    ],
+    ids=["unknown field", "unknown method", "missing data directory"],
+)
+def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=experiments/configs/default.py",
+        f"--workdir={workdir}",
+        *args,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (workdir / "results.json").exists()

@@ -1,0 +1,268 @@
+"""Checkpoint, resume and determinism of the experiments (``experiments/checkpoint.py``).
+
+A run killed with SIGKILL and resumed must give the uninterrupted run's accuracy matrix bit for
+bit on CPU; an interrupted save is never taken for complete; a corrupt checkpoint or one of
+another config is refused, never silently replaced by a fresh start.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import checkpoint, plots, train
+from experiments.configs import default
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
+
+
+def tiny_config(**overrides):
+    """Digits, 2 permuted tasks of 3 epochs (45 steps each), a 16-unit MLP, checkpoints at 90."""
+    config = default.get_config()
+    config.dataset = "embedded:digits"
+    config.num_tasks = 2
+    config.hidden_sizes = "16"
+    config.epochs = 3
+    config.methods = "finetune,ewc"
+    config.fisher_samples = 64
+    config.checkpoint_every_steps = 50
+    for field, value in overrides.items():
+        config[field] = value
+    return config
+
+
+@pytest.fixture(autouse=True)
+def no_figures(monkeypatch):
+    """Figures cost seconds per run and are tested elsewhere."""
+    monkeypatch.setattr(plots, "write_figures", lambda *args, **kwargs: [])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of ``tiny_config()`` (results and printed log)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(log):
+        patch.setattr(plots, "write_figures", lambda *args, **kwargs: [])
+        results = train.train_and_evaluate(tiny_config(), workdir)
+    assert not (workdir / "checkpoints").exists()  # removed once finished
+    return results, log.getvalue()
+
+
+def without_timings(tree):
+    """A copy of a results tree without the fields that hold wall times or the environment."""
+    if isinstance(tree, dict):
+        return {k: without_timings(v) for k, v in tree.items() if k not in TIMING_FIELDS}
+    if isinstance(tree, list):
+        return [without_timings(v) for v in tree]
+    return tree
+
+
+def read_results(workdir: Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_same_config_and_seed_give_identical_results(tmp_path, reference):
+    config = tiny_config(estimator="sampled")
+    train.train_and_evaluate(config, tmp_path / "a")
+    train.train_and_evaluate(copy.deepcopy(config), tmp_path / "b")
+    first, second = read_results(tmp_path / "a"), read_results(tmp_path / "b")
+    assert first["runs"][0]["task_wall_time_s"] and first["wall_time_s"]  # removed below
+    assert without_timings(first) == without_timings(second)
+    # Identical up to the method's own choices: finetune has no Fisher, so it equals the
+    # reference's finetune; the sampled Fisher makes ewc differ, so the comparison can fail.
+    assert without_timings(first["runs"][0]) == without_timings(reference[0]["runs"][0])
+    assert first["runs"][1]["accuracy_matrix"] != reference[0]["runs"][1]["accuracy_matrix"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL right after a checkpoint was written."""
+
+
+def test_checkpoints_are_taken_at_whole_epochs(reference):
+    log = reference[1]
+    # 45 steps per epoch: the first epoch at or past 50 steps ends at 90; 135 ends the task,
+    # which is checkpointed after consolidation instead.
+    for method in ("finetune", "ewc"):
+        saves = [line for line in log.splitlines() if line.startswith(f"[{method} seed 0] check")]
+        where = [line.rsplit("(", 1)[1] for line in saves]
+        assert where == ["task 1, step 90)", "task 2, step 0)", "task 2, step 90)", "finished)"]
+
+
+def test_run_stopped_after_a_checkpoint_resumes_to_the_same_results(
+    tmp_path, monkeypatch, capsys, reference
+):
+    config = tiny_config()
+    expected = without_timings(reference[0])
+    # Saves: finetune 1-4, ewc 5-8 (see the test above). Stop mid-task in finetune, and
+    # between ewc's tasks (after its first consolidation, with finetune finished).
+    original_save = checkpoint.RunCheckpoints.save
+    for stop_after in (1, 6):
+        workdir = tmp_path / f"stopped-{stop_after}"
+        count = 0
+
+        def save_then_stop(self, arrays, progress, stop_after=stop_after):
+            nonlocal count
+            path = original_save(self, arrays, progress)
+            count += 1
+            if count == stop_after:
+                raise Killed
+            return path
+
+        monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save_then_stop)
+        with pytest.raises(Killed):
+            train.train_and_evaluate(config, workdir)
+        assert not (workdir / "results.json").exists()
+        monkeypatch.setattr(checkpoint.RunCheckpoints, "save", original_save)
+        resumed = without_timings(train.train_and_evaluate(config, workdir))
+        log = capsys.readouterr().out
+        if stop_after == 1:
+            assert "[finetune seed 0] resuming task 1/2 at step 90" in log
+        else:
+            assert "[finetune seed 0] finished earlier" in log
+            assert "[ewc seed 0] resuming task 2/2 at step 0" in log
+        assert resumed == expected, f"stopped after checkpoint {stop_after}"
+
+
+def test_a_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path, monkeypatch):
+    config = tiny_config(epochs=1, methods="finetune")
+    changed = tiny_config(epochs=1, methods="finetune", learning_rate=0.02)
+    original_save = checkpoint.RunCheckpoints.save
+
+    def save_then_stop(self, arrays, progress):
+        original_save(self, arrays, progress)
+        raise Killed
+
+    def stop(self, arrays, progress):
+        raise Killed
+
+    # Stopped before its first checkpoint: nothing to lose, another config may use the workdir.
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "save", stop)
+    with pytest.raises(Killed):
+        train.train_and_evaluate(changed, tmp_path)
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save_then_stop)
+    with pytest.raises(Killed):
+        train.train_and_evaluate(config, tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(train.WorkdirExistsError, match=r"learning_rate: 0.01 -> 0.02"):
+        train.train_and_evaluate(changed, tmp_path)
+    # Checkpoint frequency is not part of a run's identity: changing it still resumes.
+    config.checkpoint_every_steps = 7
+    train.train_and_evaluate(config, tmp_path)
+    train.train_and_evaluate(changed, tmp_path, overwrite=True)
+    assert read_results(tmp_path)["config"]["learning_rate"] == 0.02
+
+
+def small_arrays(value: float = 1.0):
+    return {"w": jnp.full((2, 3), value), "b": {"c": jnp.arange(4, dtype=jnp.int32)}}
+
+
+def test_an_unfinished_save_is_never_taken_for_complete(tmp_path):
+    run = checkpoint.RunCheckpoints(tmp_path / "ewc-seed0", "f" * 64)
+    run.save(small_arrays(1.0), {"task": 0})
+    second = run.save(small_arrays(2.0), {"task": 1})
+    # Killed inside Orbax's save: only its temporary directory exists.
+    in_orbax = tmp_path / "ewc-seed0" / "00000002"
+    in_orbax.mkdir()
+    (in_orbax / "state.orbax-checkpoint-tmp-1234").mkdir()
+    # Killed after Orbax finalized, before the marker was renamed into place.
+    before_marker = tmp_path / "ewc-seed0" / "00000003"
+    before_marker.mkdir()
+    os.system(f"cp -r {second / 'state'} {before_marker / 'state'}")
+    (before_marker / ".checkpoint.json.tmp").write_text('{"format": 1, "fing')
+    assert run.latest() == second
+
+    arrays, progress = run.restore(small_arrays(0.0))
+    assert progress == {"task": 1}
+    np.testing.assert_array_equal(arrays["w"], np.full((2, 3), 2.0, np.float32))
+    assert not in_orbax.exists() and not before_marker.exists()
+    third = run.save(small_arrays(3.0), {"task": 2})
+    assert third.name == "00000002"
+    # Only the last two complete checkpoints are kept.
+    assert sorted(p.name for p in (tmp_path / "ewc-seed0").iterdir()) == ["00000001", "00000002"]
+
+
+def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
+    run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
+    path = run.save(small_arrays(), {"task": 1})
+
+    with pytest.raises(checkpoint.CheckpointError, match="written by a different config"):
+        checkpoint.RunCheckpoints(tmp_path / "run", "b" * 64).restore(small_arrays())
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore .* another model"):
+        run.restore({"w": jnp.zeros((3, 3)), "b": {"c": jnp.zeros(4, jnp.int32)}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore .* another model"):
+        run.restore({"w": jnp.zeros((2, 3))})
+
+    marker = json.loads((path / checkpoint.MARKER).read_text())
+    (path / checkpoint.MARKER).write_text(json.dumps({**marker, "format": 99}))
+    with pytest.raises(checkpoint.CheckpointError, match="has format 99"):
+        run.restore(small_arrays())
+    (path / checkpoint.MARKER).write_text(json.dumps(marker))
+
+    for file in (path / checkpoint.STATE).rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"\0garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore .*corrupt"):
+        run.restore(small_arrays())
+    assert (path / checkpoint.MARKER).exists()  # a corrupt checkpoint is left for inspection
+
+
+@pytest.mark.slow
+def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
+    workdir = tmp_path / "killed"
+    overrides = [
+        "--config.dataset=embedded:digits",
+        "--config.num_tasks=2",
+        "--config.hidden_sizes=16",
+        "--config.epochs=3",
+        "--config.methods=finetune,ewc",
+        "--config.fisher_samples=64",
+        "--config.checkpoint_every_steps=50",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=experiments/configs/default.py",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            # Two epochs of ewc's second task are saved: kill during its third.
+            if line.startswith("[ewc seed 0] checkpoint") and "(task 2, step 90)" in line:
+                os.kill(process.pid, signal.SIGKILL)
+                break
+        process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (workdir / "results.json").exists()
+
+    resumed = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[finetune seed 0] finished earlier" in resumed.stdout  # not retrained
+    assert "[ewc seed 0] resuming task 2/2 at step 90" in resumed.stdout
+    results = read_results(workdir)
+    for got, want in zip(results["runs"], reference[0]["runs"], strict=True):
+        assert got["accuracy_matrix"] == want["accuracy_matrix"]  # bit for bit
+        assert got["curves"] == want["curves"]
+    assert without_timings(results["runs"]) == without_timings(reference[0]["runs"])
+    summary, expected = results["summary"]["ewc"], reference[0]["summary"]["ewc"]
+    assert summary["backward_transfer"] == expected["backward_transfer"]

@@ -1,0 +1,148 @@
+"""Seed x strength sweeps: a vmapped run equals the sequential run, tables, validation."""
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from experiments import scenarios, sweep, train
+from experiments.configs import default
+from experiments.data import load_dataset
+
+
+def sweep_config(**overrides):
+    config = default.get_config()
+    config.dataset = "embedded:digits"
+    config.num_tasks = 2
+    config.train_limit = 400
+    config.test_limit = 200
+    config.hidden_sizes = "32"
+    config.batch_size = 16
+    config.steps_per_task = 40
+    config.learning_rate = 0.05
+    config.momentum = 0.9
+    config.methods = "finetune,ewc"
+    config.estimator = "sampled"
+    config.fisher_samples = 60
+    for field, value in overrides.items():
+        config[field] = value
+    return config
+
+
+@pytest.mark.slow
+def test_vmapped_sweep_equals_sequential_runs(tmp_path):
+    config = sweep_config()
+    config.sweep.seeds = 2
+    config.sweep.strengths = "10,300"
+    results = train.train_and_evaluate(config, tmp_path)
+    assert not any(run["diverged"] for run in results["runs"])
+
+    datasets = {"embedded:digits": load_dataset("embedded:digits")}
+    scenario = scenarios.build_scenario(config, datasets, 0)
+    trainer = train.build_trainer(config, scenario)
+    data = train.put_scenario(scenario)
+    by_run = {(r["method"], r["seed"], r["strength"]): r for r in results["runs"]}
+    assert sorted(by_run) == [
+        ("ewc", 0, 10.0),
+        ("ewc", 0, 300.0),
+        ("ewc", 1, 10.0),
+        ("ewc", 1, 300.0),
+        ("finetune", 0, 0.0),
+        ("finetune", 1, 0.0),
+    ]
+    matrices = {}
+    for (method, seed, strength), run in by_run.items():
+        spec = train.MethodSpec(
+            name=method,
+            strength=strength,
+            estimator="sampled",
+            fisher_samples=60,
+        )
+        record = train.run_method(trainer, data, spec, config, seed)
+        np.testing.assert_allclose(run["accuracy_matrix"], record.accuracy_matrix, atol=1e-6)
+        matrices[method, seed, strength] = np.asarray(record.accuracy_matrix)
+    # The runs differ from each other, so equality above is not the same run four times.
+    assert not np.array_equal(matrices["ewc", 0, 10.0], matrices["ewc", 1, 10.0])
+    assert not np.array_equal(matrices["ewc", 0, 10.0], matrices["ewc", 0, 300.0])
+
+    entry = results["summary"]["ewc"][1]
+    expected = [matrices["ewc", s, 300.0][-1].mean() for s in (0, 1)]
+    assert entry["strength"] == 300.0 and entry["num_seeds"] == 2
+    np.testing.assert_allclose(entry["average_accuracy"]["mean"], np.mean(expected), atol=1e-6)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["sweep"] and on_disk["seeds"] == [0, 1]
+    with open(tmp_path / "sweep_summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["method"], r["strength"]) for r in rows] == [
+        ("finetune", "0"),
+        ("ewc", "10"),
+        ("ewc", "300"),
+    ]
+    with open(tmp_path / "sweep_runs.csv") as file:
+        assert len(list(csv.DictReader(file))) == 6
+    assert (tmp_path / "strength_sensitivity.png").stat().st_size > 1000
+
+
+def test_summary_of_hand_made_runs():
+    identity = np.eye(2)
+    half = np.full((2, 2), 0.5)
+    result = sweep.SweepResult(
+        method="ewc",
+        seeds=[0, 0, 1, 1],
+        strengths=[10.0, 1.0, 10.0, 1.0],
+        accuracy_matrices=np.stack([identity, half, half, half]),
+        diverged=[False, False, True, False],
+        wall_time_s=1.0,
+    )
+    (one, ten) = sweep.summarize_sweep([result])["ewc"]
+    assert (one["strength"], ten["strength"]) == (1.0, 10.0)
+    # Final average accuracy: identity -> 0.5, half -> 0.5; BWT: identity -> -1, half -> 0.
+    assert one["average_accuracy"] == {"mean": 0.5, "std": 0.0, "values": [0.5, 0.5]}
+    assert ten["backward_transfer"]["values"] == [-1.0, 0.0]
+    assert ten["backward_transfer"]["mean"] == -0.5
+    np.testing.assert_allclose(ten["backward_transfer"]["std"], np.sqrt(0.5))
+    assert ten["final_accuracy"]["mean"] == [0.25, 0.75]
+    assert (one["diverged"], ten["diverged"]) == (0, 1)
+    table = sweep.format_sweep_summary({"ewc": [one, ten]})
+    assert "-0.500 ± 0.707" in table
+
+
+def test_sweep_grid_from_config():
+    config = sweep_config(seeds="3,7")
+    assert not sweep.sweep_requested(config)
+    config.sweep.strengths = "1, 10,100"
+    assert sweep.sweep_requested(config)
+    assert sweep.sweep_seeds(config) == [3, 7]
+    config.sweep.seeds = 4
+    assert sweep.sweep_seeds(config) == [3, 4, 5, 6]
+    ewc, finetune = train.MethodSpec("ewc", 5.0), train.MethodSpec("finetune")
+    assert sweep.sweep_strengths(config, ewc) == [1.0, 10.0, 100.0]
+    assert sweep.sweep_strengths(config, finetune) == [0.0]
+    config.sweep.strengths = ""
+    assert sweep.sweep_strengths(config, dataclasses.replace(ewc)) == [5.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("seeds", -1, r"sweep.seeds must be an int >= 0"),
+        ("strengths", "1,x", "comma-separated numbers"),
+        ("strengths", "1,-5", r"finite and >= 0"),
+        ("strengths", "1,nan", r"finite and >= 0"),
+        ("strengths", "10,10", "listed twice"),
+    ],
+)
+def test_bad_sweep_is_rejected_before_anything_is_written(tmp_path, field, value, match):
+    config = sweep_config()
+    config.sweep[field] = value
+    with pytest.raises(train.ConfigError, match=match):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mesh_devices_beyond_the_device_count_is_rejected(tmp_path):
+    config = sweep_config(data_parallel=True, mesh_devices=10_000)
+    with pytest.raises(train.ConfigError, match="mesh_devices must lie in"):
+        train.train_and_evaluate(config, tmp_path / "run")
