@@ -40,6 +40,7 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.compare --out BENCHMARKS.json
+	$(PY) -m benchmarks.memory --out MEMORY.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

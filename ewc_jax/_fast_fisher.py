@@ -388,14 +388,43 @@ def tapped_sums(
         other = recorded[(tap.node, 1 - tap.operand)]
         other_sq = jnp.square(other.astype(dtypes[tap.leaf])).astype(other.dtype)
 
-        def contraction(p, other_sq=other_sq, tap=tap):
-            return jax.vmap(lambda o: _consume(plan, tap, p, o))(other_sq)
+        # Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²): the layer's own contraction, applied to squares,
+        # with the examples stacked along a size-1 free axis so that XLA sees one plain matmul.
+        stacked = _stacked_axes(plan.nodes[tap.node], tap.operand)
+        if stacked is None:
 
-        # Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²): the layer's own contraction, applied to squares.
-        out, pull = jax.vjp(contraction, leaf)
-        (total,) = pull(squares[tap.node].astype(out.dtype))
+            def contraction(p, other_sq=other_sq, tap=tap):
+                return jax.vmap(lambda o: _consume(plan, tap, p, o))(other_sq)
+
+            out, pull = jax.vjp(contraction, leaf)
+            (total,) = pull(squares[tap.node].astype(out.dtype))
+        else:
+            other_axis, out_axis = stacked
+            other_cat = _stack_examples(other_sq, other_axis)
+            out, pull = jax.vjp(lambda p, o=other_cat, t=tap: _consume(plan, t, p, o), leaf)
+            (total,) = pull(_stack_examples(squares[tap.node], out_axis).astype(out.dtype))
         sums[tap.leaf] = jnp.abs(total.astype(dtypes[tap.leaf]))
     return sums, logits
+
+
+def _stacked_axes(node: _Node, operand: int) -> tuple[int, int] | None:
+    """For a one-term ``dot_general``: a size-1 free axis of the other operand that can hold the
+    examples, and the output axis it becomes; None for other operations."""
+    if node.eqn.primitive.name != "dot_general":
+        return None
+    (contract_l, contract_r), _ = node.eqn.params["dimension_numbers"]
+    lhs_free = [d for d in range(len(node.inputs[0].aval.shape)) if d not in contract_l]
+    rhs_free = [d for d in range(len(node.inputs[1].aval.shape)) if d not in contract_r]
+    free = lhs_free if operand == 1 else rhs_free
+    if not free:
+        return None
+    out_axis = 0 if operand == 1 else len(lhs_free)  # output = (lhs free, rhs free)
+    return free[0], out_axis
+
+
+def _stack_examples(x: jax.Array, axis: int) -> jax.Array:
+    """``[B, ..., 1 (at axis), ...]`` -> ``[..., B (at axis), ...]``: examples on a size-1 axis."""
+    return jnp.moveaxis(jnp.squeeze(x, axis + 1), 0, axis)
 
 
 def _expand(w: jax.Array, ndim: int) -> jax.Array:
