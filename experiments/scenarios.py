@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from experiments.data import Dataset
 
 if TYPE_CHECKING:
     import ml_collections
@@ -35,15 +37,8 @@ SCENARIOS = ("sequence", "permuted", "split", "rotated")
 SPLIT_MODES = ("task", "domain", "class")
 
 
-class LabeledImages(Protocol):
-    """What the scenario builders read from a dataset (``experiments.data.Dataset`` has it)."""
-
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
+LabeledImages = Dataset
+"""What the scenario builders read: ``experiments.data.Dataset``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,16 +316,6 @@ def rotated(dataset: LabeledImages, angles: Sequence[float]) -> Scenario:
     return Scenario("rotated", tasks, num_heads=1, num_outputs=dataset.num_classes)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Subset:
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
-
-
 def subsample(
     dataset: LabeledImages, train_limit: int, test_limit: int, seed: int
 ) -> LabeledImages:
@@ -356,7 +341,7 @@ def subsample(
         return np.sort(rng.choice(n, size=limit, replace=False))
 
     train_idx, test_idx = choose(num_train, train_limit), choose(num_test, test_limit)
-    return _Subset(
+    return Dataset(
         name=dataset.name,
         train_images=dataset.train_images[train_idx],
         train_labels=dataset.train_labels[train_idx],
