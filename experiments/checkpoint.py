@@ -73,8 +73,8 @@ def fingerprint(config_dict: dict[str, Any]) -> str:
 
 
 def checkpoints_root(workdir: str | os.PathLike[str]) -> Path:
-    """``<workdir>/checkpoints``."""
-    return Path(workdir) / "checkpoints"
+    """``<workdir>/checkpoints``, as an absolute path (Orbax refuses relative ones)."""
+    return Path(workdir).absolute() / "checkpoints"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -112,7 +112,7 @@ class RunCheckpoints:
     def __init__(
         self, directory: str | os.PathLike[str], config_fingerprint: str, keep: int = KEEP
     ):
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()
         self.fingerprint = config_fingerprint
         self.keep = keep
 

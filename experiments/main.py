@@ -18,7 +18,7 @@ to do>`` and exit status 1, before any training where it can be detected.
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import checkpoint, train
@@ -43,6 +43,8 @@ def main(argv: list[str]) -> None:
     """Trains and evaluates the config given on the command line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax logs every save at INFO; keep the terminal for progress bars and the summary.
+    logging.set_verbosity(logging.WARNING)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except (

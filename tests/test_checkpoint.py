@@ -266,3 +266,17 @@ def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, ref
     assert without_timings(results["runs"]) == without_timings(reference[0]["runs"])
     summary, expected = results["summary"]["ewc"], reference[0]["summary"]["ewc"]
     assert summary["backward_transfer"] == expected["backward_transfer"]
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    # `make demo` passes a relative --workdir; Orbax itself only accepts absolute paths.
+    import jax.numpy as jnp
+
+    from experiments.checkpoint import RunCheckpoints, checkpoints_root
+
+    monkeypatch.chdir(tmp_path)
+    ckpts = RunCheckpoints(checkpoints_root("runs/demo") / "ewc-seed0", "f" * 64)
+    ckpts.save({"w": jnp.ones(2)}, {"task": 1})
+    arrays, progress = ckpts.restore({"w": jnp.zeros(2)})
+    assert progress["task"] == 1 and arrays["w"].tolist() == [1.0, 1.0]
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "ewc-seed0").is_dir()
