@@ -53,9 +53,16 @@ def empty_state(params: Params) -> EWCState:
     """
     return EWCState(
         anchor=params,
-        precision=jax.tree.map(jnp.zeros_like, params),
+        precision=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _wide(p)), params),
         num_tasks=jnp.zeros((), jnp.int32),
     )
+
+
+def _wide(*arrays: Any) -> np.dtype:
+    """The widest dtype of the arrays, float32 at least: precisions and penalty sums of
+    bfloat16/float16 parameters are kept in float32 (their squares under- and overflow)."""
+    dtype = max((np.dtype(jnp.result_type(a)) for a in arrays), key=lambda d: d.itemsize)
+    return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 def consolidate(
@@ -126,25 +133,35 @@ def consolidate(
         state = empty_state(params)
 
     if mode == "separate":
-        precision = jax.tree.map(lambda p, f: p + f, state.precision, fisher)
+        precision = jax.tree.map(
+            lambda p, f: p.astype(_wide(p, f)) + f.astype(_wide(p, f)), state.precision, fisher
+        )
         anchor = jax.tree.map(
             _precision_weighted_mean, precision, state.precision, state.anchor, fisher, params
         )
     else:
         anchor = params
         precision = jax.tree.map(
-            lambda p, f: jnp.asarray(gamma, p.dtype) * p + f, state.precision, fisher
+            lambda p, f: (
+                jnp.asarray(gamma, _wide(p, f)) * p.astype(_wide(p, f)) + f.astype(_wide(p, f))
+            ),
+            state.precision,
+            fisher,
         )
     return EWCState(anchor=anchor, precision=precision, num_tasks=state.num_tasks + 1)
 
 
 def _precision_weighted_mean(total, old_precision, old_anchor, fisher, theta):
     """``(Λ_old θ̄_old + F θ) / (Λ_old + F)``, or ``θ`` where the total precision is zero."""
+    dtype = total.dtype
     positive = total > 0
     safe_total = jnp.where(positive, total, jnp.ones_like(total))
-    merged = (old_precision * old_anchor + fisher * theta) / safe_total
+    merged = (
+        old_precision.astype(dtype) * old_anchor.astype(dtype)
+        + fisher.astype(dtype) * theta.astype(dtype)
+    ) / safe_total
     # Where nothing was consolidated before, the anchor is exactly θ (no rounding).
-    return jnp.where(positive & (old_precision > 0), merged, theta)
+    return jnp.where(positive & (old_precision > 0), merged.astype(theta.dtype), theta)
 
 
 def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
@@ -172,7 +189,12 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
     check_same_structure(state.anchor, params, "state.anchor", "params")
     terms = jax.tree.leaves(
         jax.tree.map(
-            lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, state.anchor, state.precision
+            lambda p, a, f: jnp.sum(
+                f.astype(_wide(p, f)) * jnp.square(p.astype(_wide(p, f)) - a.astype(_wide(p, f)))
+            ),
+            params,
+            state.anchor,
+            state.precision,
         )
     )
     dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)

@@ -286,36 +286,60 @@ def evaluate(
     return logits, recorded
 
 
-def _through_layout(plan: Plan, tap: _Tap, leaf_value: Any) -> Any:
+def _through_layout(plan: Plan, tap: _Tap, leaf_value: Any, dtype: Any = None) -> Any:
+    """The leaf as its consumer sees it; with ``dtype``, dtype conversions are skipped."""
     value = leaf_value
     for index in tap.layout:
-        (value,) = _bind(plan.nodes[index], [value])
+        node = plan.nodes[index]
+        if dtype is not None and node.eqn.primitive.name == "convert_element_type":
+            continue
+        (value,) = _bind(node, [value])
     return value
 
 
-def _consume(plan: Plan, tap: _Tap, leaf_value: Any, other: Any) -> Any:
+def _consume(plan: Plan, tap: _Tap, leaf_value: Any, other: Any, dtype: Any = None) -> Any:
+    """Applies the tapped operation to the leaf and another operand (in ``dtype`` if given)."""
     operands = [other, other]
-    operands[tap.operand] = _through_layout(plan, tap, leaf_value)
-    (out,) = _bind(plan.nodes[tap.node], operands)
-    return out
+    operands[tap.operand] = _through_layout(plan, tap, leaf_value, dtype)
+    node = plan.nodes[tap.node]
+    if dtype is None:
+        (out,) = _bind(node, operands)
+        return out
+    operands = [jnp.asarray(o).astype(dtype) for o in operands]
+    bind_params = node.eqn.primitive.get_bind_params(node.eqn.params)
+    if "preferred_element_type" in bind_params:
+        bind_params = {**bind_params, "preferred_element_type": np.dtype(dtype)}
+    return node.eqn.primitive.bind(*operands, **bind_params)
+
+
+def move_to_fallback(plan: Plan, leaves: Sequence[int]) -> Plan:
+    """The plan with the given tapped leaves moved to the general path."""
+    if not leaves:
+        return plan
+    leaves = set(leaves)
+    return dataclasses.replace(
+        plan,
+        taps=tuple(t for t in plan.taps if t.leaf not in leaves),
+        fallback=tuple(sorted({*plan.fallback, *leaves})),
+    )
 
 
 def tapped_sums(
     plan: Plan,
     param_leaves: Sequence[Any],
     example_leaves: Sequence[Any],
-    targets: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    targets: Callable[[jax.Array], tuple[int, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]],
     accumulate_dtype: Callable[[Any], Any],
 ) -> tuple[dict[int, jax.Array], jax.Array]:
-    """``Σ_k Σ_n w_kn g_kn²`` for every tapped leaf, from one forward and one backward pass.
+    """``Σ_k Σ_n w_kn g_kn²`` for every tapped leaf, from one forward and K backward passes.
 
     Args:
       plan: from :func:`make_plan`.
       param_leaves: parameter leaves (unbatched).
       example_leaves: input leaves with a leading chunk axis ``B``.
-      targets: maps the logits ``[B, C]`` to ``(cotangents [K, B, C], weights [K, B])``: the
-        gradients of the log-likelihood at the logits (``e_y - p``) for each of K labels per
-        example, and the weight of each (label, example) term.
+      targets: maps the logits ``[B, ..., C]`` to ``(K, target)``, where ``target(k)`` gives the
+        gradient of the log-likelihood at the logits for the k-th label of every example
+        (``[B, ..., C]``) and the weight of that (label, example) term (``[B]``).
       accumulate_dtype: maps a leaf dtype to the dtype of its sum.
 
     Returns:
@@ -334,25 +358,36 @@ def tapped_sums(
         return jax.vmap(lambda x, e: evaluate(plan, param_leaves, x, e))(example_leaves, eps)
 
     logits, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
-    cotangents, weights = targets(logits)
+    num_labels, target = targets(logits)
     one_term_nodes = sorted({t.node for t in plan.taps if t.one_term})
     several = [t for t in plan.taps if not t.one_term]
     dtypes = {t.leaf: accumulate_dtype(param_leaves[t.leaf].dtype) for t in plan.taps}
     node_dtype = {t.node: dtypes[t.leaf] for t in plan.taps}
 
+    patches = {
+        t.leaf: _conv_patches(plan.nodes[t.node], recorded[(t.node, 0)], dtypes[t.leaf])
+        for t in several
+        if _patch_conv(plan.nodes[t.node], t.operand)
+    }
+
     def per_example_grads(tap, delta):
-        leaf = param_leaves[tap.leaf]
+        dtype = dtypes[tap.leaf]
+        leaf = param_leaves[tap.leaf].astype(dtype)
+        if tap.leaf in patches:
+            kernel_grads = _conv_kernel_grads(plan.nodes[tap.node], patches[tap.leaf], delta, dtype)
+            _, pull = jax.vjp(lambda p: _through_layout(plan, tap, p, dtype), leaf)
+            return jax.vmap(lambda g: pull(g)[0])(kernel_grads)
 
         def one(o, d):
-            _, pull = jax.vjp(lambda p: _consume(plan, tap, p, o), leaf)
-            return pull(d.astype(leaf.dtype))[0]
+            _, pull = jax.vjp(lambda p: _consume(plan, tap, p, o, dtype), leaf)
+            return pull(d.astype(dtype))[0]
 
         return jax.vmap(one)(recorded[(tap.node, 1 - tap.operand)], delta)
 
-    def add_label(totals, cotangent_and_weight):
+    def add_label(totals, k):
         # One backward pass for one label per example (K passes for the exact Fisher, one
-        # after another, so memory does not grow with the number of classes).
-        cotangent, w = cotangent_and_weight
+        # after another, so memory does not grow with the number of labels).
+        cotangent, w = target(k)
         deltas = pullback(cotangent.astype(logits.dtype))[0]
         squares, sums = totals
         squares = {
@@ -365,7 +400,7 @@ def tapped_sums(
             t.leaf: sums[t.leaf]
             + jnp.tensordot(
                 w.astype(dtypes[t.leaf]),
-                jnp.square(per_example_grads(t, deltas[t.node]).astype(dtypes[t.leaf])),
+                jnp.square(per_example_grads(t, deltas[t.node])),
                 axes=1,
             )
             for t in several
@@ -376,35 +411,98 @@ def tapped_sums(
         {i: jnp.zeros(eps0[i].shape, node_dtype[i]) for i in one_term_nodes},
         {t.leaf: jnp.zeros(param_leaves[t.leaf].shape, dtypes[t.leaf]) for t in several},
     )
-    if weights.shape[0] == 1:
-        (squares, sums), _ = add_label(totals, (cotangents[0], weights[0]))
+    if num_labels == 1:
+        (squares, sums), _ = add_label(totals, 0)
     else:
-        (squares, sums), _ = jax.lax.scan(add_label, totals, (cotangents, weights))
+        (squares, sums), _ = jax.lax.scan(add_label, totals, jnp.arange(num_labels))
 
     for tap in plan.taps:
         if not tap.one_term:
             continue
-        leaf = param_leaves[tap.leaf]
-        other = recorded[(tap.node, 1 - tap.operand)]
-        other_sq = jnp.square(other.astype(dtypes[tap.leaf])).astype(other.dtype)
+        dtype = dtypes[tap.leaf]
+        leaf = param_leaves[tap.leaf].astype(dtype)
+        other_sq = jnp.square(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
 
-        # Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²): the layer's own contraction, applied to squares,
-        # with the examples stacked along a size-1 free axis so that XLA sees one plain matmul.
+        # Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²): the layer's own contraction, applied to squares
+        # (in the accumulation dtype), with the examples stacked along a size-1 free axis so
+        # that XLA sees one plain matmul.
         stacked = _stacked_axes(plan.nodes[tap.node], tap.operand)
         if stacked is None:
 
-            def contraction(p, other_sq=other_sq, tap=tap):
-                return jax.vmap(lambda o: _consume(plan, tap, p, o))(other_sq)
+            def contraction(p, other_sq=other_sq, tap=tap, dtype=dtype):
+                return jax.vmap(lambda o: _consume(plan, tap, p, o, dtype))(other_sq)
 
-            out, pull = jax.vjp(contraction, leaf)
-            (total,) = pull(squares[tap.node].astype(out.dtype))
+            _, pull = jax.vjp(contraction, leaf)
+            (total,) = pull(squares[tap.node])
         else:
             other_axis, out_axis = stacked
             other_cat = _stack_examples(other_sq, other_axis)
-            out, pull = jax.vjp(lambda p, o=other_cat, t=tap: _consume(plan, t, p, o), leaf)
-            (total,) = pull(_stack_examples(squares[tap.node], out_axis).astype(out.dtype))
-        sums[tap.leaf] = jnp.abs(total.astype(dtypes[tap.leaf]))
+            _, pull = jax.vjp(
+                lambda p, o=other_cat, t=tap, d=dtype: _consume(plan, t, p, o, d), leaf
+            )
+            (total,) = pull(_stack_examples(squares[tap.node], out_axis))
+        sums[tap.leaf] = jnp.abs(total)
     return sums, logits
+
+
+def _patch_conv(node: _Node, operand: int) -> bool:
+    """Whether a tapped convolution kernel's per-example gradients come from image patches."""
+    return (
+        node.eqn.primitive.name == "conv_general_dilated"
+        and operand == 1
+        and node.eqn.params["batch_group_count"] == 1
+    )
+
+
+def _conv_patches(node: _Node, lhs: jax.Array, dtype: Any) -> jax.Array:
+    """``[B, S, C_in·K]``: each example's input patches at the S output positions (im2col).
+
+    ``lhs`` is the recorded per-example input ``[B, (1-sized batch and the rest in the conv's
+    layout)]``. Features are ordered channel-major (``c·K + k``, K the kernel's spatial size), as
+    ``lax.conv_general_dilated_patches`` returns them.
+    """
+    params = node.eqn.params
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    rhs_shape = node.inputs[1].aval.shape
+    images = _stack_examples(lhs.astype(dtype), lhs_spec[0])
+    patches = jax.lax.conv_general_dilated_patches(
+        images,
+        filter_shape=[rhs_shape[d] for d in rhs_spec[2:]],
+        window_strides=params["window_strides"],
+        padding=params["padding"],
+        lhs_dilation=params["lhs_dilation"],
+        rhs_dilation=params["rhs_dilation"],
+        dimension_numbers=params["dimension_numbers"],
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    # To [B, spatial..., features], then flatten the spatial axes.
+    patches = jnp.transpose(patches, (out_spec[0], *out_spec[2:], out_spec[1]))
+    return patches.reshape(patches.shape[0], -1, patches.shape[-1])
+
+
+def _conv_kernel_grads(node: _Node, patches: jax.Array, delta: jax.Array, dtype: Any) -> jax.Array:
+    """Per-example kernel gradients ``[B, *kernel]`` of a convolution: patchesᵀ · δ per group.
+
+    The gradient of ``Σ_s δ_s · conv(x)_s`` with respect to the kernel is
+    ``Σ_s patch_s ⊗ δ_s``, a batched matrix product; forming it from patches avoids the
+    per-example grouped convolution that ``vmap`` of the convolution's VJP would build.
+    """
+    params = node.eqn.params
+    _, rhs_spec, out_spec = params["dimension_numbers"]
+    rhs_shape = node.inputs[1].aval.shape
+    groups = params["feature_group_count"]
+    spatial = [rhs_shape[d] for d in rhs_spec[2:]]
+    in_per_group, out_features = rhs_shape[rhs_spec[1]], rhs_shape[rhs_spec[0]]
+    d = _stack_examples(delta.astype(dtype), out_spec[0])
+    d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
+    batch = d.shape[0]
+    d = d.reshape(batch, -1, groups, out_features // groups)
+    p = patches.reshape(batch, d.shape[1], groups, in_per_group * math.prod(spatial))
+    grads = jnp.einsum("bsgi,bsgo->bgoi", p, d, precision=jax.lax.Precision.HIGHEST)
+    # [B, O, I, *spatial] in (out, in, spatial) order, then into the kernel's own layout.
+    grads = grads.reshape(batch, out_features, in_per_group, *spatial)
+    order = np.argsort(rhs_spec)
+    return jnp.transpose(grads, (0, *(1 + order)))
 
 
 def _stacked_axes(node: _Node, operand: int) -> tuple[int, int] | None:
@@ -449,3 +547,105 @@ def bytes_per_example(plan: Plan) -> int:
         if not tap.one_term:
             total += 2 * itemsize * math.prod(plan.inputs[tap.leaf].aval.shape)
     return max(total, 1)
+
+
+# The cost model below counts per-example FLOPs and bytes from the traced program. One byte moved
+# costs about as much as this many FLOPs (a CPU core does ~50 GFLOP/s but streams ~10 GB/s).
+_FLOPS_PER_BYTE = 4.0
+# XLA:CPU runs a convolution that vmap batched over per-example kernels (a grouped convolution
+# with one group per example) this many times slower than its FLOP count suggests (measured:
+# 8x-100x on an 8x8 conv; worse with more groups), so the general path avoids it when it can.
+_BATCHED_CONV_PENALTY = 30.0
+
+
+def _eqn_flops(eqn: Any) -> float:
+    """FLOPs of one equation for one example (sub-programs of scan/cond/while included)."""
+    name = eqn.primitive.name
+    out_size = sum(math.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+    if name == "dot_general":
+        (contract_l, _), _ = eqn.params["dimension_numbers"]
+        lhs_shape = eqn.invars[0].aval.shape
+        return 2.0 * out_size * math.prod(lhs_shape[d] for d in contract_l)
+    if name == "conv_general_dilated":
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+        rhs_shape = eqn.invars[1].aval.shape
+        return 2.0 * out_size * math.prod(rhs_shape) / rhs_shape[rhs_spec[0]]
+    inner = [v for v in eqn.params.values() if isinstance(v, jex.ClosedJaxpr | jex.Jaxpr)]
+    inner += [
+        b
+        for v in eqn.params.values()
+        if isinstance(v, tuple)
+        for b in v
+        if isinstance(b, jex.ClosedJaxpr | jex.Jaxpr)
+    ]
+    if inner:
+        repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        return repeat * sum(_jaxpr_flops(j) for j in inner)
+    return float(out_size)
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return sum(_eqn_flops(e) for e in jaxpr.eqns)
+
+
+def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
+    """Estimated per-example cost ``(one_pass, general)`` in FLOP-equivalents.
+
+    * general: one forward for the logits, then per label a forward, a backward for the
+      activations and one for the weights (``3F``), and every per-example gradient written,
+      squared and summed (``3 × 4`` bytes per parameter);
+    * one pass: one forward (``F``) and per label one backward for the activations (``F``);
+      per one-term layer its own contraction once (the layer's forward FLOPs) and ``δ²`` per
+      label; per several-term layer, per label, its per-example gradient (its forward FLOPs)
+      and that gradient's bytes; plus the general path for the leaves it does not cover.
+
+    Convolution kernels' per-example gradients cost ``_BATCHED_CONV_PENALTY`` times their FLOPs
+    on the general path (a grouped convolution with one group per example); the one-pass path
+    builds them from image patches instead (the patches' bytes, once).
+    """
+    forward = sum(_eqn_flops(node.eqn) for node in plan.nodes)
+    bytes_of = lambda aval: math.prod(aval.shape) * 4 * _FLOPS_PER_BYTE
+    conv_flops = sum(
+        _eqn_flops(node.eqn)
+        for node in plan.nodes
+        if node.eqn.primitive.name == "conv_general_dilated"
+    )
+    all_params = sum(bytes_of(plan.inputs[i].aval) for i in range(_num_params(plan)))
+    general = forward + num_labels * (
+        3 * forward + (_BATCHED_CONV_PENALTY - 1) * conv_flops + 3 * all_params
+    )
+    one_pass = forward + num_labels * forward
+    for tap in plan.taps:
+        node = plan.nodes[tap.node]
+        flops = _eqn_flops(node.eqn)
+        if tap.one_term:
+            one_pass += flops + num_labels * 3 * bytes_of(node.outputs[0].aval)
+        else:
+            leaf_bytes = bytes_of(plan.inputs[tap.leaf].aval)
+            one_pass += num_labels * (flops + 3 * leaf_bytes)
+            if _patch_conv(node, tap.operand):
+                one_pass += (
+                    2
+                    * bytes_of(node.inputs[0].aval)
+                    * math.prod(node.inputs[1].aval.shape)
+                    / node.inputs[1].aval.shape[node.eqn.params["dimension_numbers"].rhs_spec[0]]
+                )
+    if plan.fallback:
+        fallback_bytes = sum(bytes_of(plan.inputs[i].aval) for i in plan.fallback)
+        one_pass += forward + num_labels * (
+            3 * forward + (_BATCHED_CONV_PENALTY - 1) * conv_flops + 3 * fallback_bytes
+        )
+    return one_pass, general
+
+
+def _num_params(plan: Plan) -> int:
+    return len(plan.taps) + len(plan.fallback) + len(plan.unused)
+
+
+def choose(plan: Plan, num_labels: int) -> tuple[int, ...] | None:
+    """The cost model's choice: ``None`` for the general path everywhere, or the tapped leaves
+    to move to the general path (none today: a several-term layer costs the same on both, and
+    the general path's fixed cost is the forward and backward it adds)."""
+    one_pass, general = path_costs(plan, num_labels)
+    return None if general < one_pass else ()

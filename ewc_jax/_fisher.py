@@ -2,8 +2,10 @@ r"""The diagonal Fisher information of a categorical model, estimated five ways.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -16,6 +18,8 @@ from ewc_jax._validation import concrete_or_none
 
 ESTIMATORS = ("exact", "sampled", "empirical", "argmax", "batched")
 Estimator = Literal["exact", "sampled", "empirical", "argmax", "batched"]
+METHODS = ("auto", "one_pass", "general")
+Method = Literal["auto", "one_pass", "general"]
 
 MEMORY_BUDGET_BYTES = 512 * 2**20
 """Working memory a chunk may use when ``chunk_size`` is not given."""
@@ -48,9 +52,12 @@ def fisher_diagonal(
     *,
     estimator: Estimator = "exact",
     key: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
     chunk_size: int | None = None,
     batch_size: int | None = None,
-    fast: bool = True,
+    method: Method = "auto",
+    fast: bool | None = None,
+    dtype: jax.typing.DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Params:
     r"""Diagonal of the Fisher information of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
@@ -62,7 +69,7 @@ def fisher_diagonal(
     except for ``"batched"``). The estimators differ only in the label distribution ``q_n``:
 
     * ``"exact"``: the true Fisher, ``q_n = p(· | x_n, θ)``: all C classes, each weighted by the
-      model's probability. Cost: the fast path combines ``Σ_c p_c δ_c²`` before the weight
+      model's probability. Cost: the one-pass path combines ``Σ_c p_c δ_c²`` before the weight
       contraction, so it is a small multiple of one backward pass.
     * ``"sampled"``: one label per example drawn from ``p(· | x_n, θ)`` (``key`` required): an
       unbiased Monte-Carlo estimate of the true Fisher.
@@ -77,41 +84,79 @@ def fisher_diagonal(
       mean gradient: a different quantity that needs a far larger strength. Offered only to
       reproduce such results; ``batch_size=1`` equals ``"empirical"``.
 
-    Per-example gradients are ``jax.vmap(jax.grad(log p))`` on the general path. With
-    ``fast=True`` (default), parameters that enter through dense/convolution contractions,
-    biases and elementwise scales are computed in one forward and one backward pass per chunk,
-    from layer inputs ``a`` and output gradients ``δ`` as :math:`(a^2)^\top δ^2` (see
-    ``ewc_jax._fast_fisher``); all other parameters take the general path. Both agree to float
-    rounding. Examples are processed ``chunk_size`` at a time inside one jitted ``lax.scan``, so
-    working memory does not grow with N; the last chunk overlaps the previous one and masks the
-    overlap, so every example counts exactly once.
+    **Sequence outputs.** ``apply_fn`` may return ``[B, T, C]`` logits (a language model, a token
+    classifier; any ``[B, *S, C]``), with ``labels`` and ``mask`` of shape ``[B, T]``. An example
+    is a whole sequence, scored under teacher forcing: :math:`\log p(y_n \mid x_n) = \sum_t m_{nt}
+    \log p(y_{nt} \mid x_n, θ)` with the token mask ``m`` (1 where a token counts; padding and
+    prompt tokens 0). The Fisher stays a mean over the N sequences:
+
+    * ``"exact"``: tokens' labels are independent given the teacher-forced inputs, and each
+      token's score has zero mean, so the cross terms of the square vanish in expectation and
+      :math:`F = \frac1N \sum_{n,t} m_{nt} \sum_c p_{ntc} (\partial_θ \log p(c \mid x_n, t))^2`.
+      This needs one backward pass per (token, class) pair: T·C passes per chunk, in a scan (memory
+      does not grow). Affordable for small T·C only; for language models use ``"sampled"``.
+    * ``"sampled"``: one label per token drawn from the model, and the square of the whole
+      sequence's score :math:`(\sum_t m_{nt}\, \partial_θ \log p(y_{nt} \mid x_n, t))^2`: an
+      unbiased estimate of ``"exact"`` (the same cross terms vanish in expectation) for one
+      backward pass per chunk.
+    * ``"empirical"`` / ``"argmax"``: the square of the sequence's score at the given labels (at
+      each token's most likely class): one backward pass. As for classification, its expectation
+      is not the Fisher; unlike ``"exact"``, the cross terms between tokens stay in.
+    * ``"batched"``: the mini-batch mean over sequences of the sequence scores, squared.
+
+    **Paths.** ``method="general"`` computes per-example gradients with ``jax.vmap`` of a VJP
+    (``jax.vmap(jax.grad)``). ``method="one_pass"`` computes parameters that enter through dense
+    or convolution contractions, biases and elementwise scales from one forward and one backward
+    pass per chunk: from layer inputs ``a`` and output gradients ``δ`` as :math:`(a^2)^\top δ^2`
+    when each parameter meets one output per example, or from that one layer's per-example
+    gradient otherwise (see ``ewc_jax._fast_fisher``); all other parameters take the general path.
+    ``method="auto"`` (default) estimates the FLOPs and bytes of each choice from the shapes the
+    model traces to and takes the cheaper per layer, or the general path for everything when that
+    is cheaper as a whole. All three agree to float rounding. Examples are processed
+    ``chunk_size`` at a time inside one jitted ``lax.scan``, so working memory does not grow with
+    N; the last chunk overlaps the previous one and masks the overlap, so every example counts
+    exactly once. Chunk sums are added with Kahan compensation, so float32 results stay within
+    about 1e-7 of a float64 computation of the same model however large N is.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs_batch) -> logits`` of shape ``[B, C]`` (e.g. a Flax
-        ``model.apply``). It must treat examples independently.
+      apply_fn: ``apply_fn(params, inputs_batch) -> logits`` of shape ``[B, C]`` or ``[B, T, C]``
+        (e.g. a Flax ``model.apply``). It must treat examples independently. Everything it reads
+        must come in through ``params`` or ``inputs``: it is traced once per distinct function
+        object, so arrays it closes over are frozen at their first values.
       params: a pytree of floating-point arrays.
       inputs: an array, or a pytree of arrays, with a leading example axis N.
-      labels: int labels ``[N]`` in ``[0, C)``; required for ``"empirical"`` and ``"batched"``.
+      labels: int labels ``[N]`` (or ``[N, T]``) in ``[0, C)``; required for ``"empirical"`` and
+        ``"batched"``.
       estimator: one of ``"exact"``, ``"sampled"``, ``"empirical"``, ``"argmax"``, ``"batched"``.
       key: a PRNG key; required for ``"sampled"``. Example ``n`` uses ``split(key, N)[n]``, so
         results do not depend on ``chunk_size``.
+      mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count.
       chunk_size: examples per chunk; default: as many as fit in ``MEMORY_BUDGET_BYTES``.
       batch_size: mini-batch size for ``"batched"``.
-      fast: use the one-pass path where it applies; ``False`` forces ``vmap(grad)`` everywhere.
+      method: ``"auto"`` (default), ``"one_pass"`` or ``"general"``, as above.
+      fast: the older spelling of ``method``: ``True`` is ``"one_pass"``, ``False`` is
+        ``"general"``; ``None`` (default) defers to ``method``.
+      dtype: the dtype of the result; default: float32 for bfloat16/float16 parameters (whose
+        squares would under- and overflow), otherwise the parameter's own. Sums always run in
+        float32 or wider.
       mesh: data parallelism: a ``jax.sharding.Mesh`` whose first axis splits the examples
         across devices (params replicated); each device runs the chunked computation on its
         shard and one ``psum`` adds them up. ``None``: one device. ``"batched"`` ignores it.
 
     Returns:
-      A pytree with the structure, shapes and dtypes of ``params``; every entry >= 0.
+      A pytree with the structure and shapes of ``params`` and dtype ``dtype``; entries >= 0.
 
     Raises:
-      ValueError: unknown estimator, a missing ``labels``/``key``/``batch_size``, labels of the
-        wrong length or out of range, logits that are not ``[B, C]``, an empty input.
+      ValueError: unknown estimator or method, a missing ``labels``/``key``/``batch_size``,
+        labels or mask of the wrong shape or out of range, logits that are not ``[B, C]`` or
+        ``[B, T, C]``, an empty input.
 
     Example::
 
         fisher = ewc_jax.fisher_diagonal(model.apply, params, x_train[:512], estimator="exact")
+        # a causal LM: tokens [N, T] in, logits [N, T, V] out, padding masked
+        fisher = ewc_jax.fisher_diagonal(lm.apply, params, tokens[:, :-1], estimator="sampled",
+                                         key=jax.random.key(0), mask=attention_mask[:, 1:])
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
@@ -120,41 +165,59 @@ def fisher_diagonal(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"Unknown estimator {estimator!r}; valid estimators: {ESTIMATORS}.")
+    if fast is not None:
+        method = "one_pass" if fast else "general"
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
     _check_params(params)
     n = _num_examples(inputs)
-    num_classes = _num_classes(apply_fn, params, inputs)
+    model = _Model.of(apply_fn, params, inputs)
+    token_shape, num_classes = _output_shape(model)
     if estimator in ("empirical", "batched"):
         if labels is None:
             raise ValueError(
                 f"estimator={estimator!r} needs labels (the true class of each input)."
             )
-        labels = _checked_labels(labels, n, num_classes)
+        labels = _checked_labels(labels, (n, *token_shape), num_classes)
     else:
         labels = None
+    mask = _checked_mask(mask, (n, *token_shape))
     if estimator == "sampled" and key is None:
         raise ValueError("estimator='sampled' needs key, e.g. key=jax.random.key(0).")
     for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
         if value is not None and (not isinstance(value, int | np.integer) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
     static_fn = _Static(apply_fn)
 
     if estimator == "batched":
         if batch_size is None:
             raise ValueError("estimator='batched' needs batch_size (the mini-batch size).")
-        return _batched_fisher(params, inputs, labels, apply_fn=static_fn, batch_size=batch_size)
+        return _batched_fisher(
+            params,
+            inputs,
+            labels,
+            mask,
+            apply_fn=static_fn,
+            batch_size=batch_size,
+            out_dtypes=out_dtypes,
+        )
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
+    policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(apply_fn, params, inputs, fast)
+        chunk_size = _default_chunk_size(params, policy)
     return _chunked_fisher(
         params,
         inputs,
         labels,
         keys,
+        mask,
         apply_fn=static_fn,
         estimator=estimator,
         chunk_size=min(int(chunk_size), n),
-        fast=fast,
+        policy=policy,
+        out_dtypes=out_dtypes,
         mesh=mesh,
     )
 
@@ -187,23 +250,60 @@ def _num_examples(inputs: PyTree) -> int:
     return int(n)
 
 
-def _num_classes(apply_fn: ApplyFn, params: Params, inputs: PyTree) -> int:
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2, *np.shape(x)[1:]), x.dtype), inputs)
-    out = jax.eval_shape(apply_fn, params, batch)
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """``apply_fn`` with the shapes and dtypes of its params and of one example: hashable, so
+    what is derived from it (output shape, path choice) is traced once, not on every call."""
+
+    fn: _Static
+    params_def: Any
+    params: tuple[jax.ShapeDtypeStruct, ...]
+    inputs_def: Any
+    example: tuple[jax.ShapeDtypeStruct, ...]
+
+    @classmethod
+    def of(cls, apply_fn: ApplyFn, params: Params, inputs: PyTree) -> _Model:
+        spec = lambda a, lead: jax.ShapeDtypeStruct(np.shape(a)[lead:], jnp.result_type(a))
+        params_leaves, params_def = jax.tree.flatten(params)
+        input_leaves, inputs_def = jax.tree.flatten(inputs)
+        return cls(
+            _Static(apply_fn),
+            params_def,
+            tuple(spec(p, 0) for p in params_leaves),
+            inputs_def,
+            tuple(spec(x, 1) for x in input_leaves),
+        )
+
+    def params_tree(self) -> PyTree:
+        return jax.tree.unflatten(self.params_def, self.params)
+
+    def example_tree(self, batch: int | None = None) -> PyTree:
+        leaves = self.example
+        if batch is not None:
+            leaves = tuple(jax.ShapeDtypeStruct((batch, *x.shape), x.dtype) for x in leaves)
+        return jax.tree.unflatten(self.inputs_def, leaves)
+
+
+@functools.lru_cache(maxsize=256)
+def _output_shape(model: _Model) -> tuple[tuple[int, ...], int]:
+    """``(token shape S, classes C)`` of the logits ``[B, *S, C]`` ``apply_fn`` returns."""
+    out = jax.eval_shape(model.fn.fn, model.params_tree(), model.example_tree(batch=2))
     shape = getattr(out, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != 2:
+    if shape is None or len(shape) < 2 or shape[0] != 2:
         raise ValueError(
-            f"apply_fn must return logits of shape [B, C]; for a batch of 2 it returned {shape}. "
-            "For a multi-head model, pass an apply_fn that selects one head."
+            "apply_fn must return logits of shape [B, C] (or [B, T, C] for sequences); for a "
+            f"batch of 2 it returned {shape}. For a multi-head model, pass an apply_fn that "
+            "selects one head."
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"apply_fn must return floating-point logits, got dtype {out.dtype}.")
-    return int(shape[1])
+    return tuple(int(d) for d in shape[1:-1]), int(shape[-1])
 
 
-def _checked_labels(labels: Any, n: int, num_classes: int) -> jax.Array:
-    if np.shape(labels) != (n,):
-        raise ValueError(f"labels must have shape [N] = ({n},), got {np.shape(labels)}.")
+def _checked_labels(labels: Any, shape: tuple[int, ...], num_classes: int) -> jax.Array:
+    if np.shape(labels) != shape:
+        what = "[N]" if len(shape) == 1 else "[N, T] (one label per token)"
+        raise ValueError(f"labels must have shape {what} = {shape}, got {np.shape(labels)}.")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
     value = concrete_or_none(labels)
@@ -216,83 +316,175 @@ def _checked_labels(labels: Any, n: int, num_classes: int) -> jax.Array:
     return jnp.asarray(labels, jnp.int32)
 
 
+def _checked_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    if mask is None:
+        return None
+    if len(shape) == 1:
+        raise ValueError(
+            "mask selects tokens of sequence outputs [B, T, C]; this apply_fn returns [B, C]. "
+            "To leave examples out, leave them out of inputs."
+        )
+    if np.shape(mask) != shape:
+        raise ValueError(f"mask must have shape [N, T] = {shape}, got {np.shape(mask)}.")
+    dtype = jnp.result_type(mask)
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.number)):
+        raise ValueError(f"mask must be booleans or 0/1 numbers, got dtype {dtype}.")
+    value = concrete_or_none(mask)
+    if value is not None and not np.isin(value, (0, 1)).all():
+        raise ValueError("mask must hold only 0/1 (or False/True): it selects tokens.")
+    return jnp.asarray(mask, jnp.bool_)
+
+
 def _accumulate_dtype(dtype: Any) -> np.dtype:
     """Sums run in float32 at least (bfloat16/float16 squares would lose most digits)."""
     dtype = np.dtype(dtype)
     return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
-def _default_chunk_size(apply_fn: ApplyFn, params: Params, inputs: PyTree, fast: bool) -> int:
-    """Examples per chunk so that the working memory stays under ``MEMORY_BUDGET_BYTES``."""
-    leaves = jax.tree.leaves(params)
-    general_bytes = 3 * sum(math.prod(np.shape(p)) * jnp.result_type(p).itemsize for p in leaves)
-    if not fast:
-        return int(np.clip(MEMORY_BUDGET_BYTES // general_bytes, 1, _MAX_GENERAL_CHUNK))
-    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), inputs)
-    plan = _fast_fisher.make_plan(apply_fn, params, example)
+def _result_dtype(leaf: Any, dtype: Any) -> np.dtype:
+    if dtype is None:
+        return _accumulate_dtype(jnp.result_type(leaf))
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}.")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """Which path each parameter leaf takes; hashable, a static argument of the jitted sums.
+
+    ``general=True``: every leaf on the general path. Otherwise the one-pass plan is rebuilt
+    inside the jit and the leaves in ``to_general`` are moved from its taps to the general path.
+    """
+
+    general: bool
+    to_general: tuple[int, ...] = ()
+    bytes_per_example: int = 1
+    max_chunk: int = _MAX_GENERAL_CHUNK
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(model: _Model, num_labels: int, method: str) -> _Policy:
+    """Which path each leaf takes: all general, all one-pass, or the cost model's choice."""
+    general_bytes = _general_bytes_per_example(model.params, range(len(model.params)))
+    if method == "general":
+        return _Policy(general=True, bytes_per_example=general_bytes)
+    plan = _fast_fisher.make_plan(model.fn.fn, model.params_tree(), model.example_tree())
+    choice: tuple[int, ...] = ()
+    if method == "auto":
+        chosen = _fast_fisher.choose(plan, num_labels)
+        if chosen is None:
+            return _Policy(general=True, bytes_per_example=general_bytes)
+        choice = tuple(chosen)
+        plan = _fast_fisher.move_to_fallback(plan, choice)
     per_example = _fast_fisher.bytes_per_example(plan)
-    limit = _MAX_FAST_CHUNK
+    max_chunk = _MAX_FAST_CHUNK
     if plan.fallback:
-        fallback_bytes = 3 * sum(
-            math.prod(np.shape(leaves[i])) * jnp.result_type(leaves[i]).itemsize
-            for i in plan.fallback
-        )
-        per_example += fallback_bytes
-        limit = _MAX_GENERAL_CHUNK
-    return int(np.clip(MEMORY_BUDGET_BYTES // per_example, 1, limit))
+        per_example += _general_bytes_per_example(model.params, plan.fallback)
+        max_chunk = _MAX_GENERAL_CHUNK
+    return _Policy(
+        general=False, to_general=choice, bytes_per_example=per_example, max_chunk=max_chunk
+    )
+
+
+def _general_bytes_per_example(params_spec, leaf_indices) -> int:
+    return 3 * sum(
+        math.prod(params_spec[i].shape) * max(params_spec[i].dtype.itemsize, 4)
+        for i in leaf_indices
+    )
+
+
+def _num_labels(estimator: str, num_classes: int, token_shape: tuple[int, ...]) -> int:
+    """Backward passes per chunk: one per label for the exact Fisher (per token and label)."""
+    return num_classes * math.prod(token_shape) if estimator == "exact" else 1
+
+
+def _default_chunk_size(params: Params, policy: _Policy) -> int:
+    """Examples per chunk so that the working memory stays under ``MEMORY_BUDGET_BYTES``."""
+    del params
+    return int(
+        np.clip(MEMORY_BUDGET_BYTES // max(policy.bytes_per_example, 1), 1, policy.max_chunk)
+    )
 
 
 def _targets(
-    logits: jax.Array, estimator: str, labels: jax.Array | None, keys: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-    """Which labels to differentiate, and their weights: ``([K, B] int32, [K, B] float)``."""
+    logits: jax.Array,
+    estimator: str,
+    labels: jax.Array | None,
+    keys: jax.Array | None,
+    mask: jax.Array | None,
+    weight: jax.Array,
+) -> tuple[int, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]:
+    """The labels to differentiate, as ``(K, target)`` with ``target(k) -> (v [B, *S, C], w [B])``.
+
+    ``v`` is the gradient of the log-likelihood at the logits, ``e_y - softmax(logits)`` at every
+    counted token, and ``w`` the weight of that term in the Fisher sum. ``weight`` [B] masks
+    examples (the overlap of the last chunk, padding).
+    """
     logits = jax.lax.stop_gradient(logits)
-    batch, num_classes = logits.shape
+    acc = _accumulate_dtype(logits.dtype)
+    batch, num_classes = logits.shape[0], logits.shape[-1]
+    tokens = math.prod(logits.shape[1:-1])
+    probs = jax.nn.softmax(logits.astype(acc), axis=-1)
+    token_mask = jnp.ones(logits.shape[:-1], acc) if mask is None else mask.astype(acc)
+    weight = weight.astype(acc)
     if estimator == "exact":
-        probs = jax.nn.softmax(logits.astype(_accumulate_dtype(logits.dtype)), axis=-1)
-        classes = jnp.broadcast_to(
-            jnp.arange(num_classes, dtype=jnp.int32)[:, None], (num_classes, batch)
-        )
-        return classes, probs.T
+        flat_probs = probs.reshape(batch, tokens, num_classes)
+        flat_mask = token_mask.reshape(batch, tokens)
+
+        def target(k):
+            token, label = k // num_classes, k % num_classes
+            onehot = jax.nn.one_hot(label, num_classes, dtype=acc)
+            v = jnp.zeros_like(flat_probs).at[:, token].set(onehot[None] - flat_probs[:, token])
+            w = weight * flat_mask[:, token] * flat_probs[:, token, label]
+            return v.reshape(probs.shape), w
+
+        return tokens * num_classes, target
     if estimator == "argmax":
-        chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        chosen = jnp.argmax(logits, axis=-1)
     elif estimator == "sampled":
-        chosen = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        chosen = jax.vmap(jax.random.categorical)(keys, logits.astype(acc))
     else:
         chosen = labels
-    return chosen[None], jnp.ones((1, batch), _accumulate_dtype(logits.dtype))
+    v = (jax.nn.one_hot(chosen, num_classes, dtype=acc) - probs) * token_mask[..., None]
+    return 1, lambda k: (v, weight)
 
 
-def _log_likelihood(apply_fn: ApplyFn, params: Params, x: PyTree, y: jax.Array) -> jax.Array:
-    """``log p(y | x, θ)`` for one example (no batch axis)."""
-    logits = apply_fn(params, jax.tree.map(lambda a: a[None], x))[0]
-    return jax.nn.log_softmax(logits)[y]
+def _per_example_logits(apply_fn: ApplyFn, params: Params, x: PyTree) -> jax.Array:
+    """The logits of one example (no batch axis)."""
+    return apply_fn(params, jax.tree.map(lambda a: a[None], x))[0]
 
 
 def _general_sums(
     apply_fn: ApplyFn,
     params: Params,
     x: PyTree,
-    classes: jax.Array,
-    weights: jax.Array,
+    num_labels: int,
+    target: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     leaf_indices: tuple[int, ...],
 ) -> dict[int, jax.Array]:
-    """``Σ_k Σ_n w_kn g_kn²`` via ``vmap(grad)`` for the chosen parameter leaves."""
+    """``Σ_k Σ_n w_kn g_kn²`` via per-example VJPs (``vmap(grad)``) for the chosen leaves."""
     leaves, treedef = jax.tree.flatten(params)
 
-    def log_lik(selected, x_n, y_n):
-        full = list(leaves)
-        for i, value in zip(leaf_indices, selected, strict=True):
-            full[i] = value
-        return _log_likelihood(apply_fn, jax.tree.unflatten(treedef, full), x_n, y_n)
+    def score(selected, x_n, v_n):
+        # ∇θ log p(y | x) = Jᵀ (e_y − p): the VJP of the logits with the cotangent v.
+        def logits_of(sel):
+            full = list(leaves)
+            for i, value in zip(leaf_indices, sel, strict=True):
+                full[i] = value
+            return _per_example_logits(apply_fn, jax.tree.unflatten(treedef, full), x_n)
+
+        out, pull = jax.vjp(logits_of, selected)
+        return pull(v_n.astype(out.dtype))[0]
 
     selected = [leaves[i] for i in leaf_indices]
-    per_example = jax.vmap(jax.grad(log_lik), in_axes=(None, 0, 0))
+    per_example = jax.vmap(score, in_axes=(None, 0, 0))
     zero = [jnp.zeros(s.shape, _accumulate_dtype(s.dtype)) for s in selected]
 
-    def one_class(total, class_and_weight):
-        y, w = class_and_weight
-        grads = per_example(selected, x, y)
+    def one_label(total, k):
+        v, w = target(k)
+        grads = per_example(selected, x, v)
         # A dot with the weights, not a sum over the batch axis: XLA:CPU runs it several
         # times faster, and the weights also mask the overlap of the last chunk.
         return [
@@ -300,10 +492,10 @@ def _general_sums(
             for t, g in zip(total, grads, strict=True)
         ], None
 
-    if classes.shape[0] == 1:
-        total, _ = one_class(zero, (classes[0], weights[0]))
+    if num_labels == 1:
+        total, _ = one_label(zero, 0)
     else:
-        total, _ = jax.lax.scan(one_class, zero, (classes, weights))
+        total, _ = jax.lax.scan(one_label, zero, jnp.arange(num_labels))
     return dict(zip(leaf_indices, total, strict=True))
 
 
@@ -313,39 +505,39 @@ def _chunk_sums(
     x: PyTree,
     labels: jax.Array | None,
     keys: jax.Array | None,
-    mask: jax.Array,
+    mask: jax.Array | None,
+    weight: jax.Array,
     estimator: str,
-    fast: bool,
+    policy: _Policy,
 ) -> list[jax.Array]:
     leaves, _ = jax.tree.flatten(params)
-    all_leaves = tuple(range(len(leaves)))
 
-    def classes_and_weights(logits):
-        classes, weights = _targets(logits, estimator, labels, keys)
-        return classes, weights * mask.astype(weights.dtype)[None]
+    def targets(logits):
+        return _targets(logits, estimator, labels, keys, mask, weight)
 
-    if not fast:
-        classes, weights = classes_and_weights(apply_fn(params, x))
-        return _as_list(_general_sums(apply_fn, params, x, classes, weights, all_leaves), leaves)
+    if policy.general:
+        num_labels, target = targets(apply_fn(params, x))
+        all_leaves = tuple(range(len(leaves)))
+        return _as_list(_general_sums(apply_fn, params, x, num_labels, target, all_leaves), leaves)
 
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
     plan = _fast_fisher.make_plan(apply_fn, params, example)
+    plan = _fast_fisher.move_to_fallback(plan, policy.to_general)
     chosen = {}
 
-    def cotangents_and_weights(logits):
-        # d log p(y | x) / d logits = e_y - softmax(logits), for each of the K labels.
-        classes, weights = classes_and_weights(logits)
-        chosen.update(classes=classes, weights=weights)
-        probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(weights.dtype), axis=-1)
-        onehots = jax.nn.one_hot(classes, logits.shape[-1], dtype=probs.dtype)
-        return onehots - probs[None], weights
+    def remembered_targets(logits):
+        num_labels, target = targets(logits)
+        chosen.update(num_labels=num_labels, target=target)
+        return num_labels, target
 
     sums, _ = _fast_fisher.tapped_sums(
-        plan, leaves, jax.tree.leaves(x), cotangents_and_weights, _accumulate_dtype
+        plan, leaves, jax.tree.leaves(x), remembered_targets, _accumulate_dtype
     )
     if plan.fallback:
         sums.update(
-            _general_sums(apply_fn, params, x, chosen["classes"], chosen["weights"], plan.fallback)
+            _general_sums(
+                apply_fn, params, x, chosen["num_labels"], chosen["target"], plan.fallback
+            )
         )
     return _as_list(sums, leaves)
 
@@ -363,14 +555,19 @@ def _local_sums(
     inputs: PyTree,
     labels: jax.Array | None,
     keys: jax.Array | None,
+    mask: jax.Array | None,
     num_valid: jax.Array | int,
     *,
     apply_fn: ApplyFn,
     estimator: str,
     chunk_size: int,
-    fast: bool,
+    policy: _Policy,
 ) -> list[jax.Array]:
-    """Sums of weighted squared gradients over the first ``num_valid`` examples, chunk by chunk."""
+    """Sums of weighted squared gradients over the first ``num_valid`` examples, chunk by chunk.
+
+    Chunk sums are added with Kahan compensation: the running total's rounding error is carried
+    along and added back, so the error does not grow with the number of chunks.
+    """
     n = jax.tree.leaves(inputs)[0].shape[0]
     chunk_size = min(chunk_size, n)
     num_chunks = -(-n // chunk_size)
@@ -378,58 +575,71 @@ def _local_sums(
     def take(tree, start):
         return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk_size), tree)
 
-    def body(total, i):
+    def chunk(i):
         # The last chunk is the final `chunk_size` examples; those already counted are masked,
         # and so are padding examples past `num_valid`.
         start = jnp.minimum(i * chunk_size, n - chunk_size)
         index = start + jnp.arange(chunk_size)
-        mask = (index >= i * chunk_size) & (index < num_valid)
-        sums = _chunk_sums(
+        weight = (index >= i * chunk_size) & (index < num_valid)
+        return _chunk_sums(
             apply_fn,
             params,
             take(inputs, start),
-            None if labels is None else take(labels, start),
-            None if keys is None else take(keys, start),
-            mask,
+            *(None if a is None else take(a, start) for a in (labels, keys, mask)),
+            weight,
             estimator,
-            fast,
+            policy,
         )
-        return [t + s for t, s in zip(total, sums, strict=True)], None
+
+    if num_chunks == 1:
+        return chunk(0)
+
+    def body(carry, i):
+        totals, errors = carry
+        new_totals, new_errors = [], []
+        for total, error, term in zip(totals, errors, chunk(i), strict=True):
+            corrected = term - error
+            updated = total + corrected
+            new_errors.append((updated - total) - corrected)
+            new_totals.append(updated)
+        return (new_totals, new_errors), None
 
     zero = [jnp.zeros(p.shape, _accumulate_dtype(p.dtype)) for p in jax.tree.leaves(params)]
-    if num_chunks == 1:
-        total, _ = body(zero, 0)
-    else:
-        total, _ = jax.lax.scan(body, zero, jnp.arange(num_chunks))
+    (total, _), _ = jax.lax.scan(body, (zero, zero), jnp.arange(num_chunks))
     return total
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "fast", "mesh"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "estimator", "chunk_size", "policy", "out_dtypes", "mesh"),
+)
 def _chunked_fisher(
     params: Params,
     inputs: PyTree,
     labels: jax.Array | None,
     keys: jax.Array | None,
+    mask: jax.Array | None,
     *,
     apply_fn: _Static,
     estimator: str,
     chunk_size: int,
-    fast: bool,
+    policy: _Policy,
+    out_dtypes: tuple[np.dtype, ...],
     mesh: jax.sharding.Mesh | None,
 ) -> Params:
     n = jax.tree.leaves(inputs)[0].shape[0]
-    leaves, treedef = jax.tree.flatten(params)
-    static = dict(apply_fn=apply_fn.fn, estimator=estimator, chunk_size=chunk_size, fast=fast)
+    treedef = jax.tree.structure(params)
+    static = dict(apply_fn=apply_fn.fn, estimator=estimator, chunk_size=chunk_size, policy=policy)
     if mesh is None:
-        total = _local_sums(params, inputs, labels, keys, n, **static)
+        total = _local_sums(params, inputs, labels, keys, mask, n, **static)
     else:
-        total = _sharded_sums(params, inputs, labels, keys, mesh=mesh, **static)
+        total = _sharded_sums(params, inputs, labels, keys, mask, mesh=mesh, **static)
     return jax.tree.unflatten(
-        treedef, [(t / n).astype(p.dtype) for t, p in zip(total, leaves, strict=True)]
+        treedef, [(t / n).astype(d) for t, d in zip(total, out_dtypes, strict=True)]
     )
 
 
-def _sharded_sums(params, inputs, labels, keys, *, mesh, **static) -> list[jax.Array]:
+def _sharded_sums(params, inputs, labels, keys, mask, *, mesh, **static) -> list[jax.Array]:
     """Data parallel: each device sums over its shard of the examples; one psum at the end.
 
     N not divisible by the device count is padded by repeating the last example, and the
@@ -447,49 +657,63 @@ def _sharded_sums(params, inputs, labels, keys, *, mesh, **static) -> list[jax.A
 
     data = jax.sharding.PartitionSpec(axis)
     sharded = jax.sharding.NamedSharding(mesh, data)
-    inputs, labels, keys = jax.tree.map(
-        lambda a: jax.device_put(pad(a), sharded), (inputs, labels, keys)
+    inputs, labels, keys, mask = jax.tree.map(
+        lambda a: jax.device_put(pad(a), sharded), (inputs, labels, keys, mask)
     )
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    def per_device(params, inputs, labels, keys):
+    def per_device(params, inputs, labels, keys, mask):
         num_valid = jnp.clip(n - jax.lax.axis_index(axis) * local, 0, local)
-        sums = _local_sums(params, inputs, labels, keys, num_valid, **static)
+        sums = _local_sums(params, inputs, labels, keys, mask, num_valid, **static)
         return jax.lax.psum(sums, axis)
 
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(jax.sharding.PartitionSpec(), data, data, data),
+        in_specs=(jax.sharding.PartitionSpec(), data, data, data, data),
         out_specs=jax.sharding.PartitionSpec(),
         # The fast path re-binds primitives traced outside shard_map (e.g. relu's `x > 0.0`
         # against an unvarying literal), which the varying-axes check would reject.
         check_vma=False,
-    )(params, inputs, labels, keys)
+    )(params, inputs, labels, keys, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "out_dtypes"))
 def _batched_fisher(
-    params: Params, inputs: PyTree, labels: jax.Array, *, apply_fn: _Static, batch_size: int
+    params: Params,
+    inputs: PyTree,
+    labels: jax.Array,
+    mask: jax.Array | None,
+    *,
+    apply_fn: _Static,
+    batch_size: int,
+    out_dtypes: tuple[np.dtype, ...],
 ) -> Params:
     n = labels.shape[0]
     size = min(batch_size, n)
     num_batches = -(-n // batch_size)
 
-    def mean_log_lik(p, x, y, mask):
+    def mean_log_lik(p, x, y, tokens, examples):
         logits = apply_fn.fn(p, x)
-        log_lik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
-        w = mask.astype(log_lik.dtype)
+        log_lik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+        if tokens is not None:
+            log_lik = jnp.where(tokens, log_lik, 0)
+        log_lik = log_lik.reshape(log_lik.shape[0], -1).sum(axis=1)
+        w = examples.astype(log_lik.dtype)
         return jnp.sum(w * log_lik) / jnp.sum(w)
 
     def body(total, i):
         start = jnp.minimum(i * batch_size, n - size)
-        x = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), inputs)
-        y = jax.lax.dynamic_slice_in_dim(labels, start, size)
-        mask = start + jnp.arange(size) >= i * batch_size
-        grads = jax.grad(mean_log_lik)(params, x, y, mask)
+        take = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size)
+        examples = start + jnp.arange(size) >= i * batch_size
+        grads = jax.grad(mean_log_lik)(
+            params, jax.tree.map(take, inputs), take(labels), take(mask), examples
+        )
         return jax.tree.map(lambda t, g: t + jnp.square(g.astype(t.dtype)), total, grads), None
 
     zero = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulate_dtype(p.dtype)), params)
     total, _ = jax.lax.scan(body, zero, jnp.arange(num_batches))
-    return jax.tree.map(lambda t, p: (t / num_batches).astype(p.dtype), total, params)
+    leaves, treedef = jax.tree.flatten(total)
+    return jax.tree.unflatten(
+        treedef, [(t / num_batches).astype(d) for t, d in zip(leaves, out_dtypes, strict=True)]
+    )

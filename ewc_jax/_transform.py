@@ -55,8 +55,15 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
                 "add_ewc_penalty needs the current params: call tx.update(updates, state, params)."
             )
         ewc = state.ewc
+        # λ F (θ - θ̄) in float32 at least (bfloat16 params keep a float32 precision), then
+        # added to the gradient in its own dtype.
         updates = jax.tree.map(
-            lambda g, p, a, f: g + jnp.asarray(strength, g.dtype) * f * (p - a),
+            lambda g, p, a, f: (
+                g
+                + (
+                    jnp.asarray(strength, f.dtype) * f * (p.astype(f.dtype) - a.astype(f.dtype))
+                ).astype(g.dtype)
+            ),
             updates,
             params,
             ewc.anchor,

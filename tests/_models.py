@@ -126,3 +126,20 @@ def nnx_apply(graphdef):
         return nnx.merge(graphdef, state)(x)
 
     return apply
+
+
+class TinyCausalLM(nn.Module):
+    """Embedding, one causal self-attention layer with LayerNorm, a position-wise MLP, and
+    per-token logits ``[B, T, V]``: the smallest model with every part of a language model."""
+
+    vocab: int = 5
+    width: int = 6
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.width)(tokens)
+        h = nn.LayerNorm()(x)
+        mask = nn.make_causal_mask(tokens)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h, h, mask=mask)
+        x = x + nn.Dense(self.width)(jnp.tanh(nn.Dense(8)(nn.LayerNorm()(x))))
+        return nn.Dense(self.vocab)(x)

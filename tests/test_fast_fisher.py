@@ -132,7 +132,11 @@ def test_fast_path_on_bfloat16_params_accumulates_in_float32():
     ref = ewc_jax.fisher_diagonal(model.apply, params, x, fast=False)
     low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     fisher = ewc_jax.fisher_diagonal(model.apply, low, x.astype(jnp.bfloat16), fast=True)
-    assert jax.tree.leaves(fisher)[0].dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(fisher))
+    asked = ewc_jax.fisher_diagonal(
+        model.apply, low, x.astype(jnp.bfloat16), fast=True, dtype=jnp.bfloat16
+    )
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(asked))
     for a, b in zip(jax.tree.leaves(fisher), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(
             np.asarray(a, np.float32), b, rtol=0.1, atol=0.02 * float(b.max())
