@@ -41,6 +41,7 @@ import socket
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -138,6 +139,29 @@ def load_dataset(
     dataset = _shuffle_train(dataset, seed)
     validate_dataset(dataset)
     return dataset
+
+
+def load_datasets(
+    specs: Sequence[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    load: Callable[..., Dataset] | None = None,
+) -> dict[str, Dataset]:
+    """Each spec's dataset, loaded once and validated (a ``load`` passed in gets the same checks).
+
+    Args:
+        specs: dataset specs (forms in the module docstring).
+        data_dir: as in :func:`load_dataset`.
+        load: ``load(spec, data_dir=...)``; default :func:`load_dataset`.
+
+    Returns:
+        ``{spec: dataset}``.
+    """
+    load = load or load_dataset
+    datasets = {spec: load(spec, data_dir=data_dir) for spec in specs}
+    for dataset in datasets.values():
+        validate_dataset(dataset)
+    return datasets
 
 
 def validate_dataset(dataset: Dataset) -> None:

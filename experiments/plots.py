@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from experiments.train import RunRecord
+    from experiments.results import RunRecord
 
 
 def _new_figure(width: float, height: float) -> Figure:

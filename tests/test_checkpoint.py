@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpoint, plots, train
+from experiments import checkpoint, plots, train, workdir
 from experiments.configs import default
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +29,11 @@ TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "envir
 def tiny_config(**overrides):
     """Digits, 2 permuted tasks of 3 epochs (45 steps each), a 16-unit MLP, checkpoints at 90."""
     config = default.get_config()
-    config.dataset = "embedded:digits"
+    config.datasets = ("embedded:digits",)
     config.num_tasks = 2
-    config.hidden_sizes = "16"
+    config.hidden_sizes = (16,)
     config.epochs = 3
-    config.methods = "finetune,ewc"
+    config.methods = ("finetune", "ewc")
     config.fisher_samples = 64
     config.checkpoint_every_steps = 50
     for field, value in overrides.items():
@@ -135,8 +135,8 @@ def test_run_stopped_after_a_checkpoint_resumes_to_the_same_results(
 
 
 def test_a_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path, monkeypatch):
-    config = tiny_config(epochs=1, methods="finetune")
-    changed = tiny_config(epochs=1, methods="finetune", learning_rate=0.02)
+    config = tiny_config(epochs=1, methods=("finetune",))
+    changed = tiny_config(epochs=1, methods=("finetune",), learning_rate=0.02)
     original_save = checkpoint.RunCheckpoints.save
 
     def save_then_stop(self, arrays, progress):
@@ -154,7 +154,7 @@ def test_a_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path, monke
     with pytest.raises(Killed):
         train.train_and_evaluate(config, tmp_path)
     monkeypatch.undo()
-    with pytest.raises(train.WorkdirExistsError, match=r"learning_rate: 0.01 -> 0.02"):
+    with pytest.raises(workdir.WorkdirExistsError, match=r"learning_rate: 0.01 -> 0.02"):
         train.train_and_evaluate(changed, tmp_path)
     # Checkpoint frequency is not part of a run's identity: changing it still resumes.
     config.checkpoint_every_steps = 7
@@ -221,11 +221,12 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     workdir = tmp_path / "killed"
     overrides = [
-        "--config.dataset=embedded:digits",
+        "--config.datasets=embedded:digits",
         "--config.num_tasks=2",
         "--config.hidden_sizes=16",
         "--config.epochs=3",
-        "--config.methods=finetune,ewc",
+        "--config.methods=finetune",
+        "--config.methods=ewc",
         "--config.fisher_samples=64",
         "--config.checkpoint_every_steps=50",
     ]
