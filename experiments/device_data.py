@@ -8,6 +8,7 @@ values only, never shapes, so the jitted steps compile once per run.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -112,6 +113,13 @@ class DeviceScenario:
     joint_train: list[TaskData] | None
     test: list[TaskData]
 
+    def training_sets(self, method: str) -> list[TaskData]:
+        """The training set of each task for ``method``: the cumulative ones for joint."""
+        sets = self.joint_train if method == "joint" else self.train
+        if sets is None:
+            raise ValueError(f"put_scenario was not asked for the training data of {method!r}")
+        return sets
+
 
 def put_scenario(
     scenario: scenarios.Scenario,
@@ -177,3 +185,17 @@ def put_scenario(
         for t in tasks
     ]
     return DeviceScenario(scenario, train, joint, test)
+
+
+def put_for_methods(
+    scenario: scenarios.Scenario,
+    methods: Sequence[str],
+    mesh: jax.sharding.Mesh | None = None,
+) -> DeviceScenario:
+    """:func:`put_scenario` with the training sets ``methods`` use (joint: the cumulative ones)."""
+    return put_scenario(
+        scenario,
+        need_train=any(name != "joint" for name in methods),
+        need_joint="joint" in methods,
+        mesh=mesh,
+    )

@@ -155,8 +155,7 @@ def make_plan(
     sweep: bool = False,
 ) -> Plan:
     """The :class:`Plan` of ``method`` on ``data`` as the config says (a sweep: no curves)."""
-    train_sets = data.joint_train if method.name == "joint" else data.train
-    assert train_sets is not None, "put_scenario was not asked for this method's training data"
+    train_sets = data.training_sets(method.name)
     batch_size = int(config.batch_size)
     per_epoch = [-(-int(d.num_valid) // batch_size) for d in train_sets]
     return Plan(
@@ -234,7 +233,7 @@ def run(
     Raises:
         TrainingDivergedError: a loss became non-finite and ``plan.raise_on_divergence``.
     """
-    train_sets = data.joint_train if plan.method.name == "joint" else data.train
+    train_sets = data.training_sets(plan.method.name)
     progress = state.progress
     for task in range(progress.task, plan.num_tasks):
         start_time = time.perf_counter() - progress.task_elapsed_s
@@ -242,7 +241,7 @@ def run(
             if task > 0 and plan.reset_optimizer:
                 state = state._replace(arrays=fns.reset_optimizer(state.arrays))
             progress.next_eval, progress.epoch = plan.eval_every or 0, 0
-        bar = _progress_bar(plan, task)
+        bar = _progress_bar(plan, task, progress.steps_done)
         while progress.steps_done < plan.total_steps[task]:
             before = progress.steps_done
             state = _train_epoch(state, plan, fns, train_sets[task], data, task)
@@ -367,16 +366,16 @@ def divergence_message(plan: Plan, arrays: steps.TrainState, task: int) -> str:
     return message + "."
 
 
-def _progress_bar(plan: Plan, task: int) -> Any:
+def _progress_bar(plan: Plan, task: int, done: int) -> Any:
     from tqdm.auto import tqdm
 
-    bar = tqdm(
+    return tqdm(
         total=plan.total_steps[task],
+        initial=done,
         desc=f"{plan.label.strip('[]')} task {task + 1}/{plan.num_tasks}",
         leave=False,
         disable=not sys.stderr.isatty(),
     )
-    return bar
 
 
 def run_with_checkpoints(

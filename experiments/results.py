@@ -15,16 +15,20 @@ import dataclasses
 import io
 import os
 import platform
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 
 import ewc_jax
 from experiments import metrics
 from experiments.loop import Progress
+from experiments.scenarios import Scenario
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -127,6 +131,45 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
         entry["num_seeds"] = len(group)
         summary[name] = entry
     return summary
+
+
+def results_document(
+    config: ml_collections.ConfigDict,
+    scenario: Scenario,
+    seeds: list[int],
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    figures: list[Path],
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The content of ``results.json``; ``extra`` holds a sweep's own fields.
+
+    Args:
+        config: the experiment config.
+        scenario: the task stream (of the first seed for a sweep).
+        seeds: the seeds.
+        runs: one entry per run (method, seed[, strength], accuracy matrix, metrics, ...).
+        summary: the summary over seeds.
+        figures: the figures written.
+        started: ``time.perf_counter()`` when the experiment started.
+        **extra: further fields, placed after the summary.
+    """
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "finished": True,
+        "config": config.to_dict(),
+        "scenario": scenario.name,
+        "task_names": scenario.task_names,
+        "methods": list(config.methods),
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        **extra,
+        "figures": [path.name for path in figures],
+        "environment": environment(),
+        "wall_time_s": time.perf_counter() - started,
+    }
 
 
 def environment() -> dict[str, Any]:

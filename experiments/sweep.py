@@ -49,7 +49,7 @@ import numpy as np
 from experiments import checkpoint, loop, metrics, plots, results, scenarios, steps, workdir
 from experiments.config import MethodSpec, method_specs, run_seeds, sweep_strengths
 from experiments.data import Dataset
-from experiments.device_data import DeviceScenario, data_mesh, data_sharding, put_scenario
+from experiments.device_data import DeviceScenario, data_mesh, data_sharding, put_for_methods
 
 SWEEP_METRICS = ("average_accuracy", "backward_transfer", "average_forgetting")
 
@@ -209,6 +209,28 @@ def format_sweep_summary(summary: dict[str, list[dict[str, Any]]]) -> str:
     return results.table(header, rows)
 
 
+def _run_entries(outcomes: Sequence[SweepResult]) -> list[dict[str, Any]]:
+    """One ``results.json`` entry per run: method, seed, strength, matrix, metrics, diverged."""
+    return [
+        {
+            "method": outcome.method,
+            "seed": seed,
+            "strength": strength,
+            "accuracy_matrix": matrix.tolist(),
+            "metrics": metrics.summarize(matrix),
+            "diverged": diverged,
+        }
+        for outcome in outcomes
+        for seed, strength, matrix, diverged in zip(
+            outcome.seeds,
+            outcome.strengths,
+            outcome.accuracy_matrices,
+            outcome.diverged,
+            strict=True,
+        )
+    ]
+
+
 def _summary_csv(summary: dict[str, list[dict[str, Any]]]) -> str:
     stat_columns = [f"{m}_{s}" for m in SWEEP_METRICS for s in ("mean", "std")]
     rows = [
@@ -270,12 +292,7 @@ def run_sweep(
     scenario = scenarios.build_scenario(config, datasets, seeds[0])
     scenarios.check_scenario(scenario)
     setup = steps.build_setup(config, scenario)
-    data = put_scenario(
-        scenario,
-        need_train=any(s.name != "joint" for s in specs),
-        need_joint=any(s.name == "joint" for s in specs),
-        mesh=data_mesh(config),
-    )
+    data = put_for_methods(scenario, config.methods, data_mesh(config))
     outcomes = [
         run_sweep_method(
             config,
@@ -288,45 +305,23 @@ def run_sweep(
         for spec in specs
     ]
     summary = summarize_sweep(outcomes)
-    runs = [
-        {
-            "method": outcome.method,
-            "seed": seed,
-            "strength": strength,
-            "accuracy_matrix": matrix.tolist(),
-            "metrics": metrics.summarize(matrix),
-            "diverged": diverged,
-        }
-        for outcome in outcomes
-        for seed, strength, matrix, diverged in zip(
-            outcome.seeds,
-            outcome.strengths,
-            outcome.accuracy_matrices,
-            outcome.diverged,
-            strict=True,
-        )
-    ]
+    runs = _run_entries(outcomes)
     figure = plots.plot_strength_sensitivity(
         summary, Path(workdir_path) / "strength_sensitivity.png"
     )
-    output = {
-        "schema_version": results.RESULTS_SCHEMA_VERSION,
-        "finished": True,
-        "sweep": True,
-        "config": config.to_dict(),
-        "scenario": scenario.name,
-        "scenario_seed": seeds[0],
-        "task_names": scenario.task_names,
-        "methods": [s.name for s in specs],
-        "seeds": list(seeds),
-        "strengths": {o.method: sorted(set(o.strengths)) for o in outcomes},
-        "runs": runs,
-        "summary": summary,
-        "method_wall_time_s": {o.method: o.wall_time_s for o in outcomes},
-        "figures": [figure.name],
-        "environment": results.environment(),
-        "wall_time_s": time.perf_counter() - started,
-    }
+    output = results.results_document(
+        config,
+        scenario,
+        seeds,
+        runs,
+        summary,
+        [figure],
+        started,
+        sweep=True,
+        scenario_seed=seeds[0],
+        strengths={o.method: sorted(set(o.strengths)) for o in outcomes},
+        method_wall_time_s={o.method: o.wall_time_s for o in outcomes},
+    )
     files = {
         "sweep_summary.csv": _summary_csv(summary),
         "sweep_runs.csv": _runs_csv(runs, scenario.task_names),

@@ -25,7 +25,7 @@ import ml_collections
 
 from experiments import checkpoint, data, loop, plots, results, scenarios, steps, sweep, workdir
 from experiments import config as config_lib
-from experiments.device_data import data_mesh, put_scenario
+from experiments.device_data import data_mesh, put_for_methods
 
 
 def run_all(
@@ -53,12 +53,7 @@ def run_all(
         scenario = scenarios.build_scenario(config, datasets, seed)
         scenarios.check_scenario(scenario)
         setup = setup or steps.build_setup(config, scenario, mesh=mesh)
-        device_data = put_scenario(
-            scenario,
-            need_train=any(s.name != "joint" for s in specs),
-            need_joint=any(s.name == "joint" for s in specs),
-            mesh=mesh,
-        )
+        device_data = put_for_methods(scenario, config.methods, mesh)
         for spec in specs:
             plan = loop.make_plan(
                 config, device_data, spec, (seed,), label=f"[{spec.name} seed {seed}]"
@@ -117,20 +112,15 @@ def train_and_evaluate(
     )
     summary = results.summarize_runs(runs)
     figures = plots.write_figures(runs, summary, scenario.task_names, Path(workdir_path))
-    output = {
-        "schema_version": results.RESULTS_SCHEMA_VERSION,
-        "finished": True,
-        "config": config.to_dict(),
-        "scenario": scenario.name,
-        "task_names": scenario.task_names,
-        "methods": list(config.methods),
-        "seeds": config_lib.run_seeds(config),
-        "runs": [dataclasses.asdict(run) for run in runs],
-        "summary": summary,
-        "figures": [str(path.name) for path in figures],
-        "environment": results.environment(),
-        "wall_time_s": time.perf_counter() - started,
-    }
+    output = results.results_document(
+        config,
+        scenario,
+        config_lib.run_seeds(config),
+        [dataclasses.asdict(run) for run in runs],
+        summary,
+        figures,
+        started,
+    )
     files = {"metrics.csv": results.metrics_csv(runs, scenario.task_names)}
     results_path = workdir.finish(workdir_path, files, output)
     print(results.format_summary(summary, scenario.task_names))

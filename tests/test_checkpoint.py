@@ -10,19 +10,16 @@ import copy
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _resume import kill_after_line_then_resume
 
 from experiments import checkpoint, plots, train, workdir
 from experiments.configs import default
 
-REPO = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
 
 
@@ -230,34 +227,14 @@ def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, ref
         "--config.fisher_samples=64",
         "--config.checkpoint_every_steps=50",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.main",
-        "--config=experiments/configs/default.py",
-        f"--workdir={workdir}",
-        *overrides,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            # Two epochs of ewc's second task are saved: kill during its third.
-            if line.startswith("[ewc seed 0] checkpoint") and "(task 2, step 90)" in line:
-                os.kill(process.pid, signal.SIGKILL)
-                break
-        process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
-    assert not (workdir / "results.json").exists()
-
-    resumed = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    # Two epochs of ewc's second task are saved: kill during its third.
+    resumed = kill_after_line_then_resume(
+        ["--config=experiments/configs/default.py", *overrides],
+        workdir,
+        "[ewc seed 0] checkpoint",
+        "(task 2, step 90)",
+        tmp_path,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[finetune seed 0] finished earlier" in resumed.stdout  # not retrained
     assert "[ewc seed 0] resuming task 2/2 at step 90" in resumed.stdout
     results = read_results(workdir)
