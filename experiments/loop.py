@@ -84,7 +84,7 @@ class StepFns(NamedTuple):
 
     Attributes:
         init: the fresh :class:`experiments.steps.TrainState`.
-        train_epoch: ``(state, data, num_steps, num_batches) -> (state, loss)``.
+        train_epoch: ``(state, data, num_steps, *, num_batches) -> (state, loss)``.
         evaluate: ``(params, data) -> accuracy`` as float64 NumPy (``[R]`` in a sweep).
         consolidate: ``(state, images, labels, heads) -> state``.
         reset_optimizer: ``state -> state`` with a fresh optimiser state.
@@ -178,15 +178,15 @@ def make_plan(
     )
 
 
-def single_run_fns(setup: steps.StepSetup, method: MethodSpec, seed: int, data: DeviceScenario):
+def single_run_fns(
+    setup: steps.StepSetup, method: MethodSpec, seed: int, data: DeviceScenario
+) -> StepFns:
     """The :class:`StepFns` of one run: the jitted steps as they are."""
     return StepFns(
         init=lambda: steps.init_state(
             jax.random.key(seed), data.test[0].images[:1], method.strength, setup=setup
         ),
-        train_epoch=lambda state, task_data, num_steps, num_batches: steps.train_epoch(
-            state, task_data, num_steps, setup=setup, num_batches=num_batches
-        ),
+        train_epoch=functools.partial(steps.train_epoch, setup=setup),
         evaluate=lambda params, task_data: np.float64(
             float(steps.evaluate(params, task_data, setup=setup))
         ),
@@ -202,7 +202,7 @@ def start(plan: Plan, fns: StepFns) -> RunState:
     distinct = list(dict.fromkeys(plan.seeds))
     progress = Progress(
         fisher_rngs=[np.random.default_rng(seed).bit_generator.state for seed in distinct],
-        diverged=[False] * len(fns.unpad(np.zeros(len(plan.seeds)))),
+        diverged=fns.unpad(np.zeros(len(plan.seeds), bool)).tolist(),
     )
     return RunState(fns.init(), progress)
 
@@ -269,7 +269,7 @@ def _train_epoch(
     progress = state.progress
     num_steps = min(plan.steps_per_epoch[task], plan.total_steps[task] - progress.steps_done)
     arrays, loss = fns.train_epoch(
-        state.arrays, train, jnp.int32(num_steps), plan.num_batches[task]
+        state.arrays, train, jnp.int32(num_steps), num_batches=plan.num_batches[task]
     )
     finite = fns.unpad(np.isfinite(np.asarray(loss)))
     if not np.all(finite):

@@ -101,9 +101,7 @@ def sweep_fns(
 
     return loop.StepFns(
         init=init,
-        train_epoch=lambda state, task_data, num_steps, num_batches: steps.sweep_train_epoch(
-            state, task_data, num_steps, setup=setup, num_batches=num_batches
-        ),
+        train_epoch=functools.partial(steps.sweep_train_epoch, setup=setup),
         evaluate=lambda params, task_data: np.asarray(
             steps.sweep_evaluate(params, task_data, setup=setup), np.float64
         ),

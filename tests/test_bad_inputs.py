@@ -377,8 +377,9 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
         (["--config.strenght=5"], "unknown config field 'strenght' (did you mean 'strength'?)"),
         (["--config.methods=finetune", "--config.methods=ewc2"], "unknown method 'ewc2'"),
         (["--config.datasets=idx:/nonexistent/mnist"], "IDX data directory /nonexistent/mnist"),
+        (["--config.method=ewc"], "config field 'method' was replaced by 'methods'"),
     ],
-    ids=["unknown field", "unknown method", "missing data directory"],
+    ids=["unknown field", "unknown method", "missing data directory", "renamed field"],
 )
 def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
     workdir = tmp_path / "run"
