@@ -1,4 +1,4 @@
-"""Kill a CLI run with SIGKILL right after a given checkpoint, then rerun the same command.
+"""A tiny run (in process and as CLI flags), and killing it with SIGKILL, then resuming it.
 
 Shared by the single-run and the sweep resume tests (``test_checkpoint.py``, ``test_sweep.py``).
 """
@@ -9,7 +9,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments.configs import default
+
 REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = (
+    "--config=experiments/configs/default.py",
+    "--config.datasets=embedded:digits",
+    "--config.num_tasks=2",
+    "--config.hidden_sizes=16",
+    "--config.epochs=3",
+    "--config.methods=finetune",
+    "--config.methods=ewc",
+    "--config.fisher_samples=64",
+    "--config.checkpoint_every_steps=50",
+)
+"""The command-line flags of :func:`tiny_config`."""
+
+
+def tiny_config(**overrides):
+    """Digits, 2 permuted tasks of 3 epochs (45 steps each), a 16-unit MLP, checkpoints at 90."""
+    config = default.get_config()
+    config.datasets = ("embedded:digits",)
+    config.num_tasks = 2
+    config.hidden_sizes = (16,)
+    config.epochs = 3
+    config.methods = ("finetune", "ewc")
+    config.fisher_samples = 64
+    config.checkpoint_every_steps = 50
+    for field, value in overrides.items():
+        config[field] = value
+    return config
 
 
 def kill_after_line_then_resume(

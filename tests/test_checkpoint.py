@@ -15,27 +15,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _resume import kill_after_line_then_resume
+from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
 from experiments import checkpoint, plots, train, workdir
-from experiments.configs import default
 
 TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
-
-
-def tiny_config(**overrides):
-    """Digits, 2 permuted tasks of 3 epochs (45 steps each), a 16-unit MLP, checkpoints at 90."""
-    config = default.get_config()
-    config.datasets = ("embedded:digits",)
-    config.num_tasks = 2
-    config.hidden_sizes = (16,)
-    config.epochs = 3
-    config.methods = ("finetune", "ewc")
-    config.fisher_samples = 64
-    config.checkpoint_every_steps = 50
-    for field, value in overrides.items():
-        config[field] = value
-    return config
 
 
 @pytest.fixture(autouse=True)
@@ -217,19 +201,9 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     workdir = tmp_path / "killed"
-    overrides = [
-        "--config.datasets=embedded:digits",
-        "--config.num_tasks=2",
-        "--config.hidden_sizes=16",
-        "--config.epochs=3",
-        "--config.methods=finetune",
-        "--config.methods=ewc",
-        "--config.fisher_samples=64",
-        "--config.checkpoint_every_steps=50",
-    ]
     # Two epochs of ewc's second task are saved: kill during its third.
     resumed = kill_after_line_then_resume(
-        ["--config=experiments/configs/default.py", *overrides],
+        list(TINY_ARGS),
         workdir,
         "[ewc seed 0] checkpoint",
         "(task 2, step 90)",

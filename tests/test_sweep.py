@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from _resume import kill_after_line_then_resume
+from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
 from experiments import config as config_lib
 from experiments import device_data, loop, scenarios, steps, sweep, train
@@ -152,30 +152,9 @@ def test_mesh_devices_beyond_the_device_count_is_rejected(tmp_path):
         train.train_and_evaluate(config, tmp_path / "run")
 
 
-SWEEP_ARGS = (
-    "--config=experiments/configs/default.py",
-    "--config.datasets=embedded:digits",
-    "--config.num_tasks=2",
-    "--config.hidden_sizes=16",
-    "--config.epochs=3",
-    "--config.methods=finetune",
-    "--config.methods=ewc",
-    "--config.fisher_samples=64",
-    "--config.checkpoint_every_steps=50",
-    "--config.sweep.seeds=2",
-    "--config.sweep.strengths=10,100",
-)
-
-
 @pytest.mark.slow
 def test_sweep_killed_mid_task_resumes_to_the_same_results(tmp_path):
-    config = default.get_config()
-    config.datasets = ("embedded:digits",)
-    config.num_tasks = 2
-    config.hidden_sizes = (16,)
-    config.epochs = 3
-    config.fisher_samples = 64
-    config.checkpoint_every_steps = 50
+    config = tiny_config()
     config.sweep.seeds = 2
     config.sweep.strengths = (10, 100)
     reference = train.train_and_evaluate(config, tmp_path / "reference")
@@ -183,7 +162,11 @@ def test_sweep_killed_mid_task_resumes_to_the_same_results(tmp_path):
     # 45 steps per epoch: ewc's second task is saved at step 90; kill in its third epoch.
     workdir = tmp_path / "killed"
     resumed = kill_after_line_then_resume(
-        list(SWEEP_ARGS), workdir, "[sweep ewc] checkpoint", "(task 2, step 90)", tmp_path
+        [*TINY_ARGS, "--config.sweep.seeds=2", "--config.sweep.strengths=10,100"],
+        workdir,
+        "[sweep ewc] checkpoint",
+        "(task 2, step 90)",
+        tmp_path,
     )
     assert "[sweep finetune] finished earlier" in resumed.stdout  # not retrained
     assert "[sweep ewc] resuming task 2/2 at step 90" in resumed.stdout
