@@ -10,17 +10,18 @@ A run killed at any moment, even with SIGKILL, and then resumed produces the sam
 as an uninterrupted run, bit for bit on CPU, because everything random is restored rather than
 re-drawn.
 
-Layout: one directory per method and seed, ``<workdir>/checkpoints/<method>-seed<seed>/``, holding
-numbered checkpoints ``<n>/`` (the last two are kept). Each has
+Layout: one directory per method and seed, ``<workdir>/checkpoints/<method>-seed<seed>/`` (a
+sweep: one per method, ``sweep-<method>/``, holding all its runs along a leading axis), holding
+numbered checkpoints ``<n>/`` (the last two are kept). Each is one
+:class:`experiments.loop.RunState`:
 
-* ``state/``: an Orbax checkpoint of the arrays: parameters, optimiser state, EWC state and the
-  JAX PRNG key (as ``key_data``). Orbax writes it to a temporary directory and renames it when
-  finished, so a half-written ``state/`` never exists under its final name;
+* ``state/``: an Orbax checkpoint of its arrays: parameters, optimiser state, EWC state, the
+  JAX PRNG key (as ``key_data``) and the strength. Orbax writes it to a temporary directory and
+  renames it when finished, so a half-written ``state/`` never exists under its final name;
 * ``checkpoint.json``: written atomically (temporary file + ``os.replace``) only after ``state/``
-  is finalized. It is the completeness marker and holds the config fingerprint, the position in
-  the task stream (method, seed, task, steps and epochs done in it, global step), the NumPy
-  generator state of the Fisher's example choice, and the results so far (accuracy-matrix rows,
-  curves, timings; the whole record once the method and seed have finished).
+  is finalized. It is the completeness marker and holds the config fingerprint and the run's
+  :class:`experiments.loop.Progress`: the position in the task stream, the NumPy generator state
+  of the Fisher's example choice, and the results so far (accuracy-matrix rows, curves, timings).
 
 A numbered directory without ``checkpoint.json`` or ``state/`` is an interrupted save: it is
 never taken for complete, and is deleted when the run resumes. A ``checkpoint.json`` that cannot
@@ -44,7 +45,7 @@ from typing import Any
 
 import jax
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 MARKER = "checkpoint.json"
 STATE = "state"
 KEEP = 2
@@ -77,7 +78,8 @@ def checkpoints_root(workdir: str | os.PathLike[str]) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it: all or nothing."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -213,7 +215,7 @@ class RunCheckpoints:
             "fingerprint": self.fingerprint,
             "progress": progress,
         }
-        _write_atomic(path / MARKER, json.dumps(marker) + "\n")
+        write_atomic(path / MARKER, json.dumps(marker) + "\n")
         complete = [p for p in _numbered(self.directory) if is_complete(p)]
         for old in complete[: -self.keep]:
             shutil.rmtree(old)

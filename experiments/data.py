@@ -33,18 +33,18 @@ Example:
 """
 
 import functools
-import gzip
 import importlib.util
-import math
 import os
 import socket
 import urllib.parse
 import urllib.request
-import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from experiments import idx
 
 _SPEC_FORMS = (
     '"embedded:mnist", "embedded:digits", "idx:<dir>" (or "idx" with data_dir=<dir>), '
@@ -54,17 +54,6 @@ _OFFLINE_ALTERNATIVES = (
     'use a spec that needs no download: "embedded:mnist" (5,000 real MNIST digits) or '
     '"idx:/usr/share/datasets/fashion-mnist" (Debian package dataset-fashion-mnist)'
 )
-_IDX_UBYTE = 0x08
-_IDX_MAGIC_LABELS = 0x00000801
-_IDX_MAGIC_IMAGES = 0x00000803
-_IDX_TYPE_NAMES = {
-    0x08: "unsigned byte",
-    0x09: "signed byte",
-    0x0B: "int16",
-    0x0C: "int32",
-    0x0D: "float32",
-    0x0E: "float64",
-}
 _PROBE_TIMEOUT_S = 2.0
 
 
@@ -138,6 +127,29 @@ def load_dataset(
     dataset = _shuffle_train(dataset, seed)
     validate_dataset(dataset)
     return dataset
+
+
+def load_datasets(
+    specs: Sequence[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    load: Callable[..., Dataset] | None = None,
+) -> dict[str, Dataset]:
+    """Each spec's dataset, loaded once and validated (a ``load`` passed in gets the same checks).
+
+    Args:
+        specs: dataset specs (forms in the module docstring).
+        data_dir: as in :func:`load_dataset`.
+        load: ``load(spec, data_dir=...)``; default :func:`load_dataset`.
+
+    Returns:
+        ``{spec: dataset}``.
+    """
+    load = load or load_dataset
+    datasets = {spec: load(spec, data_dir=data_dir) for spec in specs}
+    for dataset in datasets.values():
+        validate_dataset(dataset)
+    return datasets
 
 
 def validate_dataset(dataset: Dataset) -> None:
@@ -215,78 +227,6 @@ def flatten(images: np.ndarray) -> np.ndarray:
     return images.reshape(images.shape[0], -1)
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Reads an unsigned-byte IDX file (plain or gzip-compressed) into a uint8 array.
-
-    The IDX format (LeCun's MNIST page) is a big-endian header, two zero bytes, a data type byte
-    (0x08 = unsigned byte), the number of dimensions d and d uint32 sizes, then the values in C
-    order. Labels files have magic number 0x00000801 (d = 1), images files 0x00000803 (d = 3).
-    Compression is detected from the content, not the file name.
-
-    Args:
-        path: The IDX file.
-
-    Returns:
-        A writable uint8 array with the shape the header declares.
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: Corrupt gzip data, a wrong magic number or data type, or a payload that does
-            not match the header's dimensions (truncated or over-long file).
-
-    Example:
-        >>> labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
-        >>> labels.shape, labels.dtype
-        ((10000,), dtype('uint8'))
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"IDX file {path} does not exist.")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise ValueError(
-                f"{path}: the gzip data is corrupt or truncated ({error}); download the file again."
-            ) from error
-    if len(raw) < 4:
-        raise ValueError(
-            f"{path}: {len(raw)} bytes is too short for an IDX header (a 4-byte magic number "
-            "first); the file is empty or truncated, download it again."
-        )
-    magic = int.from_bytes(raw[:4], "big")
-    dtype_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\x00\x00" or ndim == 0:
-        raise ValueError(
-            f"{path}: magic number 0x{magic:08X} is not an IDX magic number (0x"
-            f"{_IDX_MAGIC_LABELS:08X} for labels, 0x{_IDX_MAGIC_IMAGES:08X} for images). It is "
-            "not an IDX file (an HTML error page or another format?); download it again."
-        )
-    if dtype_code != _IDX_UBYTE:
-        type_name = _IDX_TYPE_NAMES.get(dtype_code, "not a valid IDX type")
-        raise ValueError(
-            f"{path}: IDX data type byte 0x{dtype_code:02X} ({type_name}) is not supported; "
-            "MNIST-family files store unsigned bytes (0x08). Convert the file to uint8 IDX."
-        )
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise ValueError(
-            f"{path}: the header declares {ndim} dimensions ({header_size} header bytes) but the "
-            f"file ends after {len(raw)} bytes; it is truncated, download it again."
-        )
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected, actual = math.prod(shape), len(raw) - header_size
-    if actual != expected:
-        problem = "truncated" if actual < expected else "longer than its header says"
-        raise ValueError(
-            f"{path}: the header's shape {list(shape)} needs {expected} data bytes but the file "
-            f"has {actual}; the file is {problem}. Download it again (an interrupted download or "
-            "partial decompression does this)."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape).copy()
-
-
 def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dataset:
     """Loads the four MNIST-family IDX files of a directory (file names in the module docstring).
 
@@ -299,9 +239,9 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
 
     Raises:
         FileNotFoundError: The directory or one of the four files is missing.
-        ValueError: A malformed file (see `read_idx`), an images file that is not 3-D or a labels
-            file that is not 1-D, image and label counts that differ, train and test images of
-            different sizes, or a label >= num_classes.
+        ValueError: A malformed file (see `experiments.idx.read_idx`), an images file that is
+            not 3-D or a labels file that is not 1-D, image and label counts that differ, train
+            and test images of different sizes, or a label >= num_classes.
 
     Example:
         >>> ds = load_idx("/usr/share/datasets/fashion-mnist")
@@ -315,8 +255,8 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
             "dataset-fashion-mnist package (apt-get install dataset-fashion-mnist; files in "
             '/usr/share/datasets/fashion-mnist), or use "embedded:mnist", which needs no files.'
         )
-    train_path, train_images, train_labels = _read_idx_split(directory, "train", num_classes)
-    test_path, test_images, test_labels = _read_idx_split(directory, "t10k", num_classes)
+    train_path, train_images, train_labels = idx.read_split(directory, "train", num_classes)
+    test_path, test_images, test_labels = idx.read_split(directory, "t10k", num_classes)
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ValueError(
             f"{train_path} has {list(train_images.shape[1:])} images but {test_path} has "
@@ -330,54 +270,6 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
         test_labels=test_labels.astype(np.int32),
         num_classes=num_classes,
     )
-
-
-def _read_idx_split(
-    directory: Path, prefix: str, num_classes: int
-) -> tuple[Path, np.ndarray, np.ndarray]:
-    """Reads and cross-checks one split's images and labels files: (images path, images, labels)."""
-    images_path = _find_idx_file(directory, prefix, "images", "idx3")
-    labels_path = _find_idx_file(directory, prefix, "labels", "idx1")
-    images = _read_idx_checked(images_path, _IDX_MAGIC_IMAGES, "images [N, rows, cols]")
-    labels = _read_idx_checked(labels_path, _IDX_MAGIC_LABELS, "labels [N]")
-    if len(images) != len(labels):
-        raise ValueError(
-            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
-            "labels; both files must come from the same dataset and split."
-        )
-    out_of_range = np.flatnonzero(labels >= num_classes)
-    if out_of_range.size:
-        i = int(out_of_range[0])
-        raise ValueError(
-            f"{labels_path}: label {int(labels[i])} (index {i}) is not below num_classes="
-            f"{num_classes} ({out_of_range.size} labels out of range). The file is corrupt, or "
-            "the dataset has more classes: call load_idx(directory, num_classes=...)."
-        )
-    return images_path, images, labels
-
-
-def _find_idx_file(directory: Path, prefix: str, kind: str, tag: str) -> Path:
-    """Finds e.g. train-images-idx3-ubyte, its .gz, or the train-images.idx3-ubyte spelling."""
-    names = [f"{prefix}-{kind}{sep}{tag}-ubyte{ext}" for sep in ("-", ".") for ext in ("", ".gz")]
-    for name in names:
-        if (directory / name).is_file():
-            return directory / name
-    present = sorted(p.name for p in directory.iterdir())
-    raise FileNotFoundError(
-        f"{directory}: no {prefix} {kind} file; looked for {', '.join(names)}. The directory "
-        f"holds {present[:10]}{' ...' if len(present) > 10 else ''}."
-    )
-
-
-def _read_idx_checked(path: Path, magic: int, what: str) -> np.ndarray:
-    """`read_idx`, then checks the array has the rank that ``magic`` declares."""
-    array = read_idx(path)
-    if array.ndim != magic & 0xFF:
-        raise ValueError(
-            f"{path}: magic number 0x{0x800 | array.ndim:08X} declares a {array.ndim}-D array, "
-            f"but {what} need 0x{magic:08X}. Are the images and labels files swapped?"
-        )
-    return array
 
 
 def _bytes_to_unit_float(images: np.ndarray) -> np.ndarray:

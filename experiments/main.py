@@ -2,9 +2,10 @@
 
     python -m experiments.main --config experiments/configs/demo.py --workdir runs/demo
     python -m experiments.main --config experiments/configs/permuted_mnist.py:small \
-        --workdir runs/permuted_small --config.methods=finetune,l2,ewc --config.strength=2000
+        --workdir runs/permuted_small --config.methods=finetune --config.methods=ewc \
+        --config.strength=2000
 
-``--config.<field>=<value>`` overrides any config field (see ``experiments/configs/default.py``);
+``--config.<field>=<value>`` overrides any config field (see ``experiments/config.py``);
 ``--overwrite`` replaces finished results already in the workdir. Installed as the console script
 ``ewc-jax-experiment``.
 
@@ -21,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import checkpoint, train
+from experiments import checkpoint, config, loop, train, workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -48,9 +49,9 @@ def main(argv: list[str]) -> None:
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except (
-        train.ConfigError,
-        train.WorkdirExistsError,
-        train.TrainingDivergedError,
+        config.ConfigError,
+        workdir.WorkdirExistsError,
+        loop.TrainingDivergedError,
         checkpoint.CheckpointError,
         # The data loaders' and scenarios' own errors name the file or dataset and the fix.
         ValueError,
@@ -66,10 +67,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except AttributeError as error:  # ml_collections' "Did you mean ..." for a locked config
         text = str(error)
         guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        if guess and guess[2] in config.RENAMED:
+            sys.exit(f"error: {config.renamed_message(guess[2])}")
         what = f"{guess[2]!r} (did you mean {guess[1]!r}?)" if guess else f"({text})"
         sys.exit(
-            f"error: unknown config field {what}; the fields are those of "
-            "experiments/configs/default.py"
+            f"error: unknown config field {what}; the fields are those of experiments/config.py"
         )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from experiments.train import RunRecord
+    from experiments.results import RunRecord
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -87,7 +87,7 @@ def plot_accuracy_matrices(
     """Heatmap of the accuracy matrix ``R[i, j]`` (mean over seeds), one panel per method.
 
     Args:
-        summary: from :func:`experiments.train.summarize_runs`.
+        summary: from :func:`experiments.results.summarize_runs`.
         task_names: names of the tasks.
         path: output PNG.
 
@@ -129,7 +129,7 @@ def plot_method_comparison(summary: dict[str, dict[str, Any]], path: Path) -> Pa
     """Bar chart of average accuracy and average forgetting per method (± std over seeds).
 
     Args:
-        summary: from :func:`experiments.train.summarize_runs`.
+        summary: from :func:`experiments.results.summarize_runs`.
         path: output PNG.
 
     Returns:
@@ -165,7 +165,7 @@ def write_figures(
 
     Args:
         runs: records of every method and seed.
-        summary: from :func:`experiments.train.summarize_runs`.
+        summary: from :func:`experiments.results.summarize_runs`.
         task_names: names of the tasks.
         workdir: output directory.
 

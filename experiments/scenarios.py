@@ -28,13 +28,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from experiments.config import SCENARIOS, SPLIT_MODES, ConfigError
 from experiments.data import Dataset
 
 if TYPE_CHECKING:
     import ml_collections
-
-SCENARIOS = ("sequence", "permuted", "split", "rotated")
-SPLIT_MODES = ("task", "domain", "class")
 
 
 LabeledImages = Dataset
@@ -351,25 +349,6 @@ def subsample(
     )
 
 
-def parse_list(text: str, kind: type = str) -> list:
-    """Splits a comma-separated config string, e.g. ``"0,45,90"`` -> ``[0.0, 45.0, 90.0]``."""
-    return [kind(item.strip()) for item in str(text).split(",") if item.strip()]
-
-
-def parse_class_groups(text: str) -> list[tuple[int, ...]] | None:
-    """Parses ``"0-1,2-3"`` into ``[(0, 1), (2, 3)]``; an empty string gives None."""
-    if not text.strip():
-        return None
-    return [tuple(int(c) for c in group.split("-")) for group in parse_list(text)]
-
-
-def dataset_specs(config: ml_collections.ConfigDict) -> list[str]:
-    """The ``load_dataset`` specs a config reads: ``datasets`` for a sequence, else ``dataset``."""
-    if config.scenario == "sequence":
-        return parse_list(config.datasets)
-    return [config.dataset]
-
-
 def build_scenario(
     config: ml_collections.ConfigDict,
     datasets: dict[str, LabeledImages],
@@ -378,10 +357,10 @@ def build_scenario(
     """Builds the scenario a config describes from already loaded datasets.
 
     Args:
-        config: needs ``scenario``, ``dataset``/``datasets``, ``train_limit``, ``test_limit`` and
+        config: needs ``scenario``, ``datasets``, ``train_limit``, ``test_limit`` and
             the scenario's own fields (``num_tasks``, ``first_task_unpermuted``, ``split_mode``,
             ``class_groups``, ``angles``).
-        datasets: loaded datasets keyed by spec (see :func:`dataset_specs`).
+        datasets: loaded datasets keyed by spec (``config.datasets``).
         seed: seed of the subsets and of the permutations.
 
     Returns:
@@ -389,7 +368,7 @@ def build_scenario(
     """
     chosen = [
         subsample(datasets[spec], config.train_limit, config.test_limit, seed)
-        for spec in dataset_specs(config)
+        for spec in config.datasets
     ]
     if config.scenario == "sequence":
         return task_sequence(chosen)
@@ -397,7 +376,28 @@ def build_scenario(
     if config.scenario == "permuted":
         return permuted(base, config.num_tasks, seed, first_unpermuted=config.first_task_unpermuted)
     if config.scenario == "split":
-        return split(base, config.split_mode, parse_class_groups(config.class_groups))
+        return split(base, config.split_mode, config.class_groups or None)
     if config.scenario == "rotated":
-        return rotated(base, parse_list(config.angles, float))
+        return rotated(base, [float(angle) for angle in config.angles])
     raise ValueError(f"unknown scenario {config.scenario!r}; valid scenarios: {SCENARIOS}")
+
+
+def check_scenario(scenario: Scenario) -> None:
+    """Raises :class:`experiments.config.ConfigError` for a task stream that cannot mean anything.
+
+    A stream needs at least two tasks (with one there is nothing to consolidate for and no
+    forgetting to measure) and every task needs training and test examples.
+    """
+    if scenario.num_tasks < 2:
+        raise ConfigError(
+            f"scenario {scenario.name!r} has {scenario.num_tasks} task; continual learning "
+            "needs at least 2 (set num_tasks, angles, datasets or class_groups accordingly)"
+        )
+    for task in scenario.tasks:
+        for split_name, labels in (("training", task.train_labels), ("test", task.test_labels)):
+            if len(labels) == 0:
+                raise ConfigError(
+                    f"task {task.name!r} of scenario {scenario.name!r} has no {split_name} "
+                    "examples; check class_groups against the dataset's labels, or "
+                    "train_limit/test_limit"
+                )

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from experiments import checkpoint, data, train
+from experiments import checkpoint, config, data, loop, train, workdir
 from experiments.configs import default
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +34,9 @@ def digits() -> data.Dataset:
 
 def tiny_config(**overrides):
     config = default.get_config()
-    config.dataset = "embedded:digits"
+    config.datasets = ("embedded:digits",)
     config.num_tasks = 2
-    config.hidden_sizes = "16"
+    config.hidden_sizes = (16,)
     config.fisher_samples = 16
     config.steps_per_task = 4
     for field, value in overrides.items():
@@ -108,7 +108,9 @@ def train_and_test_shapes_differ(tmp, workdir):
 
 
 def sequence_of_different_shapes(tmp, workdir):
-    config = tiny_config(scenario="sequence", datasets=f"embedded:digits,idx:{idx_dir(tmp / 'i')}")
+    config = tiny_config(
+        scenario="sequence", datasets=("embedded:digits", f"idx:{idx_dir(tmp / 'i')}")
+    )
     return run(config, workdir)
 
 
@@ -124,7 +126,7 @@ def empty_task(tmp, workdir):
     dataset = with_train(
         train_images=digits().train_images[keep], train_labels=digits().train_labels[keep]
     )
-    config = tiny_config(scenario="split", class_groups="0-1,8-9")
+    config = tiny_config(scenario="split", class_groups=((0, 1), (8, 9)))
     return run(config, workdir, load_dataset=loader_of(dataset))
 
 
@@ -133,7 +135,7 @@ def one_permuted_task(tmp, workdir):
 
 
 def one_split_task(tmp, workdir):
-    return run(tiny_config(scenario="split", class_groups="0-1"), workdir)
+    return run(tiny_config(scenario="split", class_groups=((0, 1),)), workdir)
 
 
 def mismatched_fisher_tree(tmp, workdir):
@@ -153,7 +155,7 @@ def negative_strength_library(tmp, workdir):
 
 
 def gamma_above_one_config(tmp, workdir):
-    return run(tiny_config(methods="online_ewc", gamma=1.5), workdir)
+    return run(tiny_config(methods=("online_ewc",), gamma=1.5), workdir)
 
 
 def gamma_below_zero_library(tmp, workdir):
@@ -168,20 +170,20 @@ def unknown_config_field(tmp, workdir):
 
 
 def unknown_method(tmp, workdir):
-    return run(tiny_config(methods="finetune,ewc2"), workdir)
+    return run(tiny_config(methods=("finetune", "ewc2")), workdir)
 
 
 def corrupt_idx_magic(tmp, workdir):
     directory = idx_dir(tmp / "idx")
     write_idx(directory / "train-images-idx3-ubyte", np.zeros((20, 5, 4)), magic_dtype=0x0D)
-    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+    return run(tiny_config(datasets=(f"idx:{directory}",)), workdir)
 
 
 def truncated_idx(tmp, workdir):
     directory = idx_dir(tmp / "idx")
     path = directory / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-7])
-    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+    return run(tiny_config(datasets=(f"idx:{directory}",)), workdir)
 
 
 def corrupt_gzip_idx(tmp, workdir):
@@ -189,11 +191,11 @@ def corrupt_gzip_idx(tmp, workdir):
     path = directory / "train-labels-idx1-ubyte"
     (directory / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(path.read_bytes())[:-9])
     path.unlink()
-    return run(tiny_config(dataset=f"idx:{directory}"), workdir)
+    return run(tiny_config(datasets=(f"idx:{directory}",)), workdir)
 
 
 def missing_data_directory(tmp, workdir):
-    return run(tiny_config(dataset=f"idx:{tmp / 'nowhere'}"), workdir)
+    return run(tiny_config(datasets=(f"idx:{tmp / 'nowhere'}",)), workdir)
 
 
 def workdir_of_another_run(tmp, workdir):
@@ -225,7 +227,7 @@ def corrupt_checkpoint_marker(tmp, workdir):
 
 
 def checkpoint_of_another_model(tmp, workdir):
-    config = tiny_config(methods="finetune")
+    config = tiny_config(methods=("finetune",))
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     fingerprint = checkpoint.fingerprint(json.loads(config.to_json_best_effort()))
@@ -254,9 +256,9 @@ CASES = [
         "need one image shape",
     ),
     ("empty split", empty_split, ValueError, "the train split is empty"),
-    ("empty task", empty_task, train.ConfigError, "task '8/9' .* has no training examples"),
-    ("one task (permuted)", one_permuted_task, train.ConfigError, "num_tasks must be >= 2"),
-    ("one task (split)", one_split_task, train.ConfigError, "has 1 task; continual learning"),
+    ("empty task", empty_task, config.ConfigError, "task '8/9' .* has no training examples"),
+    ("one task (permuted)", one_permuted_task, config.ConfigError, "num_tasks must be >= 2"),
+    ("one task (split)", one_split_task, config.ConfigError, "has 1 task; continual learning"),
     (
         "mismatched params/Fisher trees",
         mismatched_fisher_tree,
@@ -266,7 +268,7 @@ CASES = [
     (
         "negative strength (config)",
         negative_strength_config,
-        train.ConfigError,
+        config.ConfigError,
         "strength must be a finite number >= 0",
     ),
     (
@@ -278,7 +280,7 @@ CASES = [
     (
         "gamma > 1 (config)",
         gamma_above_one_config,
-        train.ConfigError,
+        config.ConfigError,
         r"gamma must lie in \[0, 1\]",
     ),
     (
@@ -290,10 +292,10 @@ CASES = [
     (
         "unknown config field",
         unknown_config_field,
-        train.ConfigError,
+        config.ConfigError,
         r"unknown config field 'strenght' \(did you mean 'strength'\?\)",
     ),
-    ("unknown method", unknown_method, train.ConfigError, "unknown method 'ewc2'"),
+    ("unknown method", unknown_method, config.ConfigError, "unknown method 'ewc2'"),
     ("corrupt IDX header", corrupt_idx_magic, ValueError, "train-images-idx3-ubyte"),
     ("truncated IDX file", truncated_idx, ValueError, "t10k-images-idx3-ubyte"),
     ("corrupt gzip IDX file", corrupt_gzip_idx, ValueError, "train-labels-idx1-ubyte.gz"),
@@ -306,13 +308,13 @@ CASES = [
     (
         "workdir of another run",
         workdir_of_another_run,
-        train.WorkdirExistsError,
+        workdir.WorkdirExistsError,
         r"holds another run \(config differs in strength: 5.0 -> 1000.0\)",
     ),
     (
         "workdir with finished results",
         workdir_with_finished_results,
-        train.WorkdirExistsError,
+        workdir.WorkdirExistsError,
         "already holds finished results; pass --overwrite",
     ),
     (
@@ -356,10 +358,10 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("training started although the input is bad")
 
-    monkeypatch.setattr(train, "run_method", no_training)
+    monkeypatch.setattr(loop, "run", no_training)
     for _, make_call, error, match in CASES:
         if make_call is checkpoint_of_another_model:
-            continue  # detected when the run restores, which is inside run_method
+            continue  # detected when the run restores, just before the loop
         workdir = tmp_path / make_call.__name__
         case_dir = tmp_path / f"{make_call.__name__}-data"
         case_dir.mkdir()
@@ -373,10 +375,11 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--config.strenght=5"], "unknown config field 'strenght' (did you mean 'strength'?)"),
-        (["--config.methods=finetune,ewc2"], "unknown method 'ewc2'"),
-        (["--config.dataset=idx:/nonexistent/mnist"], "IDX data directory /nonexistent/mnist"),
+        (["--config.methods=finetune", "--config.methods=ewc2"], "unknown method 'ewc2'"),
+        (["--config.datasets=idx:/nonexistent/mnist"], "IDX data directory /nonexistent/mnist"),
+        (["--config.method=ewc"], "config field 'method' was replaced by 'methods'"),
     ],
-    ids=["unknown field", "unknown method", "missing data directory"],
+    ids=["unknown field", "unknown method", "missing data directory", "renamed field"],
 )
 def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
     workdir = tmp_path / "run"

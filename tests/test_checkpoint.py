@@ -10,35 +10,16 @@ import copy
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
-from experiments import checkpoint, plots, train
-from experiments.configs import default
+from experiments import checkpoint, plots, train, workdir
 
-REPO = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
-
-
-def tiny_config(**overrides):
-    """Digits, 2 permuted tasks of 3 epochs (45 steps each), a 16-unit MLP, checkpoints at 90."""
-    config = default.get_config()
-    config.dataset = "embedded:digits"
-    config.num_tasks = 2
-    config.hidden_sizes = "16"
-    config.epochs = 3
-    config.methods = "finetune,ewc"
-    config.fisher_samples = 64
-    config.checkpoint_every_steps = 50
-    for field, value in overrides.items():
-        config[field] = value
-    return config
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +116,8 @@ def test_run_stopped_after_a_checkpoint_resumes_to_the_same_results(
 
 
 def test_a_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path, monkeypatch):
-    config = tiny_config(epochs=1, methods="finetune")
-    changed = tiny_config(epochs=1, methods="finetune", learning_rate=0.02)
+    config = tiny_config(epochs=1, methods=("finetune",))
+    changed = tiny_config(epochs=1, methods=("finetune",), learning_rate=0.02)
     original_save = checkpoint.RunCheckpoints.save
 
     def save_then_stop(self, arrays, progress):
@@ -154,7 +135,7 @@ def test_a_changed_config_is_refused_and_overwrite_starts_afresh(tmp_path, monke
     with pytest.raises(Killed):
         train.train_and_evaluate(config, tmp_path)
     monkeypatch.undo()
-    with pytest.raises(train.WorkdirExistsError, match=r"learning_rate: 0.01 -> 0.02"):
+    with pytest.raises(workdir.WorkdirExistsError, match=r"learning_rate: 0.01 -> 0.02"):
         train.train_and_evaluate(changed, tmp_path)
     # Checkpoint frequency is not part of a run's identity: changing it still resumes.
     config.checkpoint_every_steps = 7
@@ -220,43 +201,14 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     workdir = tmp_path / "killed"
-    overrides = [
-        "--config.dataset=embedded:digits",
-        "--config.num_tasks=2",
-        "--config.hidden_sizes=16",
-        "--config.epochs=3",
-        "--config.methods=finetune,ewc",
-        "--config.fisher_samples=64",
-        "--config.checkpoint_every_steps=50",
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.main",
-        "--config=experiments/configs/default.py",
-        f"--workdir={workdir}",
-        *overrides,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            # Two epochs of ewc's second task are saved: kill during its third.
-            if line.startswith("[ewc seed 0] checkpoint") and "(task 2, step 90)" in line:
-                os.kill(process.pid, signal.SIGKILL)
-                break
-        process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
-    assert not (workdir / "results.json").exists()
-
-    resumed = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    # Two epochs of ewc's second task are saved: kill during its third.
+    resumed = kill_after_line_then_resume(
+        list(TINY_ARGS),
+        workdir,
+        "[ewc seed 0] checkpoint",
+        "(task 2, step 90)",
+        tmp_path,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[finetune seed 0] finished earlier" in resumed.stdout  # not retrained
     assert "[ewc seed 0] resuming task 2/2 at step 90" in resumed.stdout
     results = read_results(workdir)

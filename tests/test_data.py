@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import data, idx
 from experiments.data import Dataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -71,7 +71,7 @@ def small_dataset() -> Dataset:
 def test_read_idx_round_trips(tmp_path, compress, shape):
     array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
     path = write_idx(tmp_path / "file", array, compress=compress)
-    result = data.read_idx(path)
+    result = idx.read_idx(path)
     assert result.dtype == np.uint8 and result.shape == shape
     np.testing.assert_array_equal(result, array)
     assert result.flags.writeable
@@ -81,13 +81,13 @@ def test_read_idx_rejects_a_corrupt_magic_number(tmp_path):
     path = tmp_path / "bad"
     path.write_bytes(b"<!DOCTYPE html><html>Not found</html>")
     with pytest.raises(ValueError, match=r"bad: magic number 0x3C21444F is not an IDX magic"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_read_idx_rejects_a_wrong_dtype_byte(tmp_path):
     path = write_idx(tmp_path / "floats", np.zeros((2, 3, 3)), dtype_byte=0x0D)
     with pytest.raises(ValueError, match=r"floats: IDX data type byte 0x0D \(float32\)"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
@@ -98,33 +98,33 @@ def test_read_idx_rejects_a_truncated_payload(tmp_path, compress):
     with pytest.raises(
         ValueError, match=r"shape \[4, 3, 3\] needs 36 data bytes .* has 31.*truncated"
     ):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_read_idx_rejects_an_over_long_file(tmp_path):
     path = write_idx(tmp_path / "labels", np.zeros(6, np.uint8))
     path.write_bytes(path.read_bytes() + b"\x00\x01")
     with pytest.raises(ValueError, match=r"needs 6 data bytes but the file has 8.*longer than"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_read_idx_rejects_a_truncated_header(tmp_path):
     path = tmp_path / "images"
     path.write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 9]))
     with pytest.raises(ValueError, match=r"declares 3 dimensions \(16 header bytes\).* after 8"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_read_idx_rejects_corrupt_gzip(tmp_path):
     path = write_idx(tmp_path / "images.gz", np.ones((50, 4, 4), np.uint8), compress=True)
     path.write_bytes(path.read_bytes()[:-12])
     with pytest.raises(ValueError, match=r"images.gz: the gzip data is corrupt or truncated"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_read_idx_reports_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"IDX file .*absent does not exist"):
-        data.read_idx(tmp_path / "absent")
+        idx.read_idx(tmp_path / "absent")
 
 
 # --- IDX directories ------------------------------------------------------------------------------

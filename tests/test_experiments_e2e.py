@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import metrics, train
+from experiments import loop, metrics, steps, train, workdir
+from experiments import results as results_lib
 from experiments.configs import default, tutorial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +30,18 @@ def run_cli(*args, workdir):
 
 DIGITS_ARGS = (
     "--config=experiments/configs/demo.py",
-    "--config.dataset=embedded:digits",
+    "--config.datasets=embedded:digits",
     "--config.num_tasks=2",
     "--config.epochs=1",
-    "--config.methods=finetune,l2,ewc",
+    "--config.methods=finetune",
+    "--config.methods=l2",
+    "--config.methods=ewc",
     "--config.fisher_samples=64",
 )
 
 
 def check_results_schema(results, *, methods, seeds, num_tasks):
-    assert results["schema_version"] == train.RESULTS_SCHEMA_VERSION
+    assert results["schema_version"] == results_lib.RESULTS_SCHEMA_VERSION
     assert results["finished"] is True
     assert results["methods"] == methods and results["seeds"] == seeds
     assert len(results["task_names"]) == num_tasks
@@ -98,7 +101,7 @@ def test_cli_writes_results_and_refuses_to_overwrite(tmp_path):
     # One epoch of the 1,433 digits in batches of 32.
     assert results["runs"][0]["steps_per_task"] == [45, 45]
     config = json.loads((workdir / "config.json").read_text())
-    assert config["dataset"] == "embedded:digits" and config["num_tasks"] == 2
+    assert config["datasets"] == ["embedded:digits"] and config["num_tasks"] == 2
     rows = (workdir / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("method,seed,average_accuracy,backward_transfer,average_forgetting")
     assert [row.split(",")[0] for row in rows[1:]] == ["finetune", "l2", "ewc"]
@@ -109,7 +112,8 @@ def test_cli_writes_results_and_refuses_to_overwrite(tmp_path):
     assert "--overwrite" in refused.stderr
     assert (workdir / "results.json").read_bytes() == results_bytes
 
-    bad = run_cli(*DIGITS_ARGS, "--overwrite", "--config.methods=finetune,ewc2", workdir=workdir)
+    bad_args = (*DIGITS_ARGS[:-4], "--config.methods=finetune", "--config.methods=ewc2")
+    bad = run_cli(*bad_args, DIGITS_ARGS[-1], "--overwrite", workdir=workdir)
     assert bad.returncode != 0
     assert "unknown method 'ewc2'" in bad.stderr
     assert (workdir / "results.json").read_bytes() == results_bytes
@@ -117,8 +121,8 @@ def test_cli_writes_results_and_refuses_to_overwrite(tmp_path):
 
 def digits_config(**overrides):
     config = default.get_config()
-    config.dataset = "embedded:digits"
-    config.hidden_sizes = "32"
+    config.datasets = ("embedded:digits",)
+    config.hidden_sizes = (32,)
     config.batch_size = 16
     config.fisher_samples = 64
     for field, value in overrides.items():
@@ -131,8 +135,8 @@ def test_split_task_incremental_over_seeds_with_joint(tmp_path):
     config = digits_config(
         scenario="split",
         split_mode="task",
-        methods="finetune,ewc,online_ewc,joint",
-        seeds="0,1",
+        methods=("finetune", "ewc", "online_ewc", "joint"),
+        seeds=(0, 1),
         steps_per_task=30,
         eval_every_steps=10,
         optimizer="adam",
@@ -161,11 +165,15 @@ def test_split_task_incremental_over_seeds_with_joint(tmp_path):
 @pytest.mark.slow
 def test_methods_tasks_and_seeds_share_one_compiled_train_step(tmp_path):
     def traces():
-        return sum(n for k, n in train.TRACE_COUNTS.items() if k.endswith(":train_epoch"))
+        return steps.train_epoch._cache_size()
 
     before = traces()
     config = digits_config(
-        num_tasks=3, methods="finetune,l2,ewc,online_ewc", seeds="0,1", epochs=1, gamma=0.5
+        num_tasks=3,
+        methods=("finetune", "l2", "ewc", "online_ewc"),
+        seeds=(0, 1),
+        epochs=1,
+        gamma=0.5,
     )
     config.strengths.l2 = 0.01
     train.train_and_evaluate(config, tmp_path)
@@ -174,12 +182,12 @@ def test_methods_tasks_and_seeds_share_one_compiled_train_step(tmp_path):
 
 @pytest.mark.slow
 def test_crash_leaves_no_finished_results(tmp_path):
-    train.train_and_evaluate(digits_config(num_tasks=2, methods="finetune"), tmp_path)
+    train.train_and_evaluate(digits_config(num_tasks=2, methods=("finetune",)), tmp_path)
     assert (tmp_path / "results.json").exists()
-    with pytest.raises(train.WorkdirExistsError, match="--overwrite"):
-        train.train_and_evaluate(digits_config(num_tasks=2, methods="finetune"), tmp_path)
-    diverging = digits_config(num_tasks=2, methods="ewc", learning_rate=0.5, strength=1e7)
-    with pytest.raises(train.TrainingDivergedError):
+    with pytest.raises(workdir.WorkdirExistsError, match="--overwrite"):
+        train.train_and_evaluate(digits_config(num_tasks=2, methods=("finetune",)), tmp_path)
+    diverging = digits_config(num_tasks=2, methods=("ewc",), learning_rate=0.5, strength=1e7)
+    with pytest.raises(loop.TrainingDivergedError):
         train.train_and_evaluate(diverging, tmp_path, overwrite=True)
     assert not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "config.json").read_text())["strength"] == 1e7
@@ -205,7 +213,7 @@ def test_tutorial_config_on_real_fashion_mnist(tmp_path):
     results = train.train_and_evaluate(config, tmp_path)
     check_results_schema(results, methods=["finetune", "ewc"], seeds=[0], num_tasks=2)
     assert results["task_names"] == ["mnist", "fashion-mnist"]
-    assert results["config"]["datasets"] == f"embedded:mnist,idx:{FASHION_MNIST_DIR}"
+    assert results["config"]["datasets"] == ("embedded:mnist", f"idx:{FASHION_MNIST_DIR}")
     for run in results["runs"]:
         assert run["steps_per_task"] == [40, 40]
         assert all(math.isfinite(v) for v in run["metrics"].values())

@@ -17,7 +17,8 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
         import tempfile
         import jax, jax.numpy as jnp, numpy as np
         import ewc_jax
-        from experiments import scenarios, train
+        from experiments import config as config_lib
+        from experiments import device_data, scenarios, steps, train
         from experiments.configs import default
         from experiments.data import load_dataset
 
@@ -26,51 +27,56 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
         assert jax.device_count() == 8, jax.devices()
 
         config = default.get_config()
-        config.dataset = "embedded:digits"
+        config.datasets = ("embedded:digits",)
         config.num_tasks = 2
         config.train_limit = 300
         config.test_limit = 203
-        config.hidden_sizes = "16"
+        config.hidden_sizes = (16,)
         config.batch_size = 12
         config.eval_batch_size = 50
         config.steps_per_task = 30
         config.learning_rate = 0.05
-        config.methods = "ewc"
+        config.methods = ("ewc",)
         config.strength = 20.0
         config.fisher_samples = 37
         datasets = {"embedded:digits": load_dataset("embedded:digits")}
         scenario = scenarios.build_scenario(config, datasets, 0)
-        spec = train.method_specs(config)[0]
+        spec = config_lib.method_specs(config)[0]
 
         def train_two_tasks(mesh):
-            trainer = train.build_trainer(config, scenario, mesh=mesh)
-            data = train.put_scenario(scenario, mesh=mesh)
-            params = trainer.init(jax.random.key(0), data.test[0].images[:1])
-            ewc_state = ewc_jax.empty_state(params)
+            setup = steps.build_setup(config, scenario, mesh=mesh)
+            data = device_data.put_scenario(scenario, mesh=mesh)
+            state = steps.init_state(
+                jax.random.key(0), data.test[0].images[:1], config.strength, setup=setup
+            )
             accuracy = []
             for i, task in enumerate(data.train):
-                opt_state = trainer.tx.init(params)
-                params, opt_state, loss = trainer.train_epoch(
-                    params, opt_state, ewc_state, jnp.float32(config.strength), task,
-                    jnp.int32(25), jax.random.key(i + 1),
+                state = steps.reset_optimizer(state, setup=setup)._replace(
+                    key=jax.random.key(i + 1)
                 )
-                accuracy.append([float(trainer.evaluate(params, t)) for t in data.test])
-                fisher = trainer.fisher(
-                    params, task.images[:37], task.labels[:37], task.heads[:37], spec, None
+                state, loss = steps.train_epoch(state, task, jnp.int32(25), setup=setup)
+                accuracy.append(
+                    [float(steps.evaluate(state.params, t, setup=setup)) for t in data.test]
                 )
-                ewc_state = ewc_jax.consolidate(ewc_state, params, fisher)
-            return trainer, data, params, np.asarray(accuracy), fisher
+                fisher = steps.fisher(
+                    state.params, task.images[:37], task.labels[:37], task.heads[:37], None,
+                    setup=setup, method=spec,
+                )
+                state = state._replace(
+                    ewc_state=ewc_jax.consolidate(state.ewc_state, state.params, fisher)
+                )
+            return setup, data, state.params, np.asarray(accuracy), fisher
 
-        assert train.data_mesh(config) is None
+        assert device_data.data_mesh(config) is None
         config.data_parallel = True
-        mesh = train.data_mesh(config)
+        mesh = device_data.data_mesh(config)
         assert mesh.devices.size == 8
         _, _, params_1, acc_1, fisher_1 = train_two_tasks(None)
-        trainer, data, params_8, acc_8, fisher_8 = train_two_tasks(mesh)
+        setup, data, params_8, acc_8, fisher_8 = train_two_tasks(mesh)
         assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(params_8))
-        hlo = trainer.train_epoch.lower(
-            params_8, trainer.tx.init(params_8), ewc_jax.empty_state(params_8), jnp.float32(1),
-            data.train[0], jnp.int32(1), jax.random.key(0),
+        state_8 = steps.init_state(jax.random.key(0), data.test[0].images[:1], 1.0, setup=setup)
+        hlo = steps.train_epoch.lower(
+            state_8, data.train[0], jnp.int32(1), setup=setup
         ).compile().as_text()
         assert "all-reduce" in hlo
         np.testing.assert_allclose(acc_8, acc_1, atol=1e-6)
@@ -89,7 +95,7 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
 
         # A sweep of 3 runs (padded to 8) split over the devices equals the unsplit sweep.
         config.sweep.seeds = 1
-        config.sweep.strengths = "0,5,50"
+        config.sweep.strengths = (0.0, 5.0, 50.0)
         config.steps_per_task = 15
         sweeps = {}
         for parallel in (False, True):

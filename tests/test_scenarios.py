@@ -169,7 +169,7 @@ def test_build_scenario_from_config_and_loaded_data():
     config = default.get_config()
     config.scenario = "split"
     config.split_mode = "domain"
-    config.dataset = "embedded:digits"
+    config.datasets = ("embedded:digits",)
     config.train_limit = 200
     from experiments.data import load_dataset
 

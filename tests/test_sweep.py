@@ -1,4 +1,4 @@
-"""Seed x strength sweeps: a vmapped run equals the sequential run, tables, validation."""
+"""Seed x strength sweeps: a vmapped run equals the sequential run, resume, tables, validation."""
 
 import csv
 import dataclasses
@@ -6,24 +6,26 @@ import json
 
 import numpy as np
 import pytest
+from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
-from experiments import scenarios, sweep, train
+from experiments import config as config_lib
+from experiments import device_data, loop, scenarios, steps, sweep, train
 from experiments.configs import default
 from experiments.data import load_dataset
 
 
 def sweep_config(**overrides):
     config = default.get_config()
-    config.dataset = "embedded:digits"
+    config.datasets = ("embedded:digits",)
     config.num_tasks = 2
     config.train_limit = 400
     config.test_limit = 200
-    config.hidden_sizes = "32"
+    config.hidden_sizes = (32,)
     config.batch_size = 16
     config.steps_per_task = 40
     config.learning_rate = 0.05
     config.momentum = 0.9
-    config.methods = "finetune,ewc"
+    config.methods = ("finetune", "ewc")
     config.estimator = "sampled"
     config.fisher_samples = 60
     for field, value in overrides.items():
@@ -35,14 +37,14 @@ def sweep_config(**overrides):
 def test_vmapped_sweep_equals_sequential_runs(tmp_path):
     config = sweep_config()
     config.sweep.seeds = 2
-    config.sweep.strengths = "10,300"
+    config.sweep.strengths = (10.0, 300.0)
     results = train.train_and_evaluate(config, tmp_path)
     assert not any(run["diverged"] for run in results["runs"])
 
     datasets = {"embedded:digits": load_dataset("embedded:digits")}
     scenario = scenarios.build_scenario(config, datasets, 0)
-    trainer = train.build_trainer(config, scenario)
-    data = train.put_scenario(scenario)
+    setup = steps.build_setup(config, scenario)
+    data = device_data.put_scenario(scenario)
     by_run = {(r["method"], r["seed"], r["strength"]): r for r in results["runs"]}
     assert sorted(by_run) == [
         ("ewc", 0, 10.0),
@@ -54,15 +56,17 @@ def test_vmapped_sweep_equals_sequential_runs(tmp_path):
     ]
     matrices = {}
     for (method, seed, strength), run in by_run.items():
-        spec = train.MethodSpec(
+        spec = config_lib.MethodSpec(
             name=method,
             strength=strength,
             estimator="sampled",
             fisher_samples=60,
         )
-        record = train.run_method(trainer, data, spec, config, seed)
-        np.testing.assert_allclose(run["accuracy_matrix"], record.accuracy_matrix, atol=1e-6)
-        matrices[method, seed, strength] = np.asarray(record.accuracy_matrix)
+        plan = loop.make_plan(config, data, spec, (seed,), label=f"[{method} seed {seed}]")
+        fns = loop.single_run_fns(setup, spec, seed, data)
+        progress = loop.run(loop.start(plan, fns), plan, fns, data).progress
+        np.testing.assert_allclose(run["accuracy_matrix"], progress.accuracy_rows, atol=1e-6)
+        matrices[method, seed, strength] = np.asarray(progress.accuracy_rows)
     # The runs differ from each other, so equality above is not the same run four times.
     assert not np.array_equal(matrices["ewc", 0, 10.0], matrices["ewc", 1, 10.0])
     assert not np.array_equal(matrices["ewc", 0, 10.0], matrices["ewc", 0, 300.0])
@@ -110,39 +114,66 @@ def test_summary_of_hand_made_runs():
 
 
 def test_sweep_grid_from_config():
-    config = sweep_config(seeds="3,7")
-    assert not sweep.sweep_requested(config)
-    config.sweep.strengths = "1, 10,100"
-    assert sweep.sweep_requested(config)
-    assert sweep.sweep_seeds(config) == [3, 7]
+    config = sweep_config(seeds=(3, 7))
+    assert not config_lib.sweep_requested(config)
+    config.sweep.strengths = (1, 10, 100)
+    assert config_lib.sweep_requested(config)
+    assert config_lib.run_seeds(config) == [3, 7]
     config.sweep.seeds = 4
-    assert sweep.sweep_seeds(config) == [3, 4, 5, 6]
-    ewc, finetune = train.MethodSpec("ewc", 5.0), train.MethodSpec("finetune")
-    assert sweep.sweep_strengths(config, ewc) == [1.0, 10.0, 100.0]
-    assert sweep.sweep_strengths(config, finetune) == [0.0]
-    config.sweep.strengths = ""
-    assert sweep.sweep_strengths(config, dataclasses.replace(ewc)) == [5.0]
+    assert config_lib.run_seeds(config) == [3, 4, 5, 6]
+    ewc, finetune = config_lib.MethodSpec("ewc", 5.0), config_lib.MethodSpec("finetune")
+    assert config_lib.sweep_strengths(config, ewc) == [1.0, 10.0, 100.0]
+    assert config_lib.sweep_strengths(config, finetune) == [0.0]
+    config.sweep.strengths = ()
+    assert config_lib.sweep_strengths(config, dataclasses.replace(ewc)) == [5.0]
 
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
         ("seeds", -1, r"sweep.seeds must be an int >= 0"),
-        ("strengths", "1,x", "comma-separated numbers"),
-        ("strengths", "1,-5", r"finite and >= 0"),
-        ("strengths", "1,nan", r"finite and >= 0"),
-        ("strengths", "10,10", "listed twice"),
+        ("strengths", (1, "x"), "comma-separated numbers"),
+        ("strengths", (1, -5), r"finite and >= 0"),
+        ("strengths", (1, float("nan")), r"finite and >= 0"),
+        ("strengths", (10, 10), "listed twice"),
     ],
 )
 def test_bad_sweep_is_rejected_before_anything_is_written(tmp_path, field, value, match):
     config = sweep_config()
     config.sweep[field] = value
-    with pytest.raises(train.ConfigError, match=match):
+    with pytest.raises(config_lib.ConfigError, match=match):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_mesh_devices_beyond_the_device_count_is_rejected(tmp_path):
     config = sweep_config(data_parallel=True, mesh_devices=10_000)
-    with pytest.raises(train.ConfigError, match="mesh_devices must lie in"):
+    with pytest.raises(config_lib.ConfigError, match="mesh_devices must lie in"):
         train.train_and_evaluate(config, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_task_resumes_to_the_same_results(tmp_path):
+    config = tiny_config()
+    config.sweep.seeds = 2
+    config.sweep.strengths = (10, 100)
+    reference = train.train_and_evaluate(config, tmp_path / "reference")
+
+    # 45 steps per epoch: ewc's second task is saved at step 90; kill in its third epoch.
+    workdir = tmp_path / "killed"
+    resumed = kill_after_line_then_resume(
+        [*TINY_ARGS, "--config.sweep.seeds=2", "--config.sweep.strengths=10,100"],
+        workdir,
+        "[sweep ewc] checkpoint",
+        "(task 2, step 90)",
+        tmp_path,
+    )
+    assert "[sweep finetune] finished earlier" in resumed.stdout  # not retrained
+    assert "[sweep ewc] resuming task 2/2 at step 90" in resumed.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert [run["accuracy_matrix"] for run in results["runs"]] == [
+        run["accuracy_matrix"] for run in reference["runs"]
+    ]  # bit for bit
+    assert results["runs"] == reference["runs"]
+    assert results["summary"] == reference["summary"]
+    assert not (workdir / "checkpoints").exists()

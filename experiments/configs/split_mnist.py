@@ -11,7 +11,7 @@ The variant is a comma-separated list of ``small`` and one setting: ``task`` (de
 second digit of the pair") or ``class`` (one shared 10-way head); ``--config.split_mode=...``
 selects the setting too.
 
-Full variant: the 60k MNIST digits (``tfds:mnist``, or ``--config.dataset=idx:/path/to/mnist``),
+Full variant: the 60k MNIST digits (``tfds:mnist``, or ``--config.datasets=idx:/path/to/mnist``),
 an MLP 784-400-400, Adam lr 1e-3, batch 128, 2,000 steps per task, as in van de Ven, Tuytelaars &
 Tolias 2022 (task-incremental: EWC 98.6% vs 87.2% without regularisation). ``small`` runs offline
 on the embedded 4,000 MNIST digits (about 800 per pair) with 300 steps per task. The EWC
@@ -21,37 +21,37 @@ stream (seed 0: 97.0%, 98.5%, 98.7%).
 
 import ml_collections
 
-from experiments import scenarios
+from experiments.config import SPLIT_MODES
 from experiments.configs import default
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Split MNIST; variant tokens: ``small`` and one of ``task``, ``domain``, ``class``."""
-    tokens = scenarios.parse_list(variant)
-    unknown = set(tokens) - {"small", *scenarios.SPLIT_MODES}
+    tokens = [token.strip() for token in variant.split(",") if token.strip()]
+    unknown = set(tokens) - {"small", *SPLIT_MODES}
     if unknown:
         raise ValueError(
             f"unknown variant tokens {sorted(unknown)}; valid: small, task, domain, class"
         )
     config = default.get_config(variant)
     config.scenario = "split"
-    config.dataset = "tfds:mnist"
-    modes = [t for t in tokens if t in scenarios.SPLIT_MODES]
+    config.datasets = ("tfds:mnist",)
+    modes = [t for t in tokens if t in SPLIT_MODES]
     config.split_mode = modes[-1] if modes else "task"
-    config.class_groups = ""
+    config.class_groups = ()
     config.model = "mlp"
-    config.hidden_sizes = "400,400"
+    config.hidden_sizes = (400, 400)
     config.optimizer = "adam"
     config.learning_rate = 1e-3
     config.batch_size = 128
     config.steps_per_task = 2000
     config.eval_every_steps = 200
-    config.methods = "finetune,ewc,online_ewc,joint"
+    config.methods = ("finetune", "ewc", "online_ewc", "joint")
     config.strength = 10_000.0
     config.estimator = "exact"
     config.fisher_samples = 1000
     if "small" in tokens:
-        config.dataset = "embedded:mnist"
+        config.datasets = ("embedded:mnist",)
         config.steps_per_task = 300
         config.eval_every_steps = 50
     return config

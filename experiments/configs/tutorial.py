@@ -33,7 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """MNIST -> Fashion-MNIST with the tutorial's model and hyperparameters."""
     config = default.get_config(variant)
     config.scenario = "sequence"
-    config.datasets = f"embedded:mnist,{FASHION_MNIST}"
+    config.datasets = ("embedded:mnist", FASHION_MNIST)
     config.model = "tutorial_mlp"
     config.relu_on_logits = True
     config.optimizer = "sgd"
@@ -42,7 +42,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.epochs = 25
     config.steps_per_task = 25 * 1875
     config.eval_every_steps = 1875
-    config.methods = "finetune,ewc"
+    config.methods = ("finetune", "ewc")
     config.strength = 2000.0
     config.estimator = "argmax"
     config.fisher_samples = 512

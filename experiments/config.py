@@ -1,0 +1,361 @@
+"""The experiment config in one place: its fields with their defaults, their checks, and methods.
+
+Every config in ``experiments/configs`` starts from :func:`get_config` and changes fields; a
+single run and a sweep read the same object. Fields (override any with ``--config.<field>=...``):
+
+* data: ``scenario`` (sequence | permuted | split | rotated), ``datasets`` (``load_dataset``
+  specs: one for permuted, split and rotated; one per task for a sequence), ``data_dir``,
+  ``train_limit`` / ``test_limit`` (keep a random subset; 0 keeps all), ``num_tasks`` and
+  ``first_task_unpermuted`` (permuted), ``split_mode`` (task | domain | class) and
+  ``class_groups`` (split, e.g. ``((0, 1), (2, 3))``; empty: consecutive pairs), ``angles``
+  (rotated, degrees).
+* model: ``model`` (tutorial_mlp | mlp | multihead_mlp | cnn; the MLPs become multi-head for
+  task-incremental scenarios), ``hidden_sizes``, ``relu_on_logits``.
+* training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
+  ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
+  ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
+  epoch), ``eval_batch_size``, ``checkpoint_every_steps`` (0: checkpoint after every task only;
+  else also within a task, rounded up to whole epochs; see ``experiments/checkpoint.py``).
+* methods: ``methods`` (finetune, l2, ewc, online_ewc, joint), ``strength`` (λ of the penalty
+  ``λ/2 Σ F (θ - θ*)²``) and ``strengths.<method>`` (a per-method override of it), ``estimator``
+  (exact | sampled | empirical | argmax | batched), ``fisher_samples``, ``fisher_batch_size``
+  (batched estimator), ``gamma`` (online EWC decay).
+* seeds: ``seeds`` (results report mean ± std over them).
+* devices: ``data_parallel`` (split every mini-batch, evaluation chunk and Fisher sample over a
+  1-D mesh of devices; params replicated), ``mesh_devices`` (how many; 0: all).
+* sweep (``experiments/sweep.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from the first
+  seed; 0: ``seeds``) and ``sweep.strengths`` (λ values; empty: each method's strength).
+
+List-valued fields are tuples. On the command line give one element per flag or a Python tuple:
+``--config.methods=finetune --config.methods=ewc``, ``--config.methods="('finetune', 'ewc')"``;
+numbers may be comma-separated: ``--config.seeds=0,1,2``, ``--config.hidden_sizes=100,100``.
+
+A seed fixes everything random: the data subset, the permutations, the initial parameters (the
+same for every method), the shuffling and the Fisher's examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+import ewc_jax
+from experiments.models import MODELS
+
+METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
+REGULARIZED_METHODS = ("l2", "ewc", "online_ewc")
+OPTIMIZERS = ("sgd", "adam")
+SCENARIOS = ("sequence", "permuted", "split", "rotated")
+SPLIT_MODES = ("task", "domain", "class")
+RENAMED = {
+    "method": "methods",
+    "seed": "seeds",
+    "dataset": "datasets",
+}
+"""Fields of earlier versions, and the field that replaces each (the new one takes a tuple)."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: raised before any data is loaded or any step is taken."""
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The defaults: 3 permuted embedded-MNIST tasks, finetune vs EWC, one epoch each."""
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+
+    config.scenario = "permuted"
+    config.datasets = ("embedded:mnist",)
+    config.data_dir = config_dict.placeholder(str)
+    config.train_limit = 0
+    config.test_limit = 0
+    config.num_tasks = 3
+    config.first_task_unpermuted = True
+    config.split_mode = "task"
+    config.class_groups = ()
+    config.angles = (0.0, 45.0, 90.0)
+
+    config.model = "mlp"
+    config.hidden_sizes = (256, 256)
+    config.relu_on_logits = False
+
+    config.optimizer = "sgd"
+    config.learning_rate = 0.01
+    config.momentum = 0.0
+    config.batch_size = 32
+    config.epochs = 1
+    config.steps_per_task = 0
+    config.reset_optimizer = True
+    config.eval_every_steps = 0
+    config.eval_batch_size = 1000
+    config.checkpoint_every_steps = 0
+
+    config.methods = ("finetune", "ewc")
+    config.strength = 1000.0
+    config.strengths = ml_collections.ConfigDict(
+        {name: config_dict.placeholder(float) for name in REGULARIZED_METHODS}
+    )
+    config.estimator = "exact"
+    config.fisher_samples = 512
+    config.fisher_batch_size = 0
+    config.gamma = 1.0
+
+    config.seeds = (0,)
+
+    config.data_parallel = False
+    config.mesh_devices = 0
+    config.sweep = ml_collections.ConfigDict(dict(seeds=0, strengths=()))
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One continual-learning method with its hyperparameters.
+
+    Attributes:
+        name: one of :data:`METHODS`.
+        strength: EWC/L2 strength λ (0 for finetune and joint).
+        estimator: Fisher estimator of :func:`ewc_jax.fisher_diagonal`.
+        fisher_samples: examples of the finished task the Fisher is averaged over.
+        fisher_batch_size: mini-batch size of the ``"batched"`` estimator.
+        gamma: decay of old precision for online EWC (1 for the others).
+    """
+
+    name: str
+    strength: float = 0.0
+    estimator: str = "exact"
+    fisher_samples: int = 512
+    fisher_batch_size: int | None = None
+    gamma: float = 1.0
+
+    @property
+    def regularized(self) -> bool:
+        """Whether the method adds a quadratic penalty after each task."""
+        return self.name in REGULARIZED_METHODS
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether the method estimates a Fisher (L2 uses precision 1 instead)."""
+        return self.name in ("ewc", "online_ewc")
+
+
+def method_strength(config: ml_collections.ConfigDict, name: str) -> float:
+    """``strengths.<name>`` when set, else ``strength``; 0 for unregularised methods."""
+    if name not in REGULARIZED_METHODS:
+        return 0.0
+    specific = config.strengths.get(name)
+    return float(config.strength if specific is None else specific)
+
+
+def method_specs(config: ml_collections.ConfigDict) -> list[MethodSpec]:
+    """The validated :class:`MethodSpec` of every method the config runs."""
+    validate(config)
+    return [
+        MethodSpec(
+            name=name,
+            strength=method_strength(config, name),
+            estimator=config.estimator,
+            fisher_samples=int(config.fisher_samples),
+            fisher_batch_size=int(config.fisher_batch_size) or None,
+            gamma=float(config.gamma) if name == "online_ewc" else 1.0,
+        )
+        for name in config.methods
+    ]
+
+
+def sweep_requested(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.sweep`` asks for a sweep (``seeds > 0`` or a non-empty ``strengths``)."""
+    return int(config.sweep.seeds) > 0 or bool(config.sweep.strengths)
+
+
+def run_seeds(config: ml_collections.ConfigDict) -> list[int]:
+    """The seeds: ``s0 .. s0 + S - 1`` for ``sweep.seeds = S > 0``, else ``seeds``.
+
+    ``s0`` is the first of ``seeds``, which also seeds a sweep's scenario.
+
+    Example:
+        >>> config = get_config()
+        >>> config.seeds, config.sweep.seeds = (3,), 2
+        >>> run_seeds(config)
+        [3, 4]
+    """
+    seeds = [int(seed) for seed in config.seeds]
+    count = int(config.sweep.seeds)
+    return list(range(seeds[0], seeds[0] + count)) if count else seeds
+
+
+def sweep_strengths(config: ml_collections.ConfigDict, spec: MethodSpec) -> list[float]:
+    """``sweep.strengths`` (or the method's own strength) for a regularised method, else [0]."""
+    if not spec.regularized:
+        return [0.0]
+    return [float(v) for v in config.sweep.strengths] or [spec.strength]
+
+
+def _choice(config: ml_collections.ConfigDict, field: str, valid: tuple[str, ...]) -> None:
+    if config[field] not in valid:
+        raise ConfigError(f"unknown {field} {config[field]!r}; valid choices: {', '.join(valid)}")
+
+
+def _check_known_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses fields :func:`get_config` does not define (a typo would be ignored)."""
+    known = get_config()
+    for field in config:
+        if field in RENAMED:
+            raise ConfigError(renamed_message(field))
+        if field not in known:
+            close = difflib.get_close_matches(field, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config field {field!r}{hint}; the valid fields are those of "
+                "experiments/config.py"
+            )
+    for name in config.strengths:
+        if name not in REGULARIZED_METHODS:
+            raise ConfigError(
+                f"unknown config field 'strengths.{name}'; per-method strengths exist for "
+                f"{', '.join(REGULARIZED_METHODS)}"
+            )
+
+
+def renamed_message(field: str) -> str:
+    """What to write instead of a field of an earlier version."""
+    new = RENAMED[field]
+    return (
+        f"config field {field!r} was replaced by {new!r}, a tuple: write "
+        f"--config.{new}=<value> (once per element) or config.{new} = (<value>, ...)"
+    )
+
+
+_ELEMENT_TYPES = {str: (str,), int: (int,), float: (int, float)}
+
+
+def _check_tuple(config: ml_collections.ConfigDict, field: str, kind: type) -> list[Any]:
+    """The elements of a tuple field, checked to be ``kind`` (a float field takes ints too)."""
+    value = config[field]
+    types = _ELEMENT_TYPES[kind]
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(v, types) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(f"cannot parse {field}: {value!r} must be a tuple of {kind.__name__}")
+    if kind is str and any("," in v for v in value):
+        raise ConfigError(
+            f"{field} {value!r} holds a comma-separated string; give one element per flag "
+            f"(--config.{field}=a --config.{field}=b) or a tuple (--config.{field}=\"('a', 'b')\")"
+        )
+    return list(value)
+
+
+def _check_lists(config: ml_collections.ConfigDict) -> None:
+    methods = _check_tuple(config, "methods", str)
+    seeds = _check_tuple(config, "seeds", int)
+    if not methods:
+        raise ConfigError("no method given: set --config.methods")
+    for name in methods:
+        if name not in METHODS:
+            raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods listed twice: {methods}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and at least one, got {seeds}")
+    datasets = _check_tuple(config, "datasets", str)
+    if config.scenario == "sequence" and not datasets:
+        raise ConfigError("scenario 'sequence' needs datasets, e.g. ('embedded:mnist', 'idx:<d>')")
+    if config.scenario != "sequence" and len(datasets) != 1:
+        raise ConfigError(f"scenario {config.scenario!r} needs one dataset, got {datasets}")
+    _check_tuple(config, "hidden_sizes", int)
+    if config.scenario == "rotated" and not _check_tuple(config, "angles", float):
+        raise ConfigError("scenario 'rotated' needs angles, e.g. (0, 45, 90)")
+    if config.scenario == "split":
+        for group in config.class_groups:
+            if not isinstance(group, tuple | list) or not all(isinstance(c, int) for c in group):
+                raise ConfigError(
+                    f"class_groups must be a tuple of tuples of ints, e.g. ((0, 1), (2, 3)); "
+                    f"got {config.class_groups!r}"
+                )
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    strengths = {"strength": config.strength}
+    for name in REGULARIZED_METHODS:
+        value = config.strengths.get(name)
+        if value is not None:
+            strengths[f"strengths.{name}"] = value
+    for field, value in strengths.items():
+        if not math.isfinite(float(value)) or float(value) < 0:
+            raise ConfigError(f"{field} must be a finite number >= 0, got {value!r}")
+    if not 0.0 <= float(config.gamma) <= 1.0:
+        raise ConfigError(f"gamma must lie in [0, 1], got {config.gamma!r}")
+    for field in ("batch_size", "eval_batch_size", "fisher_samples"):
+        if int(config[field]) < 1:
+            raise ConfigError(f"{field} must be >= 1, got {config[field]!r}")
+    for field in ("steps_per_task", "eval_every_steps", "train_limit", "test_limit"):
+        if int(config[field]) < 0:
+            raise ConfigError(f"{field} must be >= 0, got {config[field]!r}")
+    if int(config.steps_per_task) == 0 and int(config.epochs) < 1:
+        raise ConfigError("epochs must be >= 1 (or set steps_per_task)")
+    if not float(config.learning_rate) > 0:
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate!r}")
+    if config.estimator == "batched" and int(config.fisher_batch_size) < 1:
+        raise ConfigError("estimator 'batched' needs fisher_batch_size >= 1")
+    if not 0 <= int(config.mesh_devices) <= jax.device_count():
+        raise ConfigError(
+            f"mesh_devices must lie in [0, {jax.device_count()}] (0: all devices), "
+            f"got {config.mesh_devices}"
+        )
+    if config.scenario == "permuted" and int(config.num_tasks) < 2:
+        raise ConfigError(
+            f"num_tasks must be >= 2 (continual learning needs a second task to forget the "
+            f"first on), got {config.num_tasks!r}"
+        )
+
+
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+    seeds = config.sweep.seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 0:
+        raise ConfigError(f"sweep.seeds must be an int >= 0, got {seeds!r}")
+    values = config.sweep.strengths
+    if not isinstance(values, tuple | list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise ConfigError(
+            f"sweep.strengths must be a tuple of numbers (on the command line: comma-separated "
+            f"numbers), got {values!r}"
+        )
+    for value in values:
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"sweep.strengths must be finite and >= 0, got {value!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"sweep.strengths listed twice: {list(values)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigError` with a clear message for a config that cannot run.
+
+    Checked: no unknown or renamed fields; method, estimator, scenario, split mode, model and
+    optimiser names; tuples of the right element type; strengths >= 0; gamma in [0, 1]; positive
+    sizes; at least one method and seed; at least 2 permuted tasks (the task count of the other
+    scenarios is checked once their data is loaded, by
+    :func:`experiments.scenarios.check_scenario`); the sweep.
+
+    Args:
+        config: the experiment config.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    _check_known_fields(config)
+    _check_lists(config)
+    _choice(config, "estimator", ewc_jax.ESTIMATORS)
+    _choice(config, "scenario", SCENARIOS)
+    if config.scenario == "split":
+        _choice(config, "split_mode", SPLIT_MODES)
+    _choice(config, "model", MODELS)
+    _choice(config, "optimizer", OPTIMIZERS)
+    _check_numbers(config)
+    _check_sweep(config)

@@ -1,0 +1,201 @@
+"""A scenario's data on device: padded to fixed capacities, placed on one device or a mesh.
+
+Owns the data-parallel mesh (:func:`data_mesh`, its shardings) and :class:`TaskData`, the
+padded arrays every step reads. Padding every task to one capacity makes a new task change
+values only, never shapes, so the jitted steps compile once per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import scenarios
+
+DATA_AXIS = "data"
+"""Name of the mesh axis that examples (or, in a sweep, runs) are split over."""
+
+
+def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+    """The 1-D ``("data",)`` mesh of ``config.data_parallel``, or None.
+
+    ``mesh_devices`` devices (0: all of ``jax.devices()``, which after
+    ``jax.distributed.initialize`` are those of every host).
+    """
+    if not config.get("data_parallel", False):
+        return None
+    devices = jax.devices()
+    count = int(config.get("mesh_devices", 0)) or len(devices)
+    return jax.sharding.Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
+
+
+def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Leading axis split over the mesh's data axis."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """A full copy on every device of the mesh."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+class TaskData(NamedTuple):
+    """A task's examples on device, padded to a fixed capacity so that all tasks share shapes.
+
+    Attributes:
+        images: float32 ``[capacity, H, W, C]``; rows past ``num_valid`` are zero.
+        labels: int32 ``[capacity]``.
+        heads: int32 ``[capacity]``, the output head of each example.
+        num_valid: int32 scalar, how many leading rows are real examples.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    heads: jax.Array
+    num_valid: jax.Array
+
+
+def pad_task_data(
+    images: np.ndarray,
+    labels: np.ndarray,
+    heads: np.ndarray,
+    capacity: int,
+    device: jax.sharding.Sharding | None = None,
+) -> TaskData:
+    """Pads examples to ``capacity`` rows and puts them on ``device``.
+
+    Args:
+        images: float32 ``[N, ...]``.
+        labels: int ``[N]``.
+        heads: int ``[N]``.
+        capacity: rows of the result, >= N.
+        device: where the arrays go (e.g. :func:`replicated` over a mesh); None: the default
+            device.
+
+    Returns:
+        The padded :class:`TaskData`.
+    """
+    num = len(labels)
+    if num > capacity:
+        raise ValueError(f"{num} examples do not fit a capacity of {capacity}")
+    padded_images = np.zeros((capacity, *images.shape[1:]), np.float32)
+    padded_images[:num] = images
+    padded_labels = np.zeros(capacity, np.int32)
+    padded_labels[:num] = labels
+    padded_heads = np.zeros(capacity, np.int32)
+    padded_heads[:num] = heads
+    return TaskData(
+        images=jax.device_put(padded_images, device),
+        labels=jax.device_put(padded_labels, device),
+        heads=jax.device_put(padded_heads, device),
+        num_valid=jax.device_put(np.asarray(num, np.int32), device),
+    )
+
+
+@dataclasses.dataclass
+class DeviceScenario:
+    """A scenario's data on device, padded so every task has one shape.
+
+    Attributes:
+        scenario: the host-side scenario.
+        train: per task, its own training data (for all methods but joint); None if unused.
+        joint_train: per task, the union of tasks ``0..i`` (for joint); None if unused.
+        test: per task, its test data.
+    """
+
+    scenario: scenarios.Scenario
+    train: list[TaskData] | None
+    joint_train: list[TaskData] | None
+    test: list[TaskData]
+
+    def training_sets(self, method: str) -> list[TaskData]:
+        """The training set of each task for ``method``: the cumulative ones for joint."""
+        sets = self.joint_train if method == "joint" else self.train
+        if sets is None:
+            raise ValueError(f"put_scenario was not asked for the training data of {method!r}")
+        return sets
+
+
+def put_scenario(
+    scenario: scenarios.Scenario,
+    *,
+    need_train: bool = True,
+    need_joint: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> DeviceScenario:
+    """Pads every task of ``scenario`` to a common capacity and puts it on device.
+
+    The joint training set of task ``i`` is the first ``sum_{k<=i} N_k`` rows of one array
+    holding all tasks in order; only ``num_valid`` differs between tasks, so one compiled
+    ``train_epoch`` serves them all.
+
+    With a mesh every array is replicated on its devices (mini-batches are gathered from the
+    full set, then split) and the test capacity is rounded up to a multiple of the device count
+    so that evaluation chunks split evenly; the training capacity is left as it is, because the
+    shuffling draws one number per row.
+
+    Args:
+        scenario: the task stream.
+        need_train: build the per-task training sets.
+        need_joint: build the cumulative training sets of joint training.
+        mesh: the data-parallel mesh, or None for the default device.
+
+    Returns:
+        The :class:`DeviceScenario`.
+    """
+    tasks = scenario.tasks
+
+    device = None if mesh is None else replicated(mesh)
+    devices = 1 if mesh is None else mesh.devices.size
+
+    def heads(task: scenarios.Task, n: int) -> np.ndarray:
+        return np.full(n, task.head, np.int32)
+
+    train = None
+    if need_train:
+        capacity = max(len(t.train_labels) for t in tasks)
+        train = [
+            pad_task_data(
+                t.train_images, t.train_labels, heads(t, len(t.train_labels)), capacity, device
+            )
+            for t in tasks
+        ]
+    joint = None
+    if need_joint:
+        total = sum(len(t.train_labels) for t in tasks)
+        full = pad_task_data(
+            np.concatenate([t.train_images for t in tasks]),
+            np.concatenate([t.train_labels for t in tasks]),
+            np.concatenate([heads(t, len(t.train_labels)) for t in tasks]),
+            total,
+            device,
+        )
+        cumulative = np.cumsum([len(t.train_labels) for t in tasks])
+        joint = [full._replace(num_valid=jax.device_put(np.int32(n), device)) for n in cumulative]
+    test_capacity = -(-max(len(t.test_labels) for t in tasks) // devices) * devices
+    test = [
+        pad_task_data(
+            t.test_images, t.test_labels, heads(t, len(t.test_labels)), test_capacity, device
+        )
+        for t in tasks
+    ]
+    return DeviceScenario(scenario, train, joint, test)
+
+
+def put_for_methods(
+    scenario: scenarios.Scenario,
+    methods: Sequence[str],
+    mesh: jax.sharding.Mesh | None = None,
+) -> DeviceScenario:
+    """:func:`put_scenario` with the training sets ``methods`` use (joint: the cumulative ones)."""
+    return put_scenario(
+        scenario,
+        need_train=any(name != "joint" for name in methods),
+        need_joint="joint" in methods,
+        mesh=mesh,
+    )

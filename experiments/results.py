@@ -1,0 +1,242 @@
+"""What a finished run reports: its record, the summaries over seeds, tables, CSVs, environment.
+
+:class:`RunRecord` is one method and seed's accuracy matrix, curves and timings (made from the
+loop's :class:`experiments.loop.Progress`); :func:`summarize_runs` gives mean and standard
+deviation over seeds; :func:`format_summary` the printed table; :func:`metrics_csv` the rows of
+``metrics.csv``. :func:`stats`, :func:`final_accuracy`, :func:`table` and :func:`csv_text` are
+shared with the sweep's summaries.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+import ewc_jax
+from experiments import metrics
+from experiments.loop import Progress
+from experiments.scenarios import Scenario
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What one method and seed produced.
+
+    Attributes:
+        method: the method's name.
+        seed: the seed.
+        accuracy_matrix: ``R[i][j]``, accuracy on task ``j`` after training task ``i``.
+        curves: one entry per evaluation during training: ``task`` being trained, ``epoch``
+            within it, global ``step``, mean training ``loss`` of the epoch, and ``accuracy``
+            on tasks ``0..task``.
+        task_wall_time_s: seconds per task (training, evaluation and consolidation).
+        fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
+        steps_per_task: SGD steps taken on each task.
+        metrics: :func:`experiments.metrics.summarize` of the matrix.
+    """
+
+    method: str
+    seed: int
+    accuracy_matrix: list[list[float]]
+    curves: list[dict[str, Any]]
+    task_wall_time_s: list[float]
+    fisher_wall_time_s: list[float]
+    steps_per_task: list[int]
+    metrics: dict[str, float]
+
+    @classmethod
+    def from_progress(cls, method: str, seed: int, progress: Progress) -> RunRecord:
+        """The record of a finished run's :class:`experiments.loop.Progress`."""
+        matrix = np.asarray(progress.accuracy_rows, np.float64)
+        return cls(
+            method=method,
+            seed=seed,
+            accuracy_matrix=matrix.tolist(),
+            curves=progress.curves,
+            task_wall_time_s=progress.task_wall_time_s,
+            fisher_wall_time_s=progress.fisher_wall_time_s,
+            steps_per_task=progress.steps_per_task,
+            metrics=metrics.summarize(matrix),
+        )
+
+
+def stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """Mean, standard deviation (ddof=1; 0 for one value) and the values."""
+    array = np.asarray(values, np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "values": array.tolist()}
+
+
+def final_accuracy(matrices: np.ndarray) -> dict[str, list[float]]:
+    """Mean and standard deviation over runs of the last row of ``[runs, T, T]`` matrices."""
+    final = matrices[:, -1]
+    std = final.std(axis=0, ddof=1) if len(final) > 1 else np.zeros(final.shape[1])
+    return {"mean": final.mean(axis=0).tolist(), "std": std.tolist()}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with columns padded to their widest cell."""
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """CSV with ``\\n`` line ends."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation (ddof=1; 0 for one seed) over seeds, per method.
+
+    Args:
+        runs: records of every method and seed.
+
+    Returns:
+        ``{method: {metric: {"mean", "std", "values"}, "final_accuracy": {"mean", "std"},
+        "accuracy_matrix_mean": [[...]], "num_seeds"}}``.
+    """
+    by_method: dict[str, list[RunRecord]] = collections.defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+
+    summary = {}
+    for name, group in by_method.items():
+        matrices = np.asarray([r.accuracy_matrix for r in group])
+        entry: dict[str, Any] = {k: stats([r.metrics[k] for r in group]) for k in group[0].metrics}
+        entry["wall_time_s"] = stats([sum(r.task_wall_time_s) for r in group])
+        entry["final_accuracy"] = final_accuracy(matrices)
+        entry["accuracy_matrix_mean"] = matrices.mean(axis=0).tolist()
+        entry["num_seeds"] = len(group)
+        summary[name] = entry
+    return summary
+
+
+def results_document(
+    config: ml_collections.ConfigDict,
+    scenario: Scenario,
+    seeds: list[int],
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    figures: list[Path],
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The content of ``results.json``; ``extra`` holds a sweep's own fields.
+
+    Args:
+        config: the experiment config.
+        scenario: the task stream (of the first seed for a sweep).
+        seeds: the seeds.
+        runs: one entry per run (method, seed[, strength], accuracy matrix, metrics, ...).
+        summary: the summary over seeds.
+        figures: the figures written.
+        started: ``time.perf_counter()`` when the experiment started.
+        **extra: further fields, placed after the summary.
+    """
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "finished": True,
+        "config": config.to_dict(),
+        "scenario": scenario.name,
+        "task_names": scenario.task_names,
+        "methods": list(config.methods),
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        **extra,
+        "figures": [path.name for path in figures],
+        "environment": environment(),
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device of this run."""
+    import flax
+
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "ewc_jax": ewc_jax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": device.platform,
+        "device": getattr(device, "device_kind", str(device)),
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def metrics_csv(runs: list[RunRecord], task_names: list[str]) -> str:
+    """``metrics.csv``: one row per method and seed, its metrics and final accuracies."""
+    metric_names = list(runs[0].metrics)
+    header = ["method", "seed", *metric_names, *(f"final_acc_{n}" for n in task_names)]
+    rows = [
+        [
+            run.method,
+            run.seed,
+            *(f"{run.metrics[m]:.6f}" for m in metric_names),
+            *(f"{a:.6f}" for a in run.accuracy_matrix[-1]),
+            f"{sum(run.task_wall_time_s):.3f}",
+        ]
+        for run in runs
+    ]
+    return csv_text([*header, "wall_time_s"], rows)
+
+
+def format_summary(summary: dict[str, dict[str, Any]], task_names: list[str]) -> str:
+    """The end-of-run table: one row per method, mean ± std over seeds.
+
+    Args:
+        summary: from :func:`summarize_runs`.
+        task_names: names of the tasks (for the final per-task accuracies).
+
+    Returns:
+        A plain-text table.
+    """
+
+    def cell(entry: dict[str, Any], digits: int = 3) -> str:
+        if entry.get("values") is not None and len(entry["values"]) > 1:
+            return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+        return f"{entry['mean']:.{digits}f}"
+
+    header = ["method", "seeds", "avg acc", "BWT", "forgetting", "final acc per task", "time s"]
+    rows = []
+    for name, entry in summary.items():
+        finals = " ".join(f"{a:.3f}" for a in entry["final_accuracy"]["mean"])
+        rows.append(
+            [
+                name,
+                str(entry["num_seeds"]),
+                cell(entry["average_accuracy"]),
+                cell(entry["backward_transfer"]),
+                cell(entry["average_forgetting"]),
+                finals,
+                cell(entry["wall_time_s"], 1),
+            ]
+        )
+    return table(header, rows) + f"\ntasks: {', '.join(task_names)}"
