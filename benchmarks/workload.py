@@ -28,8 +28,13 @@ LAYER_SIZES = (784, 256, 256, 256, 10)
 DATA_SOURCES = ("mnist", "random")
 
 
+@functools.cache
 def apply_fn() -> Callable[[Any, jax.Array], jax.Array]:
-    """``apply(params, inputs[B, 784]) -> logits[B, 10]`` of ``experiments.models.tutorial_mlp``."""
+    """``apply(params, inputs[B, 784]) -> logits[B, 10]`` of ``experiments.models.tutorial_mlp``.
+
+    Always the same object: ``fisher_diagonal`` caches its compilation per ``apply_fn``, and an
+    equal but new bound method compiles again.
+    """
     return tutorial_mlp().apply
 
 
