@@ -77,12 +77,20 @@ def layer_arrays(params: dict[str, Any]) -> list[LayerArrays]:
     ]
 
 
+def preactivations_numpy(weights: Sequence[LayerArrays], x: np.ndarray) -> list[np.ndarray]:
+    """Every Dense layer's output before its ReLU, in float64: the referee for rounding."""
+    h = x.astype(np.float64)
+    outputs = []
+    for kernel, bias in weights:
+        z = h @ kernel.astype(np.float64) + bias
+        outputs.append(z)
+        h = np.maximum(z, 0.0)
+    return outputs
+
+
 def forward_numpy(weights: Sequence[LayerArrays], x: np.ndarray) -> np.ndarray:
     """The tutorial MLP's ReLU'd logits in float64, the referee for argmax near-ties."""
-    h = x.astype(np.float64)
-    for kernel, bias in weights:
-        h = np.maximum(h @ kernel.astype(np.float64) + bias, 0.0)
-    return h
+    return np.maximum(preactivations_numpy(weights, x)[-1], 0.0)
 
 
 @functools.cache
@@ -102,22 +110,26 @@ def make_data(
     data: str = "mnist",
     seed: int = 0,
     min_margin: float = 1e-4,
+    min_kink_distance: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` float32 inputs in [0, 1] and their true integer labels, free of argmax near-ties.
+    """``n`` float32 inputs in [0, 1] and their true labels, free of argmax ties and ReLU kinks.
 
     ``"mnist"`` tiles the 5,000 embedded digits of ``experiments.data``; every copy after the first
     gets Gaussian noise (σ 0.1, clipped). ``"random"`` draws uniform pixels and random labels.
-    Examples whose two largest (ReLU'd) logits under ``weights`` are closer than ``min_margin``
-    (computed in float64) are dropped: with a near-tie, float32 rounding may pick a different
-    argmax label in each framework and the Fisher comparison would test rounding, not the method.
-    That includes examples whose logits are all ReLU'd to zero.
+    Two kinds of examples are dropped (decided in float64), because float32 rounding would answer
+    them differently in each framework and the Fisher comparison would test rounding, not the
+    method: those whose two largest (ReLU'd) logits are closer than ``min_margin`` (a different
+    argmax label; that includes examples whose logits are all ReLU'd to zero), and those with a
+    Dense output within ``min_kink_distance`` of the ReLU's kink at 0 (a different ReLU mask: one
+    such example of 10,000 moved the exact Fisher of the first two layers by 5e-5 relative).
 
     Args:
       n: number of examples to return.
-      weights: the model the labels' margin is computed with.
+      weights: the model the margins are computed with.
       data: ``"mnist"`` or ``"random"``.
       seed: numpy seed for noise and random data.
       min_margin: smallest kept gap between the top two logits.
+      min_kink_distance: smallest kept ``|z|`` of any Dense layer's output ``z`` before its ReLU.
 
     Returns:
       ``(inputs[n, 784] float32, labels[n] int32)``.
@@ -139,8 +151,11 @@ def make_data(
         else:
             x = rng.uniform(0.0, 1.0, (5000, LAYER_SIZES[0])).astype(np.float32)
             y = rng.integers(0, LAYER_SIZES[-1], 5000).astype(np.int32)
-        top2 = np.sort(forward_numpy(weights, x), axis=1)[:, -2:]
+        preactivations = preactivations_numpy(weights, x)
+        top2 = np.sort(np.maximum(preactivations[-1], 0.0), axis=1)[:, -2:]
         keep = top2[:, 1] - top2[:, 0] >= min_margin
+        for z in preactivations:
+            keep &= np.min(np.abs(z), axis=1) >= min_kink_distance
         kept_x.append(x[keep])
         kept_y.append(y[keep])
         have += int(keep.sum())

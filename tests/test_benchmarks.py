@@ -89,12 +89,14 @@ def test_failed_check_is_recorded_and_raises():
     assert [c["metric"] for c in checks.results] == ["max_rel_err"] * 2
 
 
-def test_make_data_has_no_argmax_near_ties(model_and_data):
+def test_make_data_has_no_argmax_near_ties_nor_relu_kinks(model_and_data):
     weights, inputs, labels = model_and_data
     assert inputs.shape == (48, 784) and inputs.dtype == np.float32
     assert labels.shape == (48,) and labels.dtype == np.int32
     top2 = np.sort(workload.forward_numpy(weights, inputs), axis=1)[:, -2:]
     assert np.all(top2[:, 1] - top2[:, 0] >= 1e-4)
+    for z in workload.preactivations_numpy(weights, inputs):
+        assert np.all(np.abs(z) >= 1e-5)
 
 
 def test_flax_params_round_trip(model_and_data):
