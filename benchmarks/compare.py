@@ -114,8 +114,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--slow-repeats", type=int, default=defaults.slow_repeats)
     parser.add_argument("--slow-threshold", type=float, default=defaults.slow_threshold)
+    parser.add_argument("--very-slow-threshold", type=float, default=defaults.very_slow_threshold)
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
-    parser.add_argument("--torch-chunk-size", type=int, default=None, help="default: all N")
+    parser.add_argument(
+        "--torch-chunk-size", type=int, default=defaults.torch_chunk_size, help="0: all N"
+    )
     parser.add_argument("--rtol", type=float, default=defaults.rtol)
     parser.add_argument("--mc-rtol", type=float, default=defaults.mc_rtol)
     parser.add_argument("--mc-check-draws", type=int, default=defaults.mc_check_draws)
@@ -130,7 +133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--torch-threads", type=int, default=None, help="default: PyTorch's")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--out", default=None, help="write the JSON report here")
-    config = Config(**vars(parser.parse_args(argv)))
+    options = vars(parser.parse_args(argv))
+    options["torch_chunk_size"] = options["torch_chunk_size"] or None
+    config = Config(**options)
     unknown = set(config.estimators) - set(ESTIMATORS)
     if unknown:
         parser.error(f"unknown estimators {sorted(unknown)}; choose from {ESTIMATORS}")

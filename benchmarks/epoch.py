@@ -317,7 +317,7 @@ def run_epoch(config: Config, weights: Sequence[LayerArrays], checks: Checks) ->
             Entry(name, "epoch", "torch", examples, status="skipped", reason=reason)
             for name in ("torch_compile", "torch_eager")
         ]
-    harness.time_round_robin(runners, config.repeats, config.slow_repeats, config.slow_threshold)
+    harness.time_round_robin(runners, config)
     order = {name: i for i, name in enumerate(METHODS)}
     return sorted(entries, key=lambda e: order[e.name])
 

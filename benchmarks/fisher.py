@@ -240,7 +240,7 @@ def run_fisher(
         runners.append((entry, lambda c=torch_call: c(inputs)))
         entries.append(entry)
 
-    harness.time_round_robin(runners, config.repeats, config.slow_repeats, config.slow_threshold)
+    harness.time_round_robin(runners, config)
     return entries
 
 

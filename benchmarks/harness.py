@@ -42,9 +42,12 @@ class Config:
       repeats: timed calls per entry.
       slow_repeats: timed calls for entries whose warm-up call exceeds ``slow_threshold``.
       slow_threshold: seconds.
+      very_slow_threshold: seconds; an entry whose warm-up call exceeds it is timed once (the
+        general path's exact Fisher, ~100 s on a loaded 2-core machine).
       chunk_size: examples per vectorised chunk for ``torch_func_vmap`` and ``jax_general``.
       torch_chunk_size: examples per pass of the one-pass PyTorch tools (hooks, BackPACK,
-        nngeometry); ``None``: all N at once.
+        nngeometry); ``None``: all N at once. 1024 was as fast as all N or faster for each of
+        them at N = 10,000 (BackPACK's exact Fisher 1.4x faster).
       rtol: tolerance of the deterministic agreement checks (``max|a − b| / max|b|``).
       mc_rtol: tolerance of the Monte-Carlo checks (``‖a − b‖₂ / ‖b‖₂`` against the exact Fisher).
       mc_check_draws: label draws the Monte-Carlo checks use at least (inputs are tiled).
@@ -68,8 +71,9 @@ class Config:
     repeats: int = 5
     slow_repeats: int = 3
     slow_threshold: float = 4.0
+    very_slow_threshold: float = 30.0
     chunk_size: int = 512
-    torch_chunk_size: int | None = None
+    torch_chunk_size: int | None = 1024
     rtol: float = 1e-4
     mc_rtol: float = 0.15
     mc_check_draws: int = 10_000
@@ -245,25 +249,25 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def time_round_robin(
-    runners: Sequence[Runner], repeats: int, slow_repeats: int, slow_threshold: float
-) -> None:
+def time_round_robin(runners: Sequence[Runner], config: Config) -> None:
     """Times every runner round-robin and fills in its entry's samples and median.
 
     Each round calls every method once, so load from other processes, which comes and goes on a
     shared machine, falls on all methods alike instead of on whichever ran at a bad moment.
-    A method whose warm-up call exceeded ``slow_threshold`` seconds drops out after
-    ``slow_repeats`` calls.
+    A method whose warm-up call exceeded ``config.slow_threshold`` seconds drops out after
+    ``config.slow_repeats`` calls, one that exceeded ``config.very_slow_threshold`` after one.
 
     Args:
       runners: entries with ``warmup_s`` set, and their blocking calls.
-      repeats: timed calls per entry.
-      slow_repeats: timed calls for the slow entries.
-      slow_threshold: seconds.
+      config: the repeat counts and thresholds.
     """
     for entry, _ in runners:
-        slow = entry.warmup_s is not None and entry.warmup_s > slow_threshold
-        entry.repeats = slow_repeats if slow else repeats
+        warmup_s = entry.warmup_s or 0.0
+        entry.repeats = config.repeats
+        if warmup_s > config.slow_threshold:
+            entry.repeats = config.slow_repeats
+        if warmup_s > config.very_slow_threshold:
+            entry.repeats = 1
     names = ", ".join(entry.name for entry, _ in runners)
     print(f"  timing {names} round-robin ...", flush=True)
     for round_ in range(max((entry.repeats for entry, _ in runners), default=0)):
