@@ -235,10 +235,13 @@ def nngeometry_fisher(
     tensors = (inputs,) if labels is None else (inputs, labels)
     dataset = torch.utils.data.TensorDataset(*tensors)
     loader = torch.utils.data.DataLoader(dataset, batch_size=chunk_size or inputs.shape[0])
+    # FIM moves each batch to ``device`` (default "cpu") before calling the model.
+    device = str(inputs.device)
     if estimator == "exact":
-        diag = FIM(model, loader, PMatDiag, variant="classif_logits").get_diag()
+        diag = FIM(model, loader, PMatDiag, variant="classif_logits", device=device).get_diag()
     elif estimator == "sampled":
-        diag = FIM_MonteCarlo(model, loader, PMatDiag, variant="classif_logits").get_diag()
+        fim = FIM_MonteCarlo(model, loader, PMatDiag, variant="classif_logits", device=device)
+        diag = fim.get_diag()
     else:
 
         def log_likelihood(x: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
