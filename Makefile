@@ -8,6 +8,11 @@ PY := $(VENV)/bin/python
 # the torch tests then skip with a stated reason.
 TORCH_PIN ?= torch==2.13.0
 WITH_TORCH ?= 1
+# BackPACK and nngeometry declare torchvision, which pulls a multi-GB CUDA torch (and PyPI's
+# torchvision does not import beside the CPU torch pinned above), yet neither imports it at run
+# time (only BackPACK's MNIST example does). They are installed without their declared
+# dependencies; the ones they do import (einops, unfoldNd) are in the `bench` extra.
+BENCH_NO_DEPS ?= backpack-for-pytorch==1.7.1 nngeometry==0.4
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint format bench clean
@@ -19,7 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "warning: $(TORCH_PIN) could not be installed; torch comparisons will be skipped"; fi
 	$(PY) -m pip install --quiet -e '.[experiments,tfds,test]'
 	if [ "$(WITH_TORCH)" = "1" ] && $(PY) -c 'import torch' 2>/dev/null; then \
-	  $(PY) -m pip install --quiet -e '.[bench]'; fi
+	  $(PY) -m pip install --quiet -e '.[bench]' && \
+	  $(PY) -m pip install --quiet --no-deps $(BENCH_NO_DEPS); fi
 	touch $@
 
 demo: $(VENV)/.installed

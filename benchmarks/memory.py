@@ -78,7 +78,8 @@ def child(n: int, path: str, chunk_size: int | None, seed: int = 0) -> dict[str,
     import numpy as np
 
     import ewc_jax
-    from benchmarks.compare import TutorialMLP, flax_params, tutorial_weights
+    from benchmarks.workload import apply_fn as tutorial_apply_fn
+    from benchmarks.workload import flax_params, tutorial_weights
 
     params = flax_params(tutorial_weights(seed))
     inputs_np = np.random.default_rng(seed).random((n, 784), dtype=np.float32)
@@ -87,7 +88,7 @@ def child(n: int, path: str, chunk_size: int | None, seed: int = 0) -> dict[str,
     del inputs_np
     gc.collect()
 
-    apply_fn = TutorialMLP().apply
+    apply_fn = tutorial_apply_fn()
 
     def fisher(p: Any, x: jax.Array) -> Any:
         return ewc_jax.fisher_diagonal(

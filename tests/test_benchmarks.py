@@ -1,8 +1,9 @@
-"""The benchmark harness: our PyTorch tutorial Fisher equals ewc_jax's, and the harness runs.
+"""The benchmark harness: every PyTorch tool's Fisher equals ewc_jax's, and the harness runs.
 
-Timings are not asserted here (benchmarks live apart from tests); these tests check that the
-baseline computes the same numbers as the library and that ``python -m benchmarks.compare
---quick`` produces a report of the documented shape.
+Timings are not asserted here (benchmarks live apart from tests). These tests check that each
+PyTorch competitor (the tutorial loop, ``torch.func``, plain hooks, BackPACK, nngeometry)
+computes the same numbers as the library, on small sizes, and that ``python -m
+benchmarks.compare --quick`` produces a report of the documented shape.
 """
 
 from __future__ import annotations
@@ -15,12 +16,22 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from benchmarks import compare, memory
+from benchmarks import compare, epoch, fisher, harness, memory, workload
 
 TORCH_REASON = "torch is optional (the 'bench' extra); it is needed to compare with the tutorial"
+TOOL_REASONS = {
+    "hooks": TORCH_REASON,
+    "backpack": "backpack-for-pytorch is optional (installed by the Makefile with --no-deps)",
+    "nngeometry": "nngeometry is optional (installed by the Makefile with --no-deps)",
+}
+
+MC_COPIES = 100
+"""Monte-Carlo checks draw 100 labels per example (4,800): relative error ~0.04 against exact."""
+MC_RTOL = harness.Config().mc_rtol
 
 ENTRY_KEYS = {
     "name",
+    "group",
     "framework",
     "n",
     "status",
@@ -35,45 +46,68 @@ ENTRY_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def model_and_data() -> tuple[list, np.ndarray]:
-    weights = compare.tutorial_weights(seed=0)
-    inputs, _ = compare.make_data(48, weights, data="random", seed=1)
-    return weights, inputs
+def model_and_data() -> tuple[list, np.ndarray, np.ndarray]:
+    weights = workload.tutorial_weights(seed=0)
+    inputs, labels = workload.make_data(48, weights, data="random", seed=1)
+    return weights, inputs, labels
+
+
+def _jax_fisher(weights, inputs, estimator, labels=None, **kwargs) -> list:
+    fisher_tree = ewc_jax.fisher_diagonal(
+        workload.apply_fn(),
+        workload.flax_params(weights),
+        jnp.asarray(inputs),
+        None if labels is None else jnp.asarray(labels),
+        estimator=estimator,
+        **kwargs,
+    )
+    return workload.layer_arrays(fisher_tree)
 
 
 def test_max_relative_error_known_answer():
     reference = [(np.array([[2.0, -4.0]]), np.array([1.0]))]
     actual = [(np.array([[2.0, -3.0]]), np.array([1.5]))]
     # kernel: 1 / 4; bias: 0.5 / 1, the larger.
-    assert compare.max_relative_error(actual, reference) == pytest.approx(0.5)
-    assert compare.max_relative_error(reference, reference) == 0.0
+    assert harness.max_relative_error(actual, reference) == pytest.approx(0.5)
+    assert harness.max_relative_error(reference, reference) == 0.0
+
+
+def test_relative_l2_error_known_answer():
+    reference = [(np.array([[3.0, 4.0]]), np.array([2.0]))]
+    actual = [(np.array([[3.0, 3.0]]), np.array([2.2]))]
+    # kernel: ‖(0, 1)‖ / ‖(3, 4)‖ = 0.2; bias: 0.2 / 2 = 0.1.
+    assert harness.relative_l2_error(actual, reference) == pytest.approx(0.2)
 
 
 def test_failed_check_is_recorded_and_raises():
-    checks = compare.Checks(rtol=1e-4)
+    checks = harness.Checks()
     reference = [(np.ones((2, 2)), np.ones(2))]
-    checks("same", 8, reference, reference)
-    with pytest.raises(compare.CheckFailed, match=r"off at N=8: max rel err 1\.000e-03"):
-        checks("off", 8, [(np.full((2, 2), 1.001), np.ones(2))], reference)
+    checks("same", 8, reference, reference, 1e-4)
+    with pytest.raises(harness.CheckFailed, match=r"off at N=8: max_rel_err 1\.000e-03"):
+        checks("off", 8, [(np.full((2, 2), 1.001), np.ones(2))], reference, 1e-4)
     assert [c["passed"] for c in checks.results] == [True, False]
+    assert [c["metric"] for c in checks.results] == ["max_rel_err"] * 2
 
 
-def test_make_data_has_no_argmax_near_ties(model_and_data):
-    weights, inputs = model_and_data
+def test_make_data_has_no_argmax_near_ties_nor_relu_kinks(model_and_data):
+    weights, inputs, labels = model_and_data
     assert inputs.shape == (48, 784) and inputs.dtype == np.float32
-    top2 = np.sort(compare._forward_numpy(weights, inputs), axis=1)[:, -2:]
+    assert labels.shape == (48,) and labels.dtype == np.int32
+    top2 = np.sort(workload.forward_numpy(weights, inputs), axis=1)[:, -2:]
     assert np.all(top2[:, 1] - top2[:, 0] >= 1e-4)
+    for z in workload.preactivations_numpy(weights, inputs):
+        assert np.all(np.abs(z) >= 1e-5)
 
 
 def test_flax_params_round_trip(model_and_data):
-    weights, inputs = model_and_data
-    params = compare.flax_params(weights)
-    for (k, b), (k2, b2) in zip(compare.layer_arrays(params), weights, strict=True):
+    weights, inputs, _ = model_and_data
+    params = workload.flax_params(weights)
+    for (k, b), (k2, b2) in zip(workload.layer_arrays(params), weights, strict=True):
         np.testing.assert_array_equal(k, k2)
         np.testing.assert_array_equal(b, b2)
-    logits = compare.TutorialMLP().apply(params, jnp.asarray(inputs))
+    logits = workload.apply_fn()(params, jnp.asarray(inputs))
     np.testing.assert_allclose(
-        np.asarray(logits), compare._forward_numpy(weights, inputs), rtol=1e-4, atol=1e-5
+        np.asarray(logits), workload.forward_numpy(weights, inputs), rtol=1e-4, atol=1e-5
     )
 
 
@@ -82,47 +116,132 @@ def test_tutorial_fisher_loop_equals_ewc_jax_argmax(model_and_data, fast):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     from benchmarks import torch_tutorial
 
-    weights, inputs = model_and_data
+    weights, inputs, _ = model_and_data
     model = torch_tutorial.build_mlp(weights)
     expected = torch_tutorial.to_layer_arrays(
         torch_tutorial.tutorial_fisher(model, torch.from_numpy(inputs))
     )
-    fisher = ewc_jax.fisher_diagonal(
-        compare.TutorialMLP().apply,
-        compare.flax_params(weights),
-        jnp.asarray(inputs),
-        estimator="argmax",
-        chunk_size=20,  # 48 = 20 + 20 + 8: a partial last chunk
-        fast=fast,
-    )
-    actual = compare.layer_arrays(fisher)
+    # 48 = 20 + 20 + 8: a partial last chunk.
+    actual = _jax_fisher(weights, inputs, "argmax", chunk_size=20, fast=fast)
     for (k, b), (k2, b2) in zip(actual, expected, strict=True):
         assert k.shape == k2.shape and b.shape == b2.shape
         assert k.dtype == b.dtype == np.float32
     assert np.max(expected[0][0]) > 0  # a non-trivial Fisher
-    assert compare.max_relative_error(actual, expected) < 1e-4
+    assert harness.max_relative_error(actual, expected) < 1e-4
 
 
-def test_functorch_fisher_equals_tutorial_loop(model_and_data):
+def test_tutorial_fisher_loop_with_labels_equals_ewc_jax_empirical(model_and_data):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     from benchmarks import torch_tutorial
 
-    weights, inputs = model_and_data
+    weights, inputs, labels = model_and_data
+    model = torch_tutorial.build_mlp(weights)
+    y = torch.from_numpy(labels.astype(np.int64))
+    expected = torch_tutorial.to_layer_arrays(
+        torch_tutorial.tutorial_fisher(model, torch.from_numpy(inputs), y)
+    )
+    actual = _jax_fisher(weights, inputs, "empirical", labels)
+    assert harness.max_relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("with_labels", [False, True], ids=["argmax", "empirical"])
+def test_functorch_fisher_equals_tutorial_loop(model_and_data, with_labels):
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from benchmarks import torch_tutorial
+
+    weights, inputs, labels = model_and_data
     model = torch_tutorial.build_mlp(weights)
     x = torch.from_numpy(inputs)
-    loop = torch_tutorial.to_layer_arrays(torch_tutorial.tutorial_fisher(model, x))
-    vectorised = torch_tutorial.to_layer_arrays(torch_tutorial.functorch_fisher(model, x, 20))
-    assert compare.max_relative_error(vectorised, loop) < 1e-4
+    y = torch.from_numpy(labels.astype(np.int64)) if with_labels else None
+    loop = torch_tutorial.to_layer_arrays(torch_tutorial.tutorial_fisher(model, x, y))
+    vectorised = torch_tutorial.to_layer_arrays(
+        torch_tutorial.functorch_fisher(model, x, 20, labels=y)
+    )
+    assert harness.max_relative_error(vectorised, loop) < 1e-4
+
+
+def _tool(name: str):
+    """The PyTorch tool ``name`` and the model it needs, or a skip with the reason."""
+    pytest.importorskip("torch", reason=TORCH_REASON)
+    if name != "hooks":
+        pytest.importorskip(name, reason=TOOL_REASONS[name])
+    from benchmarks import torch_fisher
+
+    if name == "hooks":
+        return torch_fisher.hooks_fisher, lambda model: model
+    if name == "backpack":
+        return torch_fisher.backpack_fisher, torch_fisher.backpack_model
+    return torch_fisher.nngeometry_fisher, lambda model: model
+
+
+@pytest.mark.parametrize("estimator", ["argmax", "empirical", "exact"])
+@pytest.mark.parametrize("tool", ["hooks", "backpack", "nngeometry"])
+def test_torch_tool_equals_ewc_jax(model_and_data, tool, estimator):
+    fisher_fn, prepare = _tool(tool)
+    import torch
+
+    from benchmarks import torch_tutorial
+
+    weights, inputs, labels = model_and_data
+    model = prepare(torch_tutorial.build_mlp(weights))
+    y = torch.from_numpy(labels.astype(np.int64)) if estimator == "empirical" else None
+    # Chunks of 20 (a partial last one): each tool sums over chunks and divides by N once.
+    result = fisher_fn(model, torch.from_numpy(inputs), estimator, y, chunk_size=20)
+    actual = torch_tutorial.to_layer_arrays(result)
+    expected = _jax_fisher(weights, inputs, estimator, labels if y is not None else None)
+    assert np.max(expected[0][0]) > 0
+    assert harness.max_relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("tool", ["hooks", "backpack", "nngeometry"])
+def test_torch_tool_sampled_is_an_unbiased_estimate_of_exact(model_and_data, tool):
+    fisher_fn, prepare = _tool(tool)
+    import torch
+
+    from benchmarks import torch_tutorial
+
+    weights, inputs, _ = model_and_data
+    model = prepare(torch_tutorial.build_mlp(weights))
+    tiled = torch.from_numpy(np.tile(inputs, (MC_COPIES, 1)))
+    torch.manual_seed(0)
+    actual = torch_tutorial.to_layer_arrays(fisher_fn(model, tiled, "sampled"))
+    exact = _jax_fisher(weights, inputs, "exact")
+    assert harness.relative_l2_error(actual, exact) < MC_RTOL
+
+
+def test_ewc_jax_sampled_passes_the_harness_monte_carlo_check(model_and_data):
+    weights, inputs, _ = model_and_data
+    tiled = np.tile(inputs, (MC_COPIES, 1))
+    sampled = _jax_fisher(weights, tiled, "sampled", key=jax.random.key(0))
+    exact = _jax_fisher(weights, inputs, "exact")
+    error = harness.relative_l2_error(sampled, exact)
+    assert error < MC_RTOL
+    # The check tells a wrong estimator apart: argmax is far from exact here (3.3).
+    assert harness.relative_l2_error(_jax_fisher(weights, inputs, "argmax"), exact) > 10 * MC_RTOL
+
+
+def test_torch_tool_rejects_unknown_estimator_and_missing_labels(model_and_data):
+    fisher_fn, _ = _tool("hooks")
+    import torch
+
+    from benchmarks import torch_tutorial
+
+    weights, inputs, _ = model_and_data
+    model = torch_tutorial.build_mlp(weights)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        fisher_fn(model, torch.from_numpy(inputs), "batched")
+    with pytest.raises(ValueError, match="needs labels"):
+        fisher_fn(model, torch.from_numpy(inputs), "empirical")
 
 
 def test_tutorial_loss_gradient_equals_jax_loss_with_penalty(model_and_data):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     from benchmarks import torch_tutorial
 
-    weights, inputs = model_and_data
+    weights, inputs, _ = model_and_data
     rng = np.random.default_rng(0)
     start = [(k + np.float32(0.01), b - np.float32(0.01)) for k, b in weights]
-    fisher = [
+    fisher_arrays = [
         (rng.random(k.shape, np.float32), rng.random(b.shape, np.float32)) for k, b in weights
     ]
     labels = rng.integers(0, 10, len(inputs)).astype(np.int32)
@@ -130,8 +249,8 @@ def test_tutorial_loss_gradient_equals_jax_loss_with_penalty(model_and_data):
     model = torch_tutorial.build_mlp(start)
     names = [name for name, _ in model.named_parameters()]
     precision, means = (
-        dict(zip(names, map(torch.from_numpy, compare._torch_layout(t)), strict=True))
-        for t in (fisher, weights)
+        dict(zip(names, map(torch.from_numpy, epoch.torch_layout(t)), strict=True))
+        for t in (fisher_arrays, weights)
     )
     torch_tutorial.tutorial_loss(
         model,
@@ -143,20 +262,43 @@ def test_tutorial_loss_gradient_equals_jax_loss_with_penalty(model_and_data):
     ).backward()
     expected = torch_tutorial.to_layer_arrays({n: p.grad for n, p in model.named_parameters()})
 
-    state = ewc_jax.consolidate(None, compare.flax_params(weights), compare.flax_params(fisher))
-    grads = jax.jit(jax.grad(compare._loss_fn(strength=2000.0)))(
-        compare.flax_params(start), state, jnp.asarray(inputs), jnp.asarray(labels)
+    state = ewc_jax.consolidate(
+        None, workload.flax_params(weights), workload.flax_params(fisher_arrays)
     )
-    assert compare.max_relative_error(compare.layer_arrays(grads), expected) < 1e-4
+    grads = jax.jit(jax.grad(epoch.loss_fn(strength=2000.0)))(
+        workload.flax_params(start), state, jnp.asarray(inputs), jnp.asarray(labels)
+    )
+    assert harness.max_relative_error(workload.layer_arrays(grads), expected) < 1e-4
 
 
 def test_torch_entries_are_skipped_with_a_reason():
-    config = compare.Config(use_torch=False)
-    entries = compare._time_all(compare.FISHER_METHODS[:2], {}, 10, config)
-    assert [e.status for e in entries] == ["skipped", "skipped"]
-    assert all(e.reason == "disabled with --no-torch" for e in entries)
-    ratios = compare.compute_ratios(entries, compare.FISHER_RATIOS, 10)
-    assert all(r["value"] is None and r["met"] is None for r in ratios)
+    config = harness.Config(use_torch=False)
+    for estimator in harness.ESTIMATORS:
+        for name in fisher.TORCH_METHODS[estimator]:
+            assert fisher.skip_reason(name, config) == "disabled with --no-torch"
+    entries = [
+        harness.Entry("jax_default", "exact", "jax", 10, median_s=0.5),
+        harness.Entry("jax_general", "exact", "jax", 10, median_s=2.0),
+        harness.Entry("torch_hooks", "exact", "torch", 10, status="skipped", reason="no"),
+        harness.Entry("backpack_diag_ggn_exact", "exact", "torch", 10, status="skipped"),
+    ]
+    ratios = fisher.ratios(entries)
+    assert [r["value"] for r in ratios] == [None, None, None, 4.0]
+    assert ratios[2]["name"] == "exact: jax_default vs fastest torch (-)"
+
+
+def test_speedups_known_answer():
+    entries = [
+        harness.Entry("jax_default", "argmax", "jax", 10, median_s=0.5),
+        harness.Entry("torch_hooks", "argmax", "torch", 10, median_s=1.0),
+        harness.Entry("backpack_sum_grad_squared", "argmax", "torch", 10, median_s=3.0),
+    ]
+    ratios = harness.speedups(entries, "jax_default")
+    assert [(r["name"], r["value"]) for r in ratios] == [
+        ("argmax: jax_default vs torch_hooks", 2.0),
+        ("argmax: jax_default vs backpack_sum_grad_squared", 6.0),
+        ("argmax: jax_default vs fastest torch (torch_hooks)", 2.0),
+    ]
 
 
 @pytest.mark.slow
@@ -165,9 +307,9 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
     compare.main(["--quick", "--out", str(out)])
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "jax_fast vs torch_tutorial_loop" in printed
+    assert "argmax: jax_default vs fastest torch" in printed
 
-    assert report["schema_version"] == compare.SCHEMA_VERSION
+    assert report["schema_version"] == compare.SCHEMA_VERSION == 2
     assert set(report) == {
         "schema_version",
         "command",
@@ -182,31 +324,42 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
     assert report["command"] == f"python -m benchmarks.compare --quick --out {out}"
     sizes = report["config"]["sizes"]
     assert report["config"]["quick"] is True
-    assert {"jax_devices", "jax_backend", "cpu_model", "torch_device"} <= set(report["machine"])
+    assert {"jax_devices", "jax_backend", "cpu_model", "torch_device", "omp_wait_policy"} <= set(
+        report["machine"]
+    )
     assert report["versions"]["jax"] == jax.__version__
 
-    have_torch = compare.torch_available()
-    expected = [(name, n) for n in sizes for name in compare.FISHER_METHODS]
-    assert [(e["name"], e["n"]) for e in report["fisher"]] == expected
-    assert [e["name"] for e in report["epoch"]] == list(compare.EPOCH_METHODS)
+    expected = [
+        (estimator, name, n)
+        for n in sizes
+        for estimator in harness.ESTIMATORS
+        for name in fisher.methods(estimator)
+    ]
+    assert [(e["group"], e["name"], e["n"]) for e in report["fisher"]] == expected
+    assert [e["name"] for e in report["epoch"]] == list(epoch.METHODS)
+    config = harness.Config(**{**report["config"], "sizes": tuple(sizes)})
     for entry in report["fisher"] + report["epoch"]:
         assert set(entry) == ENTRY_KEYS
-        if entry["framework"] == "torch" and not have_torch:
-            assert entry["status"] == "skipped" and entry["reason"]
+        if entry["framework"] == "torch" and entry["status"] == "skipped":
+            assert entry["reason"]
+            if entry["group"] != "epoch":
+                assert entry["reason"] == fisher.skip_reason(entry["name"], config)
             continue
         assert entry["status"] == "ok"
         assert len(entry["samples_s"]) == entry["repeats"] >= 1
         assert entry["median_s"] > 0
-        assert (entry["compile_s"] is not None) == (entry["framework"] == "jax")
+        compiled = entry["framework"] == "jax" or entry["name"] == "torch_compile"
+        assert (entry["compile_s"] is not None) == compiled
 
     assert report["checks"] and all(c["passed"] for c in report["checks"])
-    assert all(c["max_rel_err"] < c["rtol"] for c in report["checks"])
+    assert all(c["error"] < c["tolerance"] for c in report["checks"])
+    assert {c["metric"] for c in report["checks"]} <= {"max_rel_err", "rel_l2_err"}
     names = {(r["name"], r["n"]) for r in report["ratios"]}
-    assert ("jax_fast vs torch_tutorial_loop", sizes[0]) in names
+    for estimator in harness.ESTIMATORS:
+        assert (f"{estimator}: jax_default vs jax_general", sizes[0]) in names
     for r in report["ratios"]:
+        assert set(r) == {"name", "group", "n", "reference", "other", "value"}
         assert r["value"] is None or r["value"] > 0
-        if r["target"] is None or r["value"] is None:
-            assert r["met"] is None
 
 
 @pytest.mark.slow
