@@ -53,8 +53,14 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(family: str, width: int, n: int, estimator: str, repeats: int) -> list[dict]:
-    """Rows for one configuration: per calling mode, the median time of each method."""
+def measure(
+    family: str, width: int, n: int, estimator: str, repeats: int, slow: float = 10.0
+) -> list[dict]:
+    """Rows for one configuration: per calling mode, the median time of each method.
+
+    A method whose warm-up call takes over ``slow`` seconds is not called again: its one call
+    (after compilation) is its time.
+    """
     apply_fn, params, inputs, labels = build(family, width, n)
     key = jax.random.key(0)
 
@@ -69,14 +75,20 @@ def measure(family: str, width: int, n: int, estimator: str, repeats: int) -> li
     reference = jax.device_get(eager["general"]())
     rows = []
     for mode, fns in (("eager", eager), ("jit", under_jit)):
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        too_slow = set()
         for method, fn in fns.items():
-            err = _rel_err(jax.device_get(fn()), reference)  # also the warm-up call
+            err = _rel_err(jax.device_get(fn()), reference)  # compiles
             if err > 1e-4:
                 raise RuntimeError(f"{family} {mode} {method}: relative error {err:.2e}")
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
+            warm = _timed(fn)
+            if warm > slow:
+                times[method].append(warm)
+                too_slow.add(method)
         for _ in range(repeats):
             for method, fn in fns.items():
-                times[method].append(_timed(fn))
+                if method not in too_slow:
+                    times[method].append(_timed(fn))
         medians = {m: statistics.median(t) for m, t in times.items()}
         best = min(medians["one_pass"], medians["general"])
         rows.append(
@@ -116,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", default="512,4096")
     parser.add_argument("--estimators", default="argmax,exact")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slow", type=float, default=10.0, help="seconds; timed once above")
     parser.add_argument("--quick", action="store_true", help="width 8, N 64, 2 repeats")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -131,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for width in map(int, args.widths.split(",")):
             for n in map(int, args.sizes.split(",")):
                 for estimator in args.estimators.split(","):
-                    for row in measure(family, width, n, estimator, args.repeats):
+                    for row in measure(family, width, n, estimator, args.repeats, args.slow):
                         row["load"] = os.getloadavg()[0]
                         rows.append(row)
                         print(format_row(row), flush=True)

@@ -365,34 +365,34 @@ def fisher_diagonal_by_hand(params, x):
 fisher_by_hand = fisher_diagonal_by_hand(theta_digits, x_digits)
 fisher_digits = ewc_jax.fisher_diagonal(small.apply, theta_digits, x_digits, estimator="exact")
 fisher_general = ewc_jax.fisher_diagonal(
-    small.apply, theta_digits, x_digits, estimator="exact", fast=False
+    small.apply, theta_digits, x_digits, estimator="exact", method="general"
 )
-for name, fisher in [("fast=True", fisher_digits), ("fast=False", fisher_general)]:
+for name, fisher in [("default", fisher_digits), ('method="general"', fisher_general)]:
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9), fisher, fisher_by_hand
     )
     print(f"ewc_jax.fisher_diagonal({name}) equals fisher_diagonal_by_hand")
 
 # %% [markdown]
-# `ewc_jax.fisher_diagonal(..., fast=False)` computes exactly this, in chunks of examples inside
-# one jitted `lax.scan` so that memory does not grow with $N$. These are its lines (read from the
-# installed source, so the quote cannot go stale):
+# `ewc_jax.fisher_diagonal(..., method="general")` computes exactly this, in chunks of examples
+# inside one jitted `lax.scan` so that memory does not grow with $N$. These are its lines (read
+# from the installed source, so the quote cannot go stale):
 
 # %%
 fisher_source = Path(inspect.getsourcefile(ewc_jax.fisher_diagonal))
 source_lines = fisher_source.read_text().splitlines()
 landmarks = {
-    "∇θ per example (grad, vmap)": "jax.vmap(jax.grad(log_lik)",
+    "∇θ per example (VJP, vmap)": "per_example = jax.vmap(score",
     "square, times p(c | x_n, θ)": "jnp.tensordot(w.astype(t.dtype), jnp.square(g",
     "class weights p(c | x_n, θ)": "probs = jax.nn.softmax(logits.astype(",
-    "mean over the N examples": "(t / n).astype(p.dtype)",
+    "mean over the N examples": "(t / n).astype(d)",
 }
 for meaning, needle in landmarks.items():
     (number,) = [i for i, line in enumerate(source_lines, 1) if needle in line]
     print(f"{meaning:30s} {fisher_source.name}:{number:<4d} {source_lines[number - 1].strip()}")
 
 # %% [markdown]
-# With the default `fast=True`, Dense and convolution layers skip the per-example gradients:
+# With the default `method="auto"`, Dense and convolution layers skip the per-example gradients:
 # for a Dense layer $z = a W$, the gradient for example $n$ is the outer product
 # $a_n \delta_n^\top$ of the layer's input and the gradient at its output, so the sum of squares
 # over examples is $\sum_n (a_n^2)(\delta_n^2)^\top = (a^2)^\top \delta^2$: one matrix product
@@ -1138,11 +1138,11 @@ def best_time(fn, repeats=3):
 
 n_loop = 200
 fisher_loop = loop_fisher(theta_mnist, x_mnist[:n_loop])
-for fast in (True, False):
+for method in ("one_pass", "general"):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-7),
         ewc_jax.fisher_diagonal(
-            mlp.apply, theta_mnist, x_mnist[:n_loop], estimator="argmax", fast=fast
+            mlp.apply, theta_mnist, x_mnist[:n_loop], estimator="argmax", method=method
         ),
         fisher_loop,
     )
@@ -1157,14 +1157,14 @@ def fisher_time(**kwargs):
 per_example = {
     "Python loop of jax.grad": best_time(lambda: loop_fisher(theta_mnist, x_mnist[:n_loop]))
     / n_loop,
-    "vmap(grad) (fast=False)": fisher_time(estimator="argmax", fast=False),
-    "one pass (fast=True)": fisher_time(estimator="argmax"),
+    "vmap(grad) (general)": fisher_time(estimator="argmax", method="general"),
+    "one pass (default)": fisher_time(estimator="argmax"),
     "one pass, exact": fisher_time(estimator="exact"),
 }
 loop_time = per_example["Python loop of jax.grad"]
 for name, seconds in per_example.items():
     print(f"{name:26s}{1e6 * seconds:9.1f} µs per example  ({loop_time / seconds:6.1f}× the loop)")
-vmap_time, fast_time = per_example["vmap(grad) (fast=False)"], per_example["one pass (fast=True)"]
+vmap_time, fast_time = per_example["vmap(grad) (general)"], per_example["one pass (default)"]
 assert fast_time < loop_time / 10
 if jax.default_backend() == "cpu":  # on an accelerator, vmap(grad) can come closer
     assert fast_time < vmap_time / 3

@@ -369,3 +369,40 @@ def test_memory_child_reports_peak_rss(capsys):
     assert row["peak_rss_mib"] > row["rss_before_mib"] > row["data_mib"] > 0
     assert row["fisher_mib"] > 0
     assert "Fisher" in capsys.readouterr().out
+
+
+def test_paths_benchmark_rows_have_the_documented_shape():
+    from benchmarks import paths
+
+    rows = paths.measure("mlp", width=4, n=16, estimator="exact", repeats=1)
+    assert [r["mode"] for r in rows] == ["eager", "jit"]
+    for row in rows:
+        assert {"auto_s", "one_pass_s", "general_s", "auto_over_best"} <= set(row)
+        best = min(row["one_pass_s"], row["general_s"])
+        assert row["auto_over_best"] == pytest.approx(row["auto_s"] / best)
+        assert paths.format_row(row).startswith("mlp")
+
+
+@pytest.mark.skipif(not harness.installed("torch"), reason=TORCH_REASON)
+def test_minimal_programs_compute_the_library_fisher():
+    import torch
+
+    from benchmarks import minimal
+
+    weights = workload.tutorial_weights(0)
+    x, _ = workload.make_data(40, weights)
+    x = x.copy()
+    params = workload.flax_params(weights)
+    want = ewc_jax.fisher_diagonal(workload.apply_fn(), params, jnp.asarray(x), estimator="argmax")
+    layers = [(jnp.asarray(w), jnp.asarray(b)) for w, b in weights]
+    torch_layers = [
+        (torch.from_numpy(np.array(w)), torch.from_numpy(np.array(b))) for w, b in weights
+    ]
+    got_jax = minimal.minimal_jax(layers)(jnp.asarray(x))
+    got_torch = minimal.minimal_torch(torch_layers)(torch.from_numpy(x))
+    for i, (kernel_sum, bias_sum) in enumerate(reversed(got_jax)):
+        ref = want["params"][f"Dense_{i}"]
+        np.testing.assert_allclose(np.asarray(kernel_sum) / 40, ref["kernel"], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(bias_sum) / 40, ref["bias"], rtol=1e-5, atol=1e-9)
+        t_kernel, _ = list(reversed(got_torch))[i]
+        np.testing.assert_allclose(t_kernel.numpy() / 40, ref["kernel"], rtol=1e-4, atol=1e-9)
