@@ -534,8 +534,9 @@ def bytes_per_example(plan: Plan) -> int:
     """A rough working-memory estimate of the fast path per example, for choosing chunks.
 
     Per tapped operation: its other operand, the output gradient and the running sum of squared
-    output gradients; per several-terms parameter: one per-example gradient and its square.
-    Labels are processed one after another, so the estimate does not depend on their number.
+    output gradients; per several-terms parameter: one per-example gradient and its square; per
+    convolution kernel taken from patches, the patches (float32). Labels are processed one after
+    another, so the estimate does not depend on their number.
     """
     total = 0
     for tap in plan.taps:
@@ -546,16 +547,27 @@ def bytes_per_example(plan: Plan) -> int:
         total += itemsize * (math.prod(other.aval.shape) + 3 * out_size)
         if not tap.one_term:
             total += 2 * itemsize * math.prod(plan.inputs[tap.leaf].aval.shape)
+        if _patch_conv(node, tap.operand):
+            rhs = node.inputs[1].aval.shape
+            patch_features = math.prod(rhs) // rhs[node.eqn.params["dimension_numbers"].rhs_spec[0]]
+            spatial_out = out_size // rhs[node.eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 4 * spatial_out * patch_features * node.eqn.params["feature_group_count"]
     return max(total, 1)
 
 
 # The cost model below counts per-example FLOPs and bytes from the traced program. One byte moved
 # costs about as much as this many FLOPs (a CPU core does ~50 GFLOP/s but streams ~10 GB/s).
 _FLOPS_PER_BYTE = 4.0
-# XLA:CPU runs a convolution that vmap batched over per-example kernels (a grouped convolution
-# with one group per example) this many times slower than its FLOP count suggests (measured:
-# 8x-100x on an 8x8 conv; worse with more groups), so the general path avoids it when it can.
-_BATCHED_CONV_PENALTY = 30.0
+# Measured on XLA:CPU (benchmarks/paths.py, 2-core x86): the general path's per-example kernel
+# gradients of a convolution (vmap turns the examples into convolution groups) cost about 1.5x
+# their FLOP count for one label but ~30x inside the scan over labels of the exact Fisher, and a
+# model's own grouped convolution (feature_group_count > 1) becomes hundreds of times slower; the
+# one-pass path's patch products (a batched matmul per label) run at about a third of the
+# machine's matmul speed.
+_CONV_PENALTY_ONE_LABEL = 1.5
+_CONV_PENALTY_SCANNED = 30.0
+_GROUPED_CONV_PENALTY = 1000.0
+_PATCH_PRODUCT_PENALTY = 3.0
 
 
 def _eqn_flops(eqn: Any) -> float:
@@ -600,21 +612,22 @@ def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
       label; per several-term layer, per label, its per-example gradient (its forward FLOPs)
       and that gradient's bytes; plus the general path for the leaves it does not cover.
 
-    Convolution kernels' per-example gradients cost ``_BATCHED_CONV_PENALTY`` times their FLOPs
-    on the general path (a grouped convolution with one group per example); the one-pass path
-    builds them from image patches instead (the patches' bytes, once).
+    Convolution kernels' per-example gradients cost a measured multiple of their FLOPs on the
+    general path (a grouped convolution with one group per example, see the constants above);
+    the one-pass path builds them from image patches instead (the patches' bytes once, a
+    batched matmul per label).
     """
     forward = sum(_eqn_flops(node.eqn) for node in plan.nodes)
     bytes_of = lambda aval: math.prod(aval.shape) * 4 * _FLOPS_PER_BYTE
-    conv_flops = sum(
-        _eqn_flops(node.eqn)
-        for node in plan.nodes
-        if node.eqn.primitive.name == "conv_general_dilated"
+    convs = [n for n in plan.nodes if n.eqn.primitive.name == "conv_general_dilated"]
+    plain = _CONV_PENALTY_ONE_LABEL if num_labels == 1 else _CONV_PENALTY_SCANNED
+    conv_extra = sum(
+        (_GROUPED_CONV_PENALTY if n.eqn.params["feature_group_count"] > 1 else plain - 1)
+        * _eqn_flops(n.eqn)
+        for n in convs
     )
     all_params = sum(bytes_of(plan.inputs[i].aval) for i in range(_num_params(plan)))
-    general = forward + num_labels * (
-        3 * forward + (_BATCHED_CONV_PENALTY - 1) * conv_flops + 3 * all_params
-    )
+    general = forward + num_labels * (3 * forward + conv_extra + 3 * all_params)
     one_pass = forward + num_labels * forward
     for tap in plan.taps:
         node = plan.nodes[tap.node]
@@ -623,6 +636,8 @@ def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
             one_pass += flops + num_labels * 3 * bytes_of(node.outputs[0].aval)
         else:
             leaf_bytes = bytes_of(plan.inputs[tap.leaf].aval)
+            if _patch_conv(node, tap.operand):
+                flops *= _PATCH_PRODUCT_PENALTY
             one_pass += num_labels * (flops + 3 * leaf_bytes)
             if _patch_conv(node, tap.operand):
                 one_pass += (
@@ -633,9 +648,7 @@ def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
                 )
     if plan.fallback:
         fallback_bytes = sum(bytes_of(plan.inputs[i].aval) for i in plan.fallback)
-        one_pass += forward + num_labels * (
-            3 * forward + (_BATCHED_CONV_PENALTY - 1) * conv_flops + 3 * fallback_bytes
-        )
+        one_pass += forward + num_labels * (3 * forward + conv_extra + 3 * fallback_bytes)
     return one_pass, general
 
 

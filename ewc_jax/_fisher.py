@@ -206,7 +206,7 @@ def fisher_diagonal(
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(params, policy)
+        chunk_size = _default_chunk_size(policy)
     return _chunked_fisher(
         params,
         inputs,
@@ -400,9 +400,8 @@ def _num_labels(estimator: str, num_classes: int, token_shape: tuple[int, ...]) 
     return num_classes * math.prod(token_shape) if estimator == "exact" else 1
 
 
-def _default_chunk_size(params: Params, policy: _Policy) -> int:
+def _default_chunk_size(policy: _Policy) -> int:
     """Examples per chunk so that the working memory stays under ``MEMORY_BUDGET_BYTES``."""
-    del params
     return int(
         np.clip(MEMORY_BUDGET_BYTES // max(policy.bytes_per_example, 1), 1, policy.max_chunk)
     )
