@@ -301,3 +301,14 @@ def test_float32_fisher_within_1e6_of_float64(n, method):
             method="one_pass",
         )
     assert _max_rel_err(got, want) < 1e-6
+
+
+def test_auto_runs_the_chosen_paths_own_executable():
+    from ewc_jax import _fisher
+
+    for family, chosen in (("mlp", "one_pass"), ("tiny_lm", "general")):
+        apply_fn, params, x, y = build(family, width=4, n=6)
+        ewc_jax.fisher_diagonal(apply_fn, params, x, y, estimator="argmax", method=chosen)
+        compiled = _fisher._chunked_fisher._cache_size()
+        ewc_jax.fisher_diagonal(apply_fn, params, x, y, estimator="argmax", method="auto")
+        assert _fisher._chunked_fisher._cache_size() == compiled, family
