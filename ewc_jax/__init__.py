@@ -22,6 +22,7 @@ from ewc_jax._consolidation import empty_state as empty_state
 from ewc_jax._consolidation import penalty as penalty
 from ewc_jax._fisher import ESTIMATORS as ESTIMATORS
 from ewc_jax._fisher import fisher_diagonal as fisher_diagonal
+from ewc_jax._mas import mas_importance as mas_importance
 from ewc_jax._transform import AddEWCPenaltyState as AddEWCPenaltyState
 from ewc_jax._transform import add_ewc_penalty as add_ewc_penalty
 from ewc_jax._transform import set_ewc_state as set_ewc_state
