@@ -23,6 +23,9 @@ from ewc_jax._consolidation import penalty as penalty
 from ewc_jax._fisher import ESTIMATORS as ESTIMATORS
 from ewc_jax._fisher import fisher_diagonal as fisher_diagonal
 from ewc_jax._mas import mas_importance as mas_importance
+from ewc_jax._si import SIState as SIState
+from ewc_jax._si import si_importance as si_importance
+from ewc_jax._si import si_path_integral as si_path_integral
 from ewc_jax._transform import AddEWCPenaltyState as AddEWCPenaltyState
 from ewc_jax._transform import add_ewc_penalty as add_ewc_penalty
 from ewc_jax._transform import set_ewc_state as set_ewc_state
