@@ -87,6 +87,11 @@ def consolidate(
     ``mode="online"`` (Schwarz et al. 2018, online EWC): :math:`Λ \leftarrow γ Λ + F`,
     :math:`θ̄ \leftarrow θ`.
 
+    Any params-shaped non-negative importance takes the place of the Fisher: MAS
+    (:func:`mas_importance`), SI (:func:`si_importance`, with ``mode="online", gamma=1`` as
+    its authors sum importances), or a unit precision ``jax.tree.map(jnp.ones_like, params)``
+    for plain L2 towards the previous parameters.
+
     A :class:`KFACFisher` (from :func:`kfac_fisher`) with a ``KFACState`` or None gives a
     :class:`KFACState`: see ``ewc_jax._kfac.consolidate_kfac``.
 

@@ -363,7 +363,7 @@ def consolidate_kfac(
     * ``mode="separate"`` (Kirkpatrick et al.'s sum of per-task penalties): task ``t`` keeps
       its own anchor, :math:`\sum_t \operatorname{vec}(W̄ - W̄_t)^\top (A_t ⊗ G_t)
       \operatorname{vec}(W̄ - W̄_t)`.
-    * ``mode="online"`` (Ritter et al.'s online Laplace, Eq. 7: the precision after task t is
+    * ``mode="online"`` (Ritter et al.'s online Laplace: the precision after task t is
       :math:`Λ_t = H_t + γ Λ_{t-1}` centred on the latest parameters): every term is
       re-anchored at ``params`` and the old factors ``A`` are scaled by ``γ``
       (:math:`γ (A ⊗ G) = (γ A) ⊗ G`).

@@ -41,12 +41,14 @@ def mas_importance(
     {\partial θ_i}\right|`.
 
     ``f`` is the model output ``apply_fn(θ, x)`` (the logits, before any softmax) and the norm is
-    the *squared* L2 norm over all of one example's outputs, as in Aljundi et al. (Eq. 4 and
-    Sec. 4: "we use the squared ℓ2 norm"). The absolute value is taken per example, then averaged
-    over the N examples (the paper's definition; the authors' code takes it of mini-batch mean
-    gradients instead, which is smaller). No labels are needed: importance measures how much
-    the output moves, whatever the task. The result is a params-shaped precision: use it where
-    a Fisher goes, in :func:`consolidate` and :func:`penalty` (the MAS penalty
+    the *squared* L2 norm over all of one example's outputs, the choice Aljundi et al. make for
+    their experiments (its gradient is ``2 Jᵀ f``). The absolute value is taken per example,
+    then averaged over the N examples, as the paper defines it; the authors' released code
+    instead takes the absolute value of mini-batch gradients of the outputs' mean square, a
+    smaller quantity (triangle inequality, and the mean over output units). No labels are
+    needed: importance measures how much the output moves, whatever the task. The result is a
+    params-shaped precision: use it where a Fisher goes, in :func:`consolidate` and
+    :func:`penalty` (the MAS penalty
     :math:`λ \sum_i Ω_i (θ_i - θ^*_i)^2` is ``penalty(..., strength=2λ)``).
 
     **Paths.** ``method="general"``: per-example gradients with ``jax.vmap(jax.grad)``, chunk by

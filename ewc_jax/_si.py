@@ -34,7 +34,7 @@ def si_path_integral(inner: optax.GradientTransformation) -> optax.GradientTrans
     Every ``update`` passes the gradient ``g`` it receives to ``inner`` and gets back the
     update ``Δθ`` that ``optax.apply_updates`` will add to the parameters; the running
     :math:`ω_i = -\sum_t g_{t,i}\, Δθ_{t,i}` is each parameter's share of the decrease of the
-    loss along the training trajectory (Zenke et al., Eq. 3, the first-order path integral).
+    loss along the training trajectory (Zenke et al.: the first-order path integral).
     At the end of a task, :func:`si_importance` turns it into a precision.
 
     **Where it goes in the chain.** SI integrates the gradient of the *task loss* (the authors'
@@ -87,8 +87,8 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
     .. math:: Ω_i = \frac{\max(ω_i, 0)}{(θ_i - θ^{\text{start}}_i)^2 + ξ}
 
     with ``ω`` the path integral accumulated by :func:`si_path_integral` since the task began,
-    ``θ`` the current ``params`` and ``θ_start`` the parameters at the task's start (Zenke et al.,
-    Eq. 5; ``ξ`` = ``damping`` keeps the ratio bounded where a parameter barely moved).
+    ``θ`` the current ``params`` and ``θ_start`` the parameters at the task's start (Zenke et al.;
+    ``ξ`` = ``damping`` keeps the ratio bounded where a parameter barely moved).
     Negative path integrals (the task loss rose along that coordinate, e.g. pushed there by the
     penalty) are clamped to 0 so that ``Ω`` is a valid precision for :func:`consolidate`. The
     authors' code applies the same ``relu`` to the running sum over tasks,
