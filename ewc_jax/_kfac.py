@@ -123,6 +123,16 @@ class KFACState(NamedTuple):
     diagonal: EWCState
     layers: tuple[KroneckerTerms, ...]
 
+    @property
+    def anchor(self) -> Params:
+        """The latest parameters consolidated (the anchor of the diagonal part)."""
+        return self.diagonal.anchor
+
+    @property
+    def num_tasks(self) -> jax.Array:
+        """How many tasks have been consolidated."""
+        return self.diagonal.num_tasks
+
 
 def kfac_fisher(
     apply_fn: ApplyFn,
