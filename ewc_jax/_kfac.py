@@ -1,4 +1,4 @@
-r"""Kronecker-factored Laplace: a block-structured precision for Dense layers.
+r"""Kronecker-factored Laplace: a block-structured precision for Dense and convolution layers.
 
 For a Dense layer ``z = a W + b`` (Flax layout: kernel ``W`` is ``[in, out]``) write the augmented
 input ``ā = [a; 1]`` and kernel ``W̄ = [W; b]`` (``[in + 1, out]``), so ``z = ā W̄``. The
@@ -14,13 +14,16 @@ small expectations, as Ritter et al. (2018) do for the Laplace posterior:
 .. math:: \operatorname{vec}(X)^\top (A \otimes G) \operatorname{vec}(X)
           = \operatorname{tr}(X^\top A X G) = \textstyle\sum (X \odot A X G),
 
-and its gradient is ``2 A X G`` (A, G symmetric). Other parameters keep a diagonal Fisher.
+and its gradient is ``2 A X G`` (A, G symmetric). A convolution is the same with ``a`` an
+input patch at each output position (Grosse & Martens 2016). Other parameters keep a diagonal
+Fisher.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -52,23 +55,30 @@ _DEFAULT_CHUNK = 256
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["a", "g"], meta_fields=["kernel", "bias"]
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "g"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
 )
 @dataclasses.dataclass(frozen=True)
 class KroneckerFactors:
-    """The Kronecker factors of one Dense layer's Fisher block, ``A ⊗ G``.
+    """The Kronecker factors of one layer's Fisher block, ``A ⊗ G``.
 
     Attributes:
-      a: ``[in + 1, in + 1]`` input factor ``E[ā āᵀ]`` (``[in, in]`` for a layer without bias).
+      a: ``[in + 1, in + 1]`` input factor ``E[ā āᵀ]`` (``[in, in]`` for a layer without bias;
+        for a convolution ``in`` counts a patch: input channels × kernel positions).
       g: ``[out, out]`` output factor ``E[δ δᵀ]``.
       kernel: index of the kernel among ``jax.tree.leaves(params)`` (static).
       bias: index of the bias leaf, or None (static).
+      kernel_axes: the kernel's axes in the order (input, spatial..., output): the rows of
+        ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` (static; ``(0, 1)`` for
+        Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel ``[h, w, in, out]``).
     """
 
     a: jax.Array
     g: jax.Array
     kernel: int
     bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
 
 
 class KFACFisher(NamedTuple):
@@ -87,7 +97,7 @@ class KFACFisher(NamedTuple):
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["a", "g", "anchor"],
-    meta_fields=["kernel", "bias"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
 )
 @dataclasses.dataclass(frozen=True)
 class KroneckerTerms:
@@ -99,6 +109,7 @@ class KroneckerTerms:
       anchor: ``[T, in + 1, out]`` augmented kernels ``[W; b]`` each quadratic is centred on.
       kernel: index of the kernel leaf (static).
       bias: index of the bias leaf, or None (static).
+      kernel_axes: as in :class:`KroneckerFactors` (static).
     """
 
     a: jax.Array
@@ -106,6 +117,7 @@ class KroneckerTerms:
     anchor: jax.Array
     kernel: int
     bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
 
 
 class KFACState(NamedTuple):
@@ -146,7 +158,7 @@ def kfac_fisher(
 ) -> KFACFisher:
     r"""Kronecker-factored Fisher of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
 
-    For every Dense layer (a kernel ``[in, out]`` contracted once per example with a
+    For every Dense layer (a kernel ``[in, out]`` contracted once per example with an
     ``[in]`` input, with or without a bias added to its output):
 
     .. math:: A = \frac1N \sum_n ā_n ā_n^\top,\qquad
@@ -158,11 +170,28 @@ def kfac_fisher(
     is that of :func:`fisher_diagonal`'s estimator: ``"exact"`` (every class weighted by the
     model's probability: one backward pass per class), ``"sampled"`` (one label drawn from the
     model, ``key`` required; the same draws as ``fisher_diagonal`` with the same key) or
-    ``"empirical"`` (the given ``labels``). Layers are found in the traced program, as the
-    one-pass Fisher finds them (``ewc_jax._fast_fisher``): Flax ``Dense``, NNX ``Linear`` or
-    ``x @ w + b`` in plain JAX. Every other parameter (convolutions, Dense layers applied over
-    a sequence, normalisation scales, shared weights) keeps its diagonal Fisher from
-    :func:`fisher_diagonal`: convolutions are not Kronecker-factored here.
+    ``"empirical"`` (the given ``labels``).
+
+    For every convolution (without feature groups) the kernel and bias are factored as in KFC
+    (Grosse & Martens 2016), with ``ā_{ns}`` the input patch (channel-major: input channel,
+    then kernel position) at output position ``s`` and ``δ_{nys}`` the output gradient there:
+
+    .. math:: A = \frac1N \sum_n \sum_s ā_{ns} ā_{ns}^\top,\qquad
+              G = \frac1N \sum_n \mathbb{E}_{y \sim q_n}\Big[\frac1S \sum_s δ_{nys}
+              δ_{nys}^\top\Big]
+
+    (activations and output gradients independent, output gradients uncorrelated across
+    positions). Its rows ``W̄`` are the kernel transposed to ``[in, spatial..., out]`` and
+    flattened (see :class:`KroneckerFactors`).
+
+    Layers are found in the traced program, as the one-pass Fisher finds them
+    (``ewc_jax._fast_fisher``): Flax ``Dense``/``Conv``, NNX ``Linear``/``Conv``, or ``x @ w + b``
+    and ``lax.conv_general_dilated`` in plain JAX. Every other parameter (grouped
+    convolutions, Dense layers applied over a sequence, normalisation scales, shared weights)
+    keeps its diagonal Fisher from :func:`fisher_diagonal`.
+
+    Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
+    the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
 
     Args:
       apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]``; examples independent.
@@ -190,6 +219,8 @@ def kfac_fisher(
       Catastrophic Forgetting", NeurIPS 2018.
       Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
       Curvature", ICML 2015.
+      Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
+      layers", ICML 2016.
     """
     if estimator not in KFAC_ESTIMATORS:
         raise ValueError(
@@ -215,8 +246,8 @@ def kfac_fisher(
     if estimator == "sampled" and key is None:
         raise ValueError("estimator='sampled' needs key, e.g. key=jax.random.key(0).")
     plan = _fast_fisher.make_plan(apply_fn, model.params_tree(), model.example_tree())
-    layers = _dense_layers(plan)
-    covered = {i for _, kernel, bias in layers for i in (kernel, bias) if i is not None}
+    layers = _layers(plan)
+    covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
     if len(covered) < len(leaves):
         diagonal = fisher_diagonal(
@@ -242,36 +273,52 @@ def kfac_fisher(
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(
-            KroneckerFactors(a, g, kernel, bias)
-            for (a, g), (_, kernel, bias) in zip(factors, layers, strict=True)
+            KroneckerFactors(a, g, kernel, bias, axes)
+            for (a, g), (_, kernel, bias, axes) in zip(factors, layers, strict=True)
         ),
     )
 
 
-def _dense_layers(plan: _fast_fisher.Plan) -> tuple[tuple[int, int, int | None], ...]:
-    """``(node, kernel leaf, bias leaf or None)`` for every Dense layer of the traced program.
+def _layers(
+    plan: _fast_fisher.Plan,
+) -> tuple[tuple[int, int, int | None, tuple[int, ...]], ...]:
+    """``(node, kernel leaf, bias leaf or None, kernel axes)`` for every factored layer.
 
     A Dense kernel: a 2-D leaf reaching a ``dot_general`` unchanged as its right operand,
-    contracted over its first axis with the last axis of a ``[1, in]`` per-example input. Its
-    bias: a 1-D leaf ``[out]`` added (alone, once) to that ``dot_general``'s output.
+    contracted over its first axis with the last axis of a ``[1, in]`` per-example input. A
+    convolution kernel: a leaf reaching a ``conv_general_dilated`` unchanged as its kernel,
+    without feature or batch groups. A bias: a 1-D ``[out]`` leaf added (alone, once) to the
+    layer's output.
     """
     layers = []
     for tap in plan.taps:
         node = plan.nodes[tap.node]
+        name = node.eqn.primitive.name
         leaf_shape = plan.inputs[tap.leaf].aval.shape
-        if node.eqn.primitive.name != "dot_general" or tap.operand != 1 or tap.layout:
+        if tap.operand != 1 or tap.layout:
             continue
-        if len(leaf_shape) != 2 or not tap.one_term:
-            continue
-        lhs_shape = node.inputs[0].aval.shape
-        (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
-        if (
-            lhs_shape != (1, leaf_shape[0])
-            or tuple(contract_l) != (1,)
-            or tuple(contract_r) != (0,)
-        ):
-            continue
-        if batch != ((), ()):
+        if name == "dot_general":
+            lhs_shape = node.inputs[0].aval.shape
+            (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
+            if (
+                len(leaf_shape) != 2
+                or not tap.one_term
+                or lhs_shape != (1, leaf_shape[0])
+                or tuple(contract_l) != (1,)
+                or tuple(contract_r) != (0,)
+                or batch != ((), ())
+            ):
+                continue
+            axes = (0, 1)
+            out_features = leaf_shape[1]
+        elif name == "conv_general_dilated":
+            params = node.eqn.params
+            if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+                continue
+            rhs_spec = params["dimension_numbers"].rhs_spec
+            axes = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
+            out_features = leaf_shape[rhs_spec[0]]
+        else:
             continue
         bias = None
         out = node.outputs[0]
@@ -279,13 +326,31 @@ def _dense_layers(plan: _fast_fisher.Plan) -> tuple[tuple[int, int, int | None],
             adder = plan.nodes[other.node]
             if (
                 adder.eqn.primitive.name == "add"
-                and other.one_term
                 and adder.inputs[1 - other.operand] is out
-                and plan.inputs[other.leaf].aval.shape == (leaf_shape[1],)
+                and plan.inputs[other.leaf].aval.shape == (out_features,)
             ):
                 bias = other.leaf
-        layers.append((tap.node, tap.leaf, bias))
+        layers.append((tap.node, tap.leaf, bias, tuple(int(a) for a in axes)))
     return tuple(layers)
+
+
+def _layer_inputs(plan, node: int, recorded: Any, dtype: Any) -> jax.Array:
+    """``[B, S, in]``: each example's layer inputs at its S output positions (S = 1: Dense)."""
+    lhs = recorded[(node, 0)]
+    if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
+        return _fast_fisher._conv_patches(plan.nodes[node], lhs, dtype)
+    return lhs.reshape(lhs.shape[0], 1, -1).astype(dtype)
+
+
+def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
+    """``[B, S, out]``: the output gradients at the S output positions."""
+    eqn = plan.nodes[node].eqn
+    if eqn.primitive.name == "conv_general_dilated":
+        out_spec = eqn.params["dimension_numbers"].out_spec
+        d = _fast_fisher._stack_examples(delta.astype(dtype), out_spec[0])
+        d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
+        return d.reshape(d.shape[0], -1, d.shape[-1])
+    return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "layers"))
@@ -302,7 +367,7 @@ def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, l
                 (weight.shape[0], *plan.nodes[node].outputs[0].aval.shape),
                 plan.nodes[node].outputs[0].aval.dtype,
             )
-            for node, _, _ in layers
+            for node, _, _, _ in layers
         }
 
         def forward(eps):
@@ -312,31 +377,29 @@ def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, l
 
         logits, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
         num_labels, target = _targets(logits, estimator, y, k, None, weight)
-        dtypes = [_accumulate_dtype(leaves[kernel].dtype) for _, kernel, _ in layers]
+        dtypes = [_accumulate_dtype(leaves[kernel].dtype) for _, kernel, _, _ in layers]
         a_sums = []
-        for (node, _, bias), dtype in zip(layers, dtypes, strict=True):
-            a = recorded[(node, 0)].reshape(weight.shape[0], -1).astype(dtype)
+        for (node, _, bias, _), dtype in zip(layers, dtypes, strict=True):
+            a = _layer_inputs(plan, node, recorded, dtype)
             if bias is not None:
-                a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
-            a_sums.append(jnp.einsum("n,ni,nj->ij", weight.astype(dtype), a, a))
+                a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
+            # Σ over output positions (Grosse & Martens 2016; one position for Dense).
+            a_sums.append(jnp.einsum("n,nsi,nsj->ij", weight.astype(dtype), a, a))
 
         def add_label(g_sums, label):
             cotangent, w = target(label)
             (deltas,) = pullback(cotangent.astype(logits.dtype))
-            return [
-                g
-                + jnp.einsum(
-                    "n,ni,nj->ij",
-                    w.astype(dtype),
-                    deltas[node].reshape(w.shape[0], -1).astype(dtype),
-                    deltas[node].reshape(w.shape[0], -1).astype(dtype),
-                )
-                for g, (node, _, _), dtype in zip(g_sums, layers, dtypes, strict=True)
-            ], None
+            new = []
+            for total, (node, _, _, _), dtype in zip(g_sums, layers, dtypes, strict=True):
+                d = _layer_deltas(plan, node, deltas[node], dtype)
+                # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
+                scale = jnp.asarray(1.0 / d.shape[1], dtype)
+                new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
+            return new, None
 
         zero = [
-            jnp.zeros((leaves[kernel].shape[1],) * 2, dtype)
-            for (_, kernel, _), dtype in zip(layers, dtypes, strict=True)
+            jnp.zeros((leaves[kernel].shape[axes[-1]],) * 2, dtype)
+            for (_, kernel, _, axes), dtype in zip(layers, dtypes, strict=True)
         ]
         if num_labels == 1:
             g_sums, _ = add_label(zero, 0)
@@ -348,9 +411,12 @@ def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, l
     return [(a / n, g / n) for a, g in total]
 
 
-def _augmented(leaves: list[Any], kernel: int, bias: int | None, dtype: Any) -> jax.Array:
+def _augmented(
+    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
+) -> jax.Array:
     """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``."""
-    w = leaves[kernel].astype(dtype)
+    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
+    w = w.reshape(-1, w.shape[-1])
     if bias is None:
         return w
     return jnp.concatenate([w, leaves[bias].astype(dtype)[None]], axis=0)
@@ -408,7 +474,9 @@ def consolidate_kfac(
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
         dtype = terms.a.dtype
-        anchor = _augmented(leaves, factors.kernel, factors.bias, terms.anchor.dtype)
+        anchor = _augmented(
+            leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
+        )
         a_old, anchor_old = terms.a, terms.anchor
         if mode == "online":
             a_old = jnp.asarray(gamma, dtype) * a_old
@@ -420,6 +488,7 @@ def consolidate_kfac(
                 anchor=jnp.concatenate([anchor_old, anchor[None]]),
                 kernel=factors.kernel,
                 bias=factors.bias,
+                kernel_axes=factors.kernel_axes,
             )
         )
     return KFACState(diagonal=diagonal, layers=tuple(layers))
@@ -427,13 +496,16 @@ def consolidate_kfac(
 
 def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
     dtype = _wide(factors.a, factors.g, leaves[factors.kernel])
-    anchor = _augmented(leaves, factors.kernel, factors.bias, _wide(leaves[factors.kernel]))
+    anchor = _augmented(
+        leaves, factors.kernel, factors.bias, factors.kernel_axes, _wide(leaves[factors.kernel])
+    )
     return KroneckerTerms(
         a=jnp.zeros((0, *factors.a.shape), dtype),
         g=jnp.zeros((0, *factors.g.shape), dtype),
         anchor=jnp.zeros((0, *anchor.shape), anchor.dtype),
         kernel=factors.kernel,
         bias=factors.bias,
+        kernel_axes=factors.kernel_axes,
     )
 
 
@@ -460,7 +532,8 @@ def kfac_penalty(params: Params, state: KFACState, strength: Any) -> jax.Array:
 def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
     """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
     dtype = terms.a.dtype
-    return _augmented(leaves, terms.kernel, terms.bias, dtype)[None] - terms.anchor.astype(dtype)
+    w = _augmented(leaves, terms.kernel, terms.bias, terms.kernel_axes, dtype)
+    return w[None] - terms.anchor.astype(dtype)
 
 
 def kfac_penalty_gradient(params: Params, state: KFACState, strength: Any) -> Params:
@@ -481,8 +554,13 @@ def kfac_penalty_gradient(params: Params, state: KFACState, strength: Any) -> Pa
     for terms in state.layers:
         x = _deviation(leaves, terms)
         g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
-        rows = leaves[terms.kernel].shape[0]
-        grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + g[:rows].astype(
+        kernel_shape = leaves[terms.kernel].shape
+        rows = math.prod(kernel_shape) // kernel_shape[terms.kernel_axes[-1]]
+        kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
+        kernel_grad = jnp.transpose(
+            kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
+        )
+        grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
             grad_leaves[terms.kernel].dtype
         )
         if terms.bias is not None:

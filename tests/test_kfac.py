@@ -210,26 +210,112 @@ def test_penalty_gradient_and_optax_transform(mode, gamma):
         assert isinstance(back[0].ewc, ewc_jax.EWCState)
 
 
-class _TinyCNN(nn.Module):
+class _GroupedCNN(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(2, (2, 2))(x))
+        x = nn.relu(nn.Conv(2, (2, 2), feature_group_count=2)(x))
         return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
 
-def test_conv_layers_keep_their_diagonal_fisher():
-    model = _TinyCNN()
-    x = jax.random.normal(jax.random.key(1), (4, 4, 4, 1))
+def test_grouped_conv_keeps_its_diagonal_fisher():
+    model = _GroupedCNN()
+    x = jax.random.normal(jax.random.key(1), (4, 3, 3, 2))
     params = model.init(jax.random.key(0), x[:1])
     got = ewc_jax.kfac_fisher(model.apply, params, x)
     diag = ewc_jax.fisher_diagonal(model.apply, params, x)
     (dense,) = got.layers  # the Dense layer only
     leaves = jax.tree.leaves(got.diagonal)
-    assert dense.a.shape == (4 * 4 * 2 + 1,) * 2 and dense.g.shape == (3, 3)
+    assert dense.a.shape == (3 * 3 * 2 + 1,) * 2 and dense.g.shape == (3, 3)
     conv = got.diagonal["params"]["Conv_0"]
     for name in ("kernel", "bias"):
         np.testing.assert_allclose(conv[name], diag["params"]["Conv_0"][name], rtol=1e-6)
     assert not np.any(leaves[dense.kernel]) and not np.any(leaves[dense.bias])
+
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_model(params, x):
+    """A 2x2 VALID convolution with bias on [4, 4, 2] images, tanh, a Dense layer."""
+    y = jax.lax.conv_general_dilated(x, params["k"], (1, 1), "VALID", dimension_numbers=_DN)
+    h = jnp.tanh(y + params["cb"][None, None, None])
+    return h.reshape(x.shape[0], -1) @ params["w"] + params["b"][None]
+
+
+def _conv_kernel_rows(kernel):
+    """[h, w, in, out] -> [in·h·w, out], rows ordered channel-major as the patches below."""
+    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, kernel.shape[-1])
+
+
+def test_conv_factors_penalty_and_gradient():
+    # KFC (Grosse & Martens 2016): A = E[Σ_s ā_s ā_sᵀ] over output positions s,
+    # G = E[(1/S) Σ_s δ_s δ_sᵀ]; patches cut by hand here.
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(0), 4)
+        params = {
+            "k": 0.5 * jax.random.normal(k[0], (2, 2, 2, 3), jnp.float64),
+            "cb": 0.1 * jax.random.normal(k[1], (3,), jnp.float64),
+            "w": 0.3 * jax.random.normal(k[2], (27, 4), jnp.float64),
+            "b": jnp.zeros(4, jnp.float64),
+        }
+        x = jax.random.normal(jax.random.key(1), (3, 4, 4, 2), jnp.float64)
+        got = ewc_jax.kfac_fisher(_conv_model, params, x, estimator="exact")
+        conv = [f for f in got.layers if f.a.shape[0] == 9]
+        assert len(got.layers) == 2 and len(conv) == 1
+        (conv,) = conv
+
+        @jax.jit
+        def deltas(xn, c):
+            def log_p(e):
+                y = jax.lax.conv_general_dilated(
+                    xn[None], params["k"], (1, 1), "VALID", dimension_numbers=_DN
+                )[0]
+                h = jnp.tanh(y + params["cb"][None, None] + e)
+                return jax.nn.log_softmax(h.reshape(-1) @ params["w"] + params["b"])[c]
+
+            return jax.grad(log_p)(jnp.zeros((3, 3, 3), jnp.float64)).reshape(9, 3)
+
+        a_ref = jnp.zeros((9, 9), jnp.float64)
+        g_ref = jnp.zeros((3, 3), jnp.float64)
+        probs = jax.nn.softmax(_conv_model(params, x))
+        for n in range(3):
+            for i in range(3):
+                for j in range(3):
+                    patch = jnp.transpose(x[n, i : i + 2, j : j + 2], (2, 0, 1)).reshape(-1)
+                    abar = jnp.concatenate([patch, jnp.ones(1, jnp.float64)])
+                    a_ref = a_ref + jnp.outer(abar, abar)
+            for c in range(4):
+                d = deltas(x[n], c)
+                g_ref = g_ref + probs[n, c] * d.T @ d / 9
+        np.testing.assert_allclose(conv.a, a_ref / 3, rtol=1e-10)
+        np.testing.assert_allclose(conv.g, g_ref / 3, rtol=1e-10, atol=1e-15)
+
+        # Penalty and gradient against the explicit Kronecker product on [rows(k); cb].
+        state = ewc_jax.consolidate(None, params, got)
+        now = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)
+        dense = next(f for f in got.layers if f is not conv)
+
+        def rows(theta, conv_layer):
+            if conv_layer:
+                return jnp.concatenate([_conv_kernel_rows(theta["k"]), theta["cb"][None]])
+            return jnp.concatenate([theta["w"], theta["b"][None]])
+
+        want = 0.0
+        for factors, is_conv in ((conv, True), (dense, False)):
+            v = (rows(now, is_conv) - rows(params, is_conv)).reshape(-1)
+            want += v @ jnp.kron(factors.a, factors.g) @ v
+        np.testing.assert_allclose(ewc_jax.penalty(now, state, 2.0), want, rtol=1e-12)
+        grads = jax.grad(ewc_jax.penalty)(now, state, 2.0)
+        x_conv = rows(now, True) - rows(params, True)
+        want_rows = 2.0 * conv.a @ x_conv @ conv.g
+        np.testing.assert_allclose(_conv_kernel_rows(grads["k"]), want_rows[:-1], rtol=1e-10)
+        np.testing.assert_allclose(grads["cb"], want_rows[-1], rtol=1e-10)
+        tx = optax.chain(ewc_jax.add_ewc_penalty(2.0), optax.sgd(1.0))
+        opt_state = ewc_jax.set_ewc_state(tx.init(now), state)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, now), opt_state, now)
+        # (The logits' bias gradient is ~0: softmax output gradients sum to zero, G 1 = 0.)
+        for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(u, -g, rtol=1e-10, atol=1e-15)
 
 
 def test_kfac_rejects_bad_inputs():
