@@ -28,6 +28,7 @@ from ewc_jax._kfac import KFACState as KFACState
 from ewc_jax._kfac import KroneckerFactors as KroneckerFactors
 from ewc_jax._kfac import KroneckerTerms as KroneckerTerms
 from ewc_jax._kfac import kfac_fisher as kfac_fisher
+from ewc_jax._kfac import merge_kronecker_terms as merge_kronecker_terms
 from ewc_jax._mas import mas_importance as mas_importance
 from ewc_jax._si import SIState as SIState
 from ewc_jax._si import si_importance as si_importance

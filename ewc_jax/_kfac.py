@@ -47,7 +47,12 @@ from ewc_jax._fisher import (
     fisher_diagonal,
 )
 from ewc_jax._types import ApplyFn, Params, PyTree
-from ewc_jax._validation import check_finite, check_nonnegative_scalar, check_unit_interval
+from ewc_jax._validation import (
+    check_finite,
+    check_nonnegative_scalar,
+    check_unit_interval,
+    concrete_or_none,
+)
 
 KFAC_ESTIMATORS = ("exact", "sampled", "empirical")
 
@@ -492,6 +497,46 @@ def consolidate_kfac(
             )
         )
     return KFACState(diagonal=diagonal, layers=tuple(layers))
+
+
+def merge_kronecker_terms(state: KFACState) -> KFACState:
+    r"""Collapses each layer's remembered Kronecker terms into one (an approximation).
+
+    .. math:: \sum_{t=1}^{T} A_t \otimes G_t pprox \Big(\sum_t A_t\Big) \otimes
+              \Big(rac1T \sum_t G_t\Big)
+
+    Exact when every task has the same ``G`` (and whenever ``T = 1``); otherwise it drops the
+    cross-task structure, in exchange for a state of fixed size: the penalty then costs the
+    same after 50 tasks as after one, and a jitted step stops recompiling. Only for a state
+    whose terms share one anchor, i.e. ``mode="online"`` (the separate mode's per-task
+    anchors cannot be merged). Apply it after every :func:`consolidate`::
+
+        state = ewc_jax.merge_kronecker_terms(
+            ewc_jax.consolidate(state, params, fisher, mode="online", gamma=gamma)
+        )
+
+    The online decay ``γ`` is already folded into the old ``A_t``, so it carries over.
+
+    Raises:
+      ValueError: the terms of a layer have different anchors (checked where concrete).
+    """
+    layers = []
+    for terms in state.layers:
+        anchors = concrete_or_none(terms.anchor)
+        if anchors is not None and not np.all(anchors == anchors[-1:]):
+            raise ValueError(
+                "merge_kronecker_terms needs terms with one shared anchor (mode='online'); "
+                f"the layer of leaf {terms.kernel} has {anchors.shape[0]} different anchors."
+            )
+        layers.append(
+            dataclasses.replace(
+                terms,
+                a=jnp.sum(terms.a, axis=0, keepdims=True),
+                g=jnp.mean(terms.g, axis=0, keepdims=True),
+                anchor=terms.anchor[-1:],
+            )
+        )
+    return KFACState(diagonal=state.diagonal, layers=tuple(layers))
 
 
 def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:

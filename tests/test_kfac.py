@@ -1,5 +1,7 @@
 """K-FAC Laplace against per-example references and explicit Kronecker products (float64)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -209,6 +211,29 @@ def test_penalty_gradient_and_optax_transform(mode, gamma):
         diag_state = ewc_jax.consolidate(None, now, jax.tree.map(jnp.ones_like, now))
         back = ewc_jax.set_ewc_state(opt_state, diag_state)
         assert isinstance(back[0].ewc, ewc_jax.EWCState)
+
+
+def test_merged_terms_are_exact_for_a_shared_output_factor():
+    with jax.enable_x64(True):
+        params, now = _init(jax.random.key(0)), _init(jax.random.key(20))
+        x, y = _data(1)
+        f1 = ewc_jax.kfac_fisher(_model, params, x, y, estimator="empirical")
+        # Task 2: other input factors, the same output factors: the merge is exact.
+        f2 = ewc_jax.KFACFisher(
+            jax.tree.map(lambda d: 2 * d, f1.diagonal),
+            tuple(dataclasses.replace(f, a=f.a @ f.a + jnp.eye(f.a.shape[0])) for f in f1.layers),
+        )
+        state = ewc_jax.consolidate(None, params, f1, mode="online")
+        state = ewc_jax.consolidate(state, params, f2, mode="online", gamma=0.5)
+        merged = ewc_jax.merge_kronecker_terms(state)
+        assert all(t.a.shape[0] == 1 and t.anchor.shape[0] == 1 for t in merged.layers)
+        np.testing.assert_allclose(
+            ewc_jax.penalty(now, merged, 2.0), ewc_jax.penalty(now, state, 2.0), rtol=1e-12
+        )
+        separate = ewc_jax.consolidate(None, params, f1)
+        separate = ewc_jax.consolidate(separate, now, f2)
+        with pytest.raises(ValueError, match="one shared anchor"):
+            ewc_jax.merge_kronecker_terms(separate)
 
 
 class _GroupedCNN(nn.Module):
