@@ -22,6 +22,17 @@ from ewc_jax._consolidation import empty_state as empty_state
 from ewc_jax._consolidation import penalty as penalty
 from ewc_jax._fisher import ESTIMATORS as ESTIMATORS
 from ewc_jax._fisher import fisher_diagonal as fisher_diagonal
+from ewc_jax._kfac import KFAC_ESTIMATORS as KFAC_ESTIMATORS
+from ewc_jax._kfac import KFACFisher as KFACFisher
+from ewc_jax._kfac import KFACState as KFACState
+from ewc_jax._kfac import KroneckerFactors as KroneckerFactors
+from ewc_jax._kfac import KroneckerTerms as KroneckerTerms
+from ewc_jax._kfac import kfac_fisher as kfac_fisher
+from ewc_jax._kfac import merge_kronecker_terms as merge_kronecker_terms
+from ewc_jax._mas import mas_importance as mas_importance
+from ewc_jax._si import SIState as SIState
+from ewc_jax._si import si_importance as si_importance
+from ewc_jax._si import si_path_integral as si_path_integral
 from ewc_jax._transform import AddEWCPenaltyState as AddEWCPenaltyState
 from ewc_jax._transform import add_ewc_penalty as add_ewc_penalty
 from ewc_jax._transform import set_ewc_state as set_ewc_state

@@ -66,13 +66,13 @@ def _wide(*arrays: Any) -> np.dtype:
 
 
 def consolidate(
-    state: EWCState | None,
+    state: EWCState | Any | None,
     params: Params,
-    fisher: Params,
+    fisher: Params | Any,
     *,
     mode: Literal["separate", "online"] = "separate",
     gamma: float = 1.0,
-) -> EWCState:
+) -> EWCState | Any:
     r"""Folds a finished task's parameters and Fisher into the EWC state.
 
     ``mode="separate"`` (Kirkpatrick et al. 2017) keeps one quadratic per past task,
@@ -86,6 +86,14 @@ def consolidate(
 
     ``mode="online"`` (Schwarz et al. 2018, online EWC): :math:`Λ \leftarrow γ Λ + F`,
     :math:`θ̄ \leftarrow θ`.
+
+    Any params-shaped non-negative importance takes the place of the Fisher: MAS
+    (:func:`mas_importance`), SI (:func:`si_importance`, with ``mode="online", gamma=1`` as
+    its authors sum importances), or a unit precision ``jax.tree.map(jnp.ones_like, params)``
+    for plain L2 towards the previous parameters.
+
+    A :class:`KFACFisher` (from :func:`kfac_fisher`) with a ``KFACState`` or None gives a
+    :class:`KFACState`: see ``ewc_jax._kfac.consolidate_kfac``.
 
     Args:
       state: the state so far, or None before the first task.
@@ -110,6 +118,10 @@ def consolidate(
         raise ValueError(
             f"Unknown consolidation mode {mode!r}; valid modes: {CONSOLIDATION_MODES}."
         )
+    from ewc_jax import _kfac  # here: _kfac builds on this module
+
+    if isinstance(fisher, _kfac.KFACFisher) or isinstance(state, _kfac.KFACState):
+        return _kfac.consolidate_kfac(state, params, fisher, mode=mode, gamma=gamma)
     check_unit_interval(gamma, "gamma")
     if mode == "separate" and concrete_or_none(gamma) is not None and float(gamma) != 1.0:
         raise ValueError(
@@ -164,11 +176,14 @@ def _precision_weighted_mean(total, old_precision, old_anchor, fisher, theta):
     return jnp.where(positive & (old_precision > 0), merged.astype(theta.dtype), theta)
 
 
-def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
+def penalty(params: Params, state: EWCState | Any, strength: Any) -> jax.Array:
     r"""The EWC penalty :math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2`.
 
     Add it to the loss of the current task: :math:`L(θ) = L_B(θ) + \frac{λ}{2}\sum_i
     F_i (θ_i - θ^*_{A,i})^2`. Its gradient is :math:`λ Λ (θ - θ̄)`.
+
+    With a :class:`KFACState` the Kronecker quadratics of its Dense layers are added (see
+    ``ewc_jax._kfac.kfac_penalty``).
 
     The ½ is the paper's convention. The PyTorch tutorial this project started from writes
     ``importance * Σ F (θ - θ*)²`` without the ½: its ``importance=1000`` is ``strength=2000`` here.
@@ -185,6 +200,10 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
+    if not isinstance(state, EWCState):
+        from ewc_jax import _kfac  # here: _kfac builds on this module
+
+        return _kfac.kfac_penalty(params, state, strength)
     check_nonnegative_scalar(strength, "strength")
     check_same_structure(state.anchor, params, "state.anchor", "params")
     terms = jax.tree.leaves(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ewc_jax import _kfac
 from ewc_jax._consolidation import EWCState, empty_state
 from ewc_jax._validation import check_nonnegative_scalar, check_same_structure
 
@@ -55,6 +56,9 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
                 "add_ewc_penalty needs the current params: call tx.update(updates, state, params)."
             )
         ewc = state.ewc
+        if not isinstance(ewc, EWCState):  # a KFACState
+            grads = _kfac.kfac_penalty_gradient(params, ewc, strength)
+            return jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, grads), state
         # λ F (θ - θ̄) in float32 at least (bfloat16 params keep a float32 precision), then
         # added to the gradient in its own dtype.
         updates = jax.tree.map(
@@ -74,14 +78,16 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def set_ewc_state(opt_state: Any, ewc_state: EWCState) -> Any:
+def set_ewc_state(opt_state: Any, ewc_state: EWCState | Any) -> Any:
     """Returns ``opt_state`` with the state of every :func:`add_ewc_penalty` in it replaced.
 
     Works on any nesting of Optax states (``optax.chain``, ``optax.multi_transform``, ...).
 
     Args:
       opt_state: an Optax state containing at least one ``AddEWCPenaltyState``.
-      ewc_state: the new consolidated state, from :func:`consolidate`.
+      ewc_state: the new consolidated state, from :func:`consolidate`: an ``EWCState`` or a
+        ``KFACState`` (replacing one type by the other changes the state's structure, so a
+        jitted step compiles once more).
 
     Returns:
       The new optimiser state; shapes and dtypes are unchanged, so jitted steps do not recompile.
@@ -89,6 +95,8 @@ def set_ewc_state(opt_state: Any, ewc_state: EWCState) -> Any:
     Raises:
       ValueError: if ``opt_state`` holds no ``AddEWCPenaltyState`` or the trees differ.
     """
+    if not isinstance(ewc_state, EWCState) or _kfac.holds_kfac_state(opt_state):
+        return _kfac.set_state(opt_state, ewc_state)
     found = optax.tree_utils.tree_get_all_with_path(
         opt_state, "ewc", filtering=lambda _, value: isinstance(value, EWCState)
     )

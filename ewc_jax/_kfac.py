@@ -1,0 +1,645 @@
+r"""Kronecker-factored Laplace: a block-structured precision for Dense and convolution layers.
+
+For a Dense layer ``z = a W + b`` (Flax layout: kernel ``W`` is ``[in, out]``) write the augmented
+input ``ā = [a; 1]`` and kernel ``W̄ = [W; b]`` (``[in + 1, out]``), so ``z = ā W̄``. The
+per-example gradient of ``log p(y | x)`` is ``ā δᵀ`` with ``δ = ∂ log p / ∂z``, and K-FAC
+(Martens & Grosse 2015) approximates the layer's Fisher block by a Kronecker product of two
+small expectations, as Ritter et al. (2018) do for the Laplace posterior:
+
+.. math:: F_{\text{layer}} \approx A \otimes G,\qquad A = \mathbb{E}_n[ā_n ā_n^\top],\qquad
+          G = \mathbb{E}_n \mathbb{E}_{y \sim q_n}[δ_n δ_n^\top]
+
+(``vec`` row-major over ``[in + 1, out]``). The quadratic form needs no Kronecker product:
+
+.. math:: \operatorname{vec}(X)^\top (A \otimes G) \operatorname{vec}(X)
+          = \operatorname{tr}(X^\top A X G) = \textstyle\sum (X \odot A X G),
+
+and its gradient is ``2 A X G`` (A, G symmetric). A convolution is the same with ``a`` an
+input patch at each output position (Grosse & Martens 2016). Other parameters keep a diagonal
+Fisher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ewc_jax import _consolidation, _fast_fisher
+from ewc_jax._chunking import chunked_sum
+from ewc_jax._consolidation import EWCState, _wide
+from ewc_jax._fisher import (
+    _accumulate_dtype,
+    _check_params,
+    _checked_labels,
+    _Model,
+    _num_examples,
+    _output_shape,
+    _result_dtype,
+    _Static,
+    _targets,
+    fisher_diagonal,
+)
+from ewc_jax._types import ApplyFn, Params, PyTree
+from ewc_jax._validation import (
+    check_finite,
+    check_nonnegative_scalar,
+    check_unit_interval,
+    concrete_or_none,
+)
+
+KFAC_ESTIMATORS = ("exact", "sampled", "empirical")
+
+_DEFAULT_CHUNK = 256
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "g"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
+)
+@dataclasses.dataclass(frozen=True)
+class KroneckerFactors:
+    """The Kronecker factors of one layer's Fisher block, ``A ⊗ G``.
+
+    Attributes:
+      a: ``[in + 1, in + 1]`` input factor ``E[ā āᵀ]`` (``[in, in]`` for a layer without bias;
+        for a convolution ``in`` counts a patch: input channels × kernel positions).
+      g: ``[out, out]`` output factor ``E[δ δᵀ]``.
+      kernel: index of the kernel among ``jax.tree.leaves(params)`` (static).
+      bias: index of the bias leaf, or None (static).
+      kernel_axes: the kernel's axes in the order (input, spatial..., output): the rows of
+        ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` (static; ``(0, 1)`` for
+        Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel ``[h, w, in, out]``).
+    """
+
+    a: jax.Array
+    g: jax.Array
+    kernel: int
+    bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
+
+
+class KFACFisher(NamedTuple):
+    """A Kronecker-factored Fisher, from :func:`kfac_fisher`.
+
+    Attributes:
+      diagonal: params-shaped diagonal Fisher of the parameters no factor covers (0 where a
+        factor does).
+      layers: one :class:`KroneckerFactors` per Dense layer.
+    """
+
+    diagonal: Params
+    layers: tuple[KroneckerFactors, ...]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "g", "anchor"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
+)
+@dataclasses.dataclass(frozen=True)
+class KroneckerTerms:
+    """One Dense layer's consolidated quadratics, one per remembered task ``t``.
+
+    Attributes:
+      a: ``[T, in + 1, in + 1]`` input factors.
+      g: ``[T, out, out]`` output factors.
+      anchor: ``[T, in + 1, out]`` augmented kernels ``[W; b]`` each quadratic is centred on.
+      kernel: index of the kernel leaf (static).
+      bias: index of the bias leaf, or None (static).
+      kernel_axes: as in :class:`KroneckerFactors` (static).
+    """
+
+    a: jax.Array
+    g: jax.Array
+    anchor: jax.Array
+    kernel: int
+    bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
+
+
+class KFACState(NamedTuple):
+    """What K-FAC Laplace remembers: a diagonal EWC part and Kronecker terms per Dense layer.
+
+    Accepted by :func:`consolidate`, :func:`penalty`, :func:`add_ewc_penalty` (via
+    :func:`set_ewc_state`) wherever an :class:`EWCState` is.
+
+    Attributes:
+      diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at
+        the covered ones); its ``num_tasks`` counts the consolidated tasks.
+      layers: one :class:`KroneckerTerms` per Dense layer.
+    """
+
+    diagonal: EWCState
+    layers: tuple[KroneckerTerms, ...]
+
+    @property
+    def anchor(self) -> Params:
+        """The latest parameters consolidated (the anchor of the diagonal part)."""
+        return self.diagonal.anchor
+
+    @property
+    def num_tasks(self) -> jax.Array:
+        """How many tasks have been consolidated."""
+        return self.diagonal.num_tasks
+
+
+def kfac_fisher(
+    apply_fn: ApplyFn,
+    params: Params,
+    inputs: PyTree,
+    labels: jax.typing.ArrayLike | None = None,
+    *,
+    estimator: Literal["exact", "sampled", "empirical"] = "exact",
+    key: jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> KFACFisher:
+    r"""Kronecker-factored Fisher of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
+
+    For every Dense layer (a kernel ``[in, out]`` contracted once per example with an
+    ``[in]`` input, with or without a bias added to its output):
+
+    .. math:: A = \frac1N \sum_n ā_n ā_n^\top,\qquad
+              G = \frac1N \sum_n \mathbb{E}_{y \sim q_n}\left[δ_{ny} δ_{ny}^\top\right],\qquad
+              δ_{ny} = \frac{\partial \log p(y \mid x_n, θ)}{\partial z_n},
+
+    where ``ā = [a; 1]`` when the layer has a bias, so that ``A ⊗ G`` covers kernel and bias
+    jointly, as Ritter et al. do (``[W; b]``, ``[in + 1, out]``). The label distribution ``q_n``
+    is that of :func:`fisher_diagonal`'s estimator: ``"exact"`` (every class weighted by the
+    model's probability: one backward pass per class), ``"sampled"`` (one label drawn from the
+    model, ``key`` required; the same draws as ``fisher_diagonal`` with the same key) or
+    ``"empirical"`` (the given ``labels``).
+
+    For every convolution (without feature groups) the kernel and bias are factored as in KFC
+    (Grosse & Martens 2016), with ``ā_{ns}`` the input patch (channel-major: input channel,
+    then kernel position) at output position ``s`` and ``δ_{nys}`` the output gradient there:
+
+    .. math:: A = \frac1N \sum_n \sum_s ā_{ns} ā_{ns}^\top,\qquad
+              G = \frac1N \sum_n \mathbb{E}_{y \sim q_n}\Big[\frac1S \sum_s δ_{nys}
+              δ_{nys}^\top\Big]
+
+    (activations and output gradients independent, output gradients uncorrelated across
+    positions). Its rows ``W̄`` are the kernel transposed to ``[in, spatial..., out]`` and
+    flattened (see :class:`KroneckerFactors`).
+
+    Layers are found in the traced program, as the one-pass Fisher finds them
+    (``ewc_jax._fast_fisher``): Flax ``Dense``/``Conv``, NNX ``Linear``/``Conv``, or ``x @ w + b``
+    and ``lax.conv_general_dilated`` in plain JAX. Every other parameter (grouped
+    convolutions, Dense layers applied over a sequence, normalisation scales, shared weights)
+    keeps its diagonal Fisher from :func:`fisher_diagonal`.
+
+    Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
+    the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]``; examples independent.
+      params: a pytree of floating-point arrays.
+      inputs: an array or pytree of arrays with a leading example axis N.
+      labels: int labels ``[N]``; required for ``"empirical"``.
+      estimator: ``"exact"``, ``"sampled"`` or ``"empirical"``.
+      key: PRNG key for ``"sampled"``.
+      chunk_size: examples per chunk (default 256).
+
+    Returns:
+      A :class:`KFACFisher` (factors in float32 at least).
+
+    Raises:
+      ValueError: unknown estimator, missing labels/key, logits not ``[B, C]``.
+
+    Example::
+
+        fisher = ewc_jax.kfac_fisher(model.apply, params, x_task[:1024], estimator="exact")
+        state = ewc_jax.consolidate(state, params, fisher, mode="online")
+        loss = task_loss(params) + ewc_jax.penalty(params, state, strength=1.0)
+
+    References:
+      Ritter, Botev & Barber, "Online Structured Laplace Approximations for Overcoming
+      Catastrophic Forgetting", NeurIPS 2018.
+      Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+      Curvature", ICML 2015.
+      Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
+      layers", ICML 2016.
+    """
+    if estimator not in KFAC_ESTIMATORS:
+        raise ValueError(
+            f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
+        )
+    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    _check_params(params)
+    n = _num_examples(inputs)
+    model = _Model.of(apply_fn, params, inputs)
+    token_shape, num_classes = _output_shape(model)
+    if token_shape:
+        raise ValueError(
+            "kfac_fisher needs logits of shape [B, C]; sequence outputs [B, T, C] are not "
+            "supported (use fisher_diagonal)."
+        )
+    if estimator == "empirical":
+        if labels is None:
+            raise ValueError("estimator='empirical' needs labels (the true class of each input).")
+        labels = _checked_labels(labels, (n,), num_classes)
+    else:
+        labels = None
+    if estimator == "sampled" and key is None:
+        raise ValueError("estimator='sampled' needs key, e.g. key=jax.random.key(0).")
+    plan = _fast_fisher.make_plan(apply_fn, model.params_tree(), model.example_tree())
+    layers = _layers(plan)
+    covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
+    leaves, treedef = jax.tree.flatten(params)
+    if len(covered) < len(leaves):
+        diagonal = fisher_diagonal(
+            apply_fn, params, inputs, labels, estimator=estimator, key=key, chunk_size=chunk_size
+        )
+        diag_leaves = jax.tree.leaves(diagonal)
+    else:
+        diag_leaves = [jnp.zeros(p.shape, _result_dtype(p, None)) for p in leaves]
+    diag_leaves = [jnp.zeros_like(d) if i in covered else d for i, d in enumerate(diag_leaves)]
+    if not layers:
+        return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
+    keys = jax.random.split(key, n) if estimator == "sampled" else None
+    factors = _factors(
+        params,
+        inputs,
+        labels,
+        keys,
+        apply_fn=_Static(apply_fn),
+        estimator=estimator,
+        chunk_size=min(int(chunk_size or _DEFAULT_CHUNK), n),
+        layers=layers,
+    )
+    return KFACFisher(
+        jax.tree.unflatten(treedef, diag_leaves),
+        tuple(
+            KroneckerFactors(a, g, kernel, bias, axes)
+            for (a, g), (_, kernel, bias, axes) in zip(factors, layers, strict=True)
+        ),
+    )
+
+
+def _layers(
+    plan: _fast_fisher.Plan,
+) -> tuple[tuple[int, int, int | None, tuple[int, ...]], ...]:
+    """``(node, kernel leaf, bias leaf or None, kernel axes)`` for every factored layer.
+
+    A Dense kernel: a 2-D leaf reaching a ``dot_general`` unchanged as its right operand,
+    contracted over its first axis with the last axis of a ``[1, in]`` per-example input. A
+    convolution kernel: a leaf reaching a ``conv_general_dilated`` unchanged as its kernel,
+    without feature or batch groups. A bias: a 1-D ``[out]`` leaf added (alone, once) to the
+    layer's output.
+    """
+    layers = []
+    for tap in plan.taps:
+        node = plan.nodes[tap.node]
+        name = node.eqn.primitive.name
+        leaf_shape = plan.inputs[tap.leaf].aval.shape
+        if tap.operand != 1 or tap.layout:
+            continue
+        if name == "dot_general":
+            lhs_shape = node.inputs[0].aval.shape
+            (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
+            if (
+                len(leaf_shape) != 2
+                or not tap.one_term
+                or lhs_shape != (1, leaf_shape[0])
+                or tuple(contract_l) != (1,)
+                or tuple(contract_r) != (0,)
+                or batch != ((), ())
+            ):
+                continue
+            axes = (0, 1)
+            out_features = leaf_shape[1]
+        elif name == "conv_general_dilated":
+            params = node.eqn.params
+            if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+                continue
+            rhs_spec = params["dimension_numbers"].rhs_spec
+            axes = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
+            out_features = leaf_shape[rhs_spec[0]]
+        else:
+            continue
+        bias = None
+        out = node.outputs[0]
+        for other in plan.taps:
+            adder = plan.nodes[other.node]
+            if (
+                adder.eqn.primitive.name == "add"
+                and adder.inputs[1 - other.operand] is out
+                and plan.inputs[other.leaf].aval.shape == (out_features,)
+            ):
+                bias = other.leaf
+        layers.append((tap.node, tap.leaf, bias, tuple(int(a) for a in axes)))
+    return tuple(layers)
+
+
+def _layer_inputs(plan, node: int, recorded: Any, dtype: Any) -> jax.Array:
+    """``[B, S, in]``: each example's layer inputs at its S output positions (S = 1: Dense)."""
+    lhs = recorded[(node, 0)]
+    if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
+        return _fast_fisher._conv_patches(plan.nodes[node], lhs, dtype)
+    return lhs.reshape(lhs.shape[0], 1, -1).astype(dtype)
+
+
+def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
+    """``[B, S, out]``: the output gradients at the S output positions."""
+    eqn = plan.nodes[node].eqn
+    if eqn.primitive.name == "conv_general_dilated":
+        out_spec = eqn.params["dimension_numbers"].out_spec
+        d = _fast_fisher._stack_examples(delta.astype(dtype), out_spec[0])
+        d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
+        return d.reshape(d.shape[0], -1, d.shape[-1])
+    return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "layers"))
+def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, layers):
+    leaves = jax.tree.leaves(params)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+
+    def sums(data, weight):
+        x, y, k = data
+        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+        plan = _fast_fisher.make_plan(apply_fn.fn, params, example)
+        eps0 = {
+            node: jnp.zeros(
+                (weight.shape[0], *plan.nodes[node].outputs[0].aval.shape),
+                plan.nodes[node].outputs[0].aval.dtype,
+            )
+            for node, _, _, _ in layers
+        }
+
+        def forward(eps):
+            return jax.vmap(lambda xs, e: _fast_fisher.evaluate(plan, leaves, xs, e))(
+                jax.tree.leaves(x), eps
+            )
+
+        logits, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
+        num_labels, target = _targets(logits, estimator, y, k, None, weight)
+        dtypes = [_accumulate_dtype(leaves[kernel].dtype) for _, kernel, _, _ in layers]
+        a_sums = []
+        for (node, _, bias, _), dtype in zip(layers, dtypes, strict=True):
+            a = _layer_inputs(plan, node, recorded, dtype)
+            if bias is not None:
+                a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
+            # Σ over output positions (Grosse & Martens 2016; one position for Dense).
+            a_sums.append(jnp.einsum("n,nsi,nsj->ij", weight.astype(dtype), a, a))
+
+        def add_label(g_sums, label):
+            cotangent, w = target(label)
+            (deltas,) = pullback(cotangent.astype(logits.dtype))
+            new = []
+            for total, (node, _, _, _), dtype in zip(g_sums, layers, dtypes, strict=True):
+                d = _layer_deltas(plan, node, deltas[node], dtype)
+                # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
+                scale = jnp.asarray(1.0 / d.shape[1], dtype)
+                new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
+            return new, None
+
+        zero = [
+            jnp.zeros((leaves[kernel].shape[axes[-1]],) * 2, dtype)
+            for (_, kernel, _, axes), dtype in zip(layers, dtypes, strict=True)
+        ]
+        if num_labels == 1:
+            g_sums, _ = add_label(zero, 0)
+        else:
+            g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
+        return [(a, g) for a, g in zip(a_sums, g_sums, strict=True)]
+
+    total = chunked_sum(sums, (inputs, labels, keys), chunk_size)
+    return [(a / n, g / n) for a, g in total]
+
+
+def _augmented(
+    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
+) -> jax.Array:
+    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``."""
+    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
+    w = w.reshape(-1, w.shape[-1])
+    if bias is None:
+        return w
+    return jnp.concatenate([w, leaves[bias].astype(dtype)[None]], axis=0)
+
+
+def consolidate_kfac(
+    state: KFACState | None,
+    params: Params,
+    fisher: KFACFisher,
+    *,
+    mode: str = "separate",
+    gamma: Any = 1.0,
+) -> KFACState:
+    r""":func:`consolidate` for a :class:`KFACFisher`: one more Kronecker quadratic per layer.
+
+    The sum of two Kronecker products is not a Kronecker product, so no sum is approximated:
+    every task's factors are kept (memory and penalty cost grow linearly with the number of
+    tasks; each new task changes the state's shapes, so a jitted step compiles once per task).
+
+    * ``mode="separate"`` (Kirkpatrick et al.'s sum of per-task penalties): task ``t`` keeps
+      its own anchor, :math:`\sum_t \operatorname{vec}(W̄ - W̄_t)^\top (A_t ⊗ G_t)
+      \operatorname{vec}(W̄ - W̄_t)`.
+    * ``mode="online"`` (Ritter et al.'s online Laplace: the precision after task t is
+      :math:`Λ_t = H_t + γ Λ_{t-1}` centred on the latest parameters): every term is
+      re-anchored at ``params`` and the old factors ``A`` are scaled by ``γ``
+      (:math:`γ (A ⊗ G) = (γ A) ⊗ G`).
+
+    The diagonal part follows :func:`consolidate` with the same mode and ``gamma``.
+    """
+    if state is not None and not isinstance(state, KFACState):
+        raise ValueError(
+            "state is an EWCState but fisher is a KFACFisher; start K-FAC consolidation from "
+            "state=None."
+        )
+    if not isinstance(fisher, KFACFisher):
+        raise ValueError("a KFACState is consolidated with a KFACFisher (from kfac_fisher).")
+    check_unit_interval(gamma, "gamma")
+    diagonal = _consolidation.consolidate(
+        None if state is None else state.diagonal,
+        params,
+        fisher.diagonal,
+        mode=mode,
+        gamma=gamma,
+    )
+    leaves = jax.tree.leaves(params)
+    for layer in fisher.layers:
+        check_finite((layer.a, layer.g), "the Kronecker factors")
+    old = tuple(_empty_terms(leaves, f) for f in fisher.layers) if state is None else state.layers
+    if [(t.kernel, t.bias) for t in old] != [(f.kernel, f.bias) for f in fisher.layers]:
+        raise ValueError(
+            "the Kronecker factors do not cover the same layers as the state "
+            f"({[(t.kernel, t.bias) for t in old]} vs "
+            f"{[(f.kernel, f.bias) for f in fisher.layers]}); compute them for the same model."
+        )
+    layers = []
+    for terms, factors in zip(old, fisher.layers, strict=True):
+        dtype = terms.a.dtype
+        anchor = _augmented(
+            leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
+        )
+        a_old, anchor_old = terms.a, terms.anchor
+        if mode == "online":
+            a_old = jnp.asarray(gamma, dtype) * a_old
+            anchor_old = jnp.broadcast_to(anchor, anchor_old.shape)
+        layers.append(
+            KroneckerTerms(
+                a=jnp.concatenate([a_old, factors.a.astype(dtype)[None]]),
+                g=jnp.concatenate([terms.g, factors.g.astype(dtype)[None]]),
+                anchor=jnp.concatenate([anchor_old, anchor[None]]),
+                kernel=factors.kernel,
+                bias=factors.bias,
+                kernel_axes=factors.kernel_axes,
+            )
+        )
+    return KFACState(diagonal=diagonal, layers=tuple(layers))
+
+
+def merge_kronecker_terms(state: KFACState) -> KFACState:
+    r"""Collapses each layer's remembered Kronecker terms into one (an approximation).
+
+    .. math:: \sum_{t=1}^{T} A_t \otimes G_t pprox \Big(\sum_t A_t\Big) \otimes
+              \Big(rac1T \sum_t G_t\Big)
+
+    Exact when every task has the same ``G`` (and whenever ``T = 1``); otherwise it drops the
+    cross-task structure, in exchange for a state of fixed size: the penalty then costs the
+    same after 50 tasks as after one, and a jitted step stops recompiling. Only for a state
+    whose terms share one anchor, i.e. ``mode="online"`` (the separate mode's per-task
+    anchors cannot be merged). Apply it after every :func:`consolidate`::
+
+        state = ewc_jax.merge_kronecker_terms(
+            ewc_jax.consolidate(state, params, fisher, mode="online", gamma=gamma)
+        )
+
+    The online decay ``γ`` is already folded into the old ``A_t``, so it carries over.
+
+    Raises:
+      ValueError: the terms of a layer have different anchors (checked where concrete).
+    """
+    layers = []
+    for terms in state.layers:
+        anchors = concrete_or_none(terms.anchor)
+        if anchors is not None and not np.all(anchors == anchors[-1:]):
+            raise ValueError(
+                "merge_kronecker_terms needs terms with one shared anchor (mode='online'); "
+                f"the layer of leaf {terms.kernel} has {anchors.shape[0]} different anchors."
+            )
+        layers.append(
+            dataclasses.replace(
+                terms,
+                a=jnp.sum(terms.a, axis=0, keepdims=True),
+                g=jnp.mean(terms.g, axis=0, keepdims=True),
+                anchor=terms.anchor[-1:],
+            )
+        )
+    return KFACState(diagonal=state.diagonal, layers=tuple(layers))
+
+
+def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
+    dtype = _wide(factors.a, factors.g, leaves[factors.kernel])
+    anchor = _augmented(
+        leaves, factors.kernel, factors.bias, factors.kernel_axes, _wide(leaves[factors.kernel])
+    )
+    return KroneckerTerms(
+        a=jnp.zeros((0, *factors.a.shape), dtype),
+        g=jnp.zeros((0, *factors.g.shape), dtype),
+        anchor=jnp.zeros((0, *anchor.shape), anchor.dtype),
+        kernel=factors.kernel,
+        bias=factors.bias,
+        kernel_axes=factors.kernel_axes,
+    )
+
+
+def kfac_penalty(params: Params, state: KFACState, strength: Any) -> jax.Array:
+    r""":func:`penalty` for a :class:`KFACState`:
+
+    .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
+              \operatorname{tr}\big(X_t^\top A_t X_t G_t\big)\Big],\qquad X_t = W̄ - W̄_t,
+
+    the diagonal part plus, per Dense layer and remembered task, the Kronecker quadratic
+    :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
+    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+    """
+    check_nonnegative_scalar(strength, "strength")
+    total = _consolidation.penalty(params, state.diagonal, strength)
+    leaves = jax.tree.leaves(params)
+    for terms in state.layers:
+        x = _deviation(leaves, terms)
+        quad = jnp.sum(x * (terms.a @ x @ terms.g))
+        total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
+    return total
+
+
+def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
+    """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
+    dtype = terms.a.dtype
+    w = _augmented(leaves, terms.kernel, terms.bias, terms.kernel_axes, dtype)
+    return w[None] - terms.anchor.astype(dtype)
+
+
+def kfac_penalty_gradient(params: Params, state: KFACState, strength: Any) -> Params:
+    r"""The gradient of :func:`kfac_penalty`: :math:`λ Λ (θ - θ̄)` for the diagonal part and
+    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (split back into the
+    kernel's rows and the bias row). Leaves are in float32 at least."""
+    ewc = state.diagonal
+    grads = jax.tree.map(
+        lambda p, a, f: (
+            jnp.asarray(strength, f.dtype) * f * (p.astype(f.dtype) - a.astype(f.dtype))
+        ),
+        params,
+        ewc.anchor,
+        ewc.precision,
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = jax.tree.leaves(grads)
+    for terms in state.layers:
+        x = _deviation(leaves, terms)
+        g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
+        kernel_shape = leaves[terms.kernel].shape
+        rows = math.prod(kernel_shape) // kernel_shape[terms.kernel_axes[-1]]
+        kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
+        kernel_grad = jnp.transpose(
+            kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
+        )
+        grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
+            grad_leaves[terms.kernel].dtype
+        )
+        if terms.bias is not None:
+            grad_leaves[terms.bias] = grad_leaves[terms.bias] + g[rows].astype(
+                grad_leaves[terms.bias].dtype
+            )
+    return jax.tree.unflatten(treedef, grad_leaves)
+
+
+def set_state(opt_state: Any, new: EWCState | KFACState) -> Any:
+    """:func:`set_ewc_state` where the old or the new state is a :class:`KFACState`.
+
+    The anchor trees must match; the state's type and shapes may change (a jitted step then
+    compiles once more).
+    """
+    is_state = lambda _, value: isinstance(value, EWCState | KFACState)
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ewc", filtering=is_state)
+    if not found:
+        raise ValueError(
+            "opt_state contains no add_ewc_penalty state; build the optimiser with "
+            "optax.chain(ewc_jax.add_ewc_penalty(strength), ...)."
+        )
+    new_anchor = new.diagonal.anchor if isinstance(new, KFACState) else new.anchor
+    for _, old in found:
+        old_anchor = old.diagonal.anchor if isinstance(old, KFACState) else old.anchor
+        _consolidation.check_same_structure(
+            old_anchor, new_anchor, "the optimiser's EWC anchor", "anchor"
+        )
+    return optax.tree_utils.tree_set(opt_state, is_state, ewc=new)
+
+
+def holds_kfac_state(opt_state: Any) -> bool:
+    """Whether an Optax state holds a :class:`KFACState` (in an ``add_ewc_penalty`` state)."""
+    return any(
+        isinstance(leaf, KFACState)
+        for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, KFACState))
+    )

@@ -1,0 +1,204 @@
+r"""Memory Aware Synapses: parameter importance from the sensitivity of the output, no labels."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax import _fast_fisher
+from ewc_jax._chunking import chunked_sum
+from ewc_jax._fisher import (
+    _accumulate_dtype,
+    _check_params,
+    _Model,
+    _num_examples,
+    _output_shape,
+    _per_example_logits,
+    _result_dtype,
+    _Static,
+)
+from ewc_jax._types import ApplyFn, Params, PyTree
+
+MAS_METHODS = ("auto", "one_pass", "general")
+
+_DEFAULT_CHUNK = 256
+
+
+def mas_importance(
+    apply_fn: ApplyFn,
+    params: Params,
+    inputs: PyTree,
+    *,
+    chunk_size: int | None = None,
+    method: Literal["auto", "one_pass", "general"] = "auto",
+    dtype: jax.typing.DTypeLike | None = None,
+) -> Params:
+    r"""MAS importance :math:`Ω_i = \frac1N \sum_n \left|\frac{\partial \lVert f(x_n; θ)\rVert_2^2}
+    {\partial θ_i}\right|`.
+
+    ``f`` is the model output ``apply_fn(θ, x)`` (the logits, before any softmax) and the norm is
+    the *squared* L2 norm over all of one example's outputs, the choice Aljundi et al. make for
+    their experiments (its gradient is ``2 Jᵀ f``). The absolute value is taken per example,
+    then averaged over the N examples, as the paper defines it; the authors' released code
+    instead takes the absolute value of mini-batch gradients of the outputs' mean square, a
+    smaller quantity (triangle inequality, and the mean over output units). No labels are
+    needed: importance measures how much the output moves, whatever the task. The result is a
+    params-shaped precision: use it where a Fisher goes, in :func:`consolidate` and
+    :func:`penalty` (the MAS penalty
+    :math:`λ \sum_i Ω_i (θ_i - θ^*_i)^2` is ``penalty(..., strength=2λ)``).
+
+    **Paths.** ``method="general"``: per-example gradients with ``jax.vmap(jax.grad)``, chunk by
+    chunk. ``method="one_pass"``: parameters that enter through a one-term contraction (a Dense
+    kernel on a ``[features]`` input, a bias added once, an elementwise scale) take their
+    per-example gradient ``a_n ⊗ δ_n``, whose absolute value is ``|a_n| ⊗ |δ_n|``, so that
+    :math:`\sum_n |a_n ⊗ δ_n| = |a|^\top |δ|`, one matrix product per layer from one forward and
+    one backward pass; every other parameter takes the general path. ``"auto"`` (default) is
+    ``"one_pass"`` when at least one parameter is covered, else ``"general"``. Both agree to
+    float rounding.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs_batch) -> outputs [B, ...]``; examples independent.
+      params: a pytree of floating-point arrays.
+      inputs: an array or pytree of arrays with a leading example axis N.
+      chunk_size: examples per chunk (memory vs. speed); default 256.
+      method: ``"auto"``, ``"one_pass"`` or ``"general"``.
+      dtype: dtype of the result; default float32 for 16-bit params, else the param's own.
+
+    Returns:
+      A pytree with the structure and shapes of ``params``, entries >= 0.
+
+    Raises:
+      ValueError: unknown method, non-float params, an empty input, a bad chunk_size.
+
+    Example::
+
+        omega = ewc_jax.mas_importance(model.apply, params, x_task[:1024])
+        state = ewc_jax.consolidate(state, params, omega)
+
+    References:
+      Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars, "Memory Aware Synapses: Learning what
+      (not) to forget", ECCV 2018.
+    """
+    if method not in MAS_METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid methods: {MAS_METHODS}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    _check_params(params)
+    n = _num_examples(inputs)
+    model = _Model.of(apply_fn, params, inputs)
+    _output_shape(model)
+    out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
+    one_pass = method != "general"
+    if method == "auto":
+        plan = _fast_fisher.make_plan(apply_fn, model.params_tree(), model.example_tree())
+        one_pass = any(t.one_term for t in plan.taps)
+    return _mas(
+        params,
+        inputs,
+        apply_fn=_Static(apply_fn),
+        chunk_size=min(int(chunk_size or _DEFAULT_CHUNK), n),
+        one_pass=one_pass,
+        out_dtypes=out_dtypes,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "one_pass", "out_dtypes"))
+def _mas(params, inputs, *, apply_fn, chunk_size, one_pass, out_dtypes):
+    leaves, treedef = jax.tree.flatten(params)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+
+    def sums(x, weight):
+        if not one_pass:
+            return _as_list(_general_abs_sums(apply_fn.fn, params, x, weight, range(len(leaves))))
+        return _as_list(_one_pass_abs_sums(apply_fn.fn, params, x, weight))
+
+    def _as_list(found: dict[int, jax.Array]) -> list[jax.Array]:
+        return [
+            found[i] if i in found else jnp.zeros(p.shape, _accumulate_dtype(p.dtype))
+            for i, p in enumerate(leaves)
+        ]
+
+    total = chunked_sum(sums, inputs, chunk_size)
+    return jax.tree.unflatten(
+        treedef, [(t / n).astype(d) for t, d in zip(total, out_dtypes, strict=True)]
+    )
+
+
+def _squared_norm(out: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(out.astype(_accumulate_dtype(out.dtype))))
+
+
+def _general_abs_sums(
+    apply_fn: ApplyFn, params: Params, x: PyTree, weight: jax.Array, leaf_indices: Any
+) -> dict[int, jax.Array]:
+    """``Σ_n w_n |∇_θ ‖f(x_n)‖²|`` for the chosen leaves, via ``vmap(grad)``."""
+    leaves, treedef = jax.tree.flatten(params)
+    leaf_indices = tuple(leaf_indices)
+
+    def sensitivity(selected, x_n):
+        def norm_of(sel):
+            full = list(leaves)
+            for i, value in zip(leaf_indices, sel, strict=True):
+                full[i] = value
+            return _squared_norm(
+                _per_example_logits(apply_fn, jax.tree.unflatten(treedef, full), x_n)
+            )
+
+        return jax.grad(norm_of)(selected)
+
+    selected = [leaves[i] for i in leaf_indices]
+    grads = jax.vmap(sensitivity, in_axes=(None, 0))(selected, x)
+    out = {}
+    for i, g in zip(leaf_indices, grads, strict=True):
+        acc = _accumulate_dtype(leaves[i].dtype)
+        out[i] = jnp.tensordot(weight.astype(acc), jnp.abs(g.astype(acc)), axes=1)
+    return out
+
+
+def _one_pass_abs_sums(
+    apply_fn: ApplyFn, params: Params, x: PyTree, weight: jax.Array
+) -> dict[int, jax.Array]:
+    """``Σ_n w_n |a_n ⊗ δ_n| = |a|ᵀ (w |δ|)`` for one-term taps, the general path for the rest."""
+    leaves = jax.tree.leaves(params)
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+    plan = _fast_fisher.make_plan(apply_fn, params, example)
+    taps = [t for t in plan.taps if t.one_term]
+    general = sorted({*plan.fallback, *(t.leaf for t in plan.taps if not t.one_term)})
+    chunk = weight.shape[0]
+    eps0 = {
+        t.node: jnp.zeros(
+            (chunk, *plan.nodes[t.node].outputs[0].aval.shape),
+            plan.nodes[t.node].outputs[0].aval.dtype,
+        )
+        for t in taps
+    }
+
+    def forward(eps):
+        return jax.vmap(lambda xs, e: _fast_fisher.evaluate(plan, leaves, xs, e))(
+            jax.tree.leaves(x), eps
+        )
+
+    out, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
+    # δ = ∂‖f‖²/∂z = Jᵀ 2f at every tapped output z.
+    (deltas,) = pullback(2 * jax.lax.stop_gradient(out))
+    sums = {}
+    for tap in taps:
+        dtype = _accumulate_dtype(leaves[tap.leaf].dtype)
+        other = jnp.abs(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
+        delta = _fast_fisher._expand(weight, deltas[tap.node].ndim).astype(dtype) * jnp.abs(
+            deltas[tap.node].astype(dtype)
+        )
+
+        def contraction(p, other=other, tap=tap, dtype=dtype):
+            return jax.vmap(lambda o: _fast_fisher._consume(plan, tap, p, o, dtype))(other)
+
+        _, pull = jax.vjp(contraction, leaves[tap.leaf].astype(dtype))
+        # The layer's own contraction of |a| and |δ|; a subtraction flips the sign: abs.
+        sums[tap.leaf] = jnp.abs(pull(delta)[0])
+    if general:
+        sums.update(_general_abs_sums(apply_fn, params, x, weight, general))
+    return sums
