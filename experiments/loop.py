@@ -43,7 +43,7 @@ class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class Interrupted(Exception):  # noqa: N818 (it is not an error of the run)
+class Interrupted(Exception):
     """SIGINT or SIGTERM stopped the run (after saving a checkpoint at a safe point).
 
     Attributes:

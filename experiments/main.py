@@ -107,7 +107,10 @@ def interrupted_message(signum: int, workdir_path: str, overwrite: bool) -> str:
         if overwrite
         else "rerun the same command to resume"
     )
-    return f"interrupted by {name}: progress up to the last checkpoint in {workdir_path} is kept; {resume}"
+    return (
+        f"interrupted by {name}: progress up to the last checkpoint in {workdir_path} is kept; "
+        f"{resume}"
+    )
 
 
 def _load_config():
