@@ -135,6 +135,11 @@ def _load_config():
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every bad flag (and an unknown ``--config.<field>``) reported
     in one line: ``error: ...`` and exit status 1."""
+    if any(arg in ("-h", "-?", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        # absl's own --help lists the flags of sys.argv[0]'s module: none for the console script.
+        print(f"{__doc__}\nflags:\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+        print("\nTry --helpfull to get a list of all flags.")
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except AttributeError as error:  # ml_collections' "Did you mean ..." for a locked config
@@ -156,9 +161,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Console-script entry point (``ewc-jax-experiment``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints __main__'s docstring
-        main_module.__doc__ = __doc__
     app.run(main, flags_parser=parse_flags)
 
 

@@ -34,6 +34,8 @@ from experiments import checkpoint
 
 LOCK = ".lock"
 STAGING = ".overwrite"
+MANIFEST = ".promoting"
+"""In the staging directory: the names of the new result files, written when promotion starts."""
 RESULTS = "results.json"
 RESULT_FILES = (
     "config.json",
@@ -142,7 +144,7 @@ def prepare(
     resolved = json.loads(config.to_json_best_effort())
     fingerprint = checkpoint.fingerprint(resolved)
     finished = (workdir / RESULTS).exists()
-    if not finished:
+    if not finished or overwrite:
         shutil.rmtree(staging, ignore_errors=True)
     run_dir = staging if finished else workdir
     if overwrite:
@@ -215,22 +217,32 @@ def finish(run_dir: str | os.PathLike[str], files: dict[str, str], results: dict
 def promote(workdir: str | os.PathLike[str]) -> Path:
     """Replaces the finished results in ``workdir`` with the staged ones of an overwrite.
 
-    The old ``results.json`` goes first and the new one comes last, each by one rename, so at
-    every moment either no ``results.json`` exists or it sits beside its own files; a promotion
-    cut short is completed by running this again (as :func:`prepare` does).
+    The names of the new files are written to the staging directory first; then the old
+    ``results.json`` goes, the old files the new run does not replace go, the new files are
+    renamed into place and the new ``results.json`` comes last, so at every moment either no
+    ``results.json`` exists or it sits beside its own files. A promotion cut short is completed
+    by running this again (as :func:`prepare` does).
 
     Returns:
         The path of the new ``results.json``.
     """
     workdir = Path(workdir)
     staging = workdir / STAGING
-    staged = {p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith(".")}
+    manifest = staging / MANIFEST
+    if manifest.exists():  # a promotion cut short: some new files may already be in place
+        names = json.loads(manifest.read_text())
+    else:
+        names = sorted(
+            p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+        checkpoint.write_atomic(manifest, json.dumps(names))
     (workdir / RESULTS).unlink(missing_ok=True)
     for name in RESULT_FILES:
-        if name not in staged:
+        if name not in names:
             (workdir / name).unlink(missing_ok=True)
-    for name in sorted(staged - {RESULTS}):
-        os.replace(staging / name, workdir / name)
+    for name in names:
+        if name != RESULTS and (staging / name).exists():
+            os.replace(staging / name, workdir / name)
     os.replace(staging / RESULTS, workdir / RESULTS)
     shutil.rmtree(staging)
     return workdir / RESULTS
