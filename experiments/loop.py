@@ -333,6 +333,7 @@ def _run(
                     progress.task_elapsed_s = time.perf_counter() - start_time
                     save(state)
                 if stop:
+                    bar.close()
                     raise Interrupted(_Stop.signum)
         bar.close()
         state = _finish_task(state, plan, fns, data, task, start_time)
