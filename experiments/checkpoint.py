@@ -19,14 +19,18 @@ numbered checkpoints ``<n>/`` (the last two are kept). Each is one
   JAX PRNG key (as ``key_data``) and the strength. Orbax writes it to a temporary directory and
   renames it when finished, so a half-written ``state/`` never exists under its final name;
 * ``checkpoint.json``: written atomically (temporary file + ``os.replace``) only after ``state/``
-  is finalized. It is the completeness marker and holds the config fingerprint and the run's
-  :class:`experiments.loop.Progress`: the position in the task stream, the NumPy generator state
-  of the Fisher's example choice, and the results so far (accuracy-matrix rows, curves, timings).
+  is finalized. It is the completeness marker and holds the config fingerprint, the SHA-256 of
+  every file of ``state/`` and the run's :class:`experiments.loop.Progress`: the position in the
+  task stream, the NumPy generator state of the Fisher's example choice, and the results so far
+  (accuracy-matrix rows, curves, timings).
 
 A numbered directory without ``checkpoint.json`` or ``state/`` is an interrupted save: it is
 never taken for complete, and is deleted when the run resumes. A ``checkpoint.json`` that cannot
-be read, a fingerprint of another config, or arrays that do not fit the model raise
-:class:`CheckpointError` and nothing is overwritten.
+be read, a fingerprint of another config, a file of ``state/`` whose checksum differs from the
+marker's (a flipped bit, a truncated or missing file), or arrays that do not fit the model raise
+:class:`CheckpointError` naming the checkpoint and what to delete, and nothing is overwritten. A
+save that fails for lack of disk space (or any other ``OSError``) removes its partial directory
+and raises :class:`CheckpointError` in one line; the checkpoints before it stay.
 
 When checkpoints are taken: after every task, and within a task every
 ``config.checkpoint_every_steps`` SGD steps (0: only after tasks). Training runs whole epochs in
@@ -36,6 +40,7 @@ multiple of that number: the interval is rounded up to whole epochs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +50,7 @@ from typing import Any
 
 import jax
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 MARKER = "checkpoint.json"
 STATE = "state"
 KEEP = 2
@@ -83,6 +88,18 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def state_checksums(state: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``state`` (an Orbax checkpoint), by relative path."""
+    checksums = {}
+    for file in sorted(p for p in state.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        checksums[file.relative_to(state).as_posix()] = digest.hexdigest()
+    return checksums
 
 
 def _numbered(directory: Path) -> list[Path]:
@@ -132,7 +149,8 @@ class RunCheckpoints:
         try:
             marker = json.loads((path / MARKER).read_text())
             fmt, found, progress = marker["format"], marker["fingerprint"], marker["progress"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            checksums = marker.get("checksums")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt ({MARKER}: {error}); delete {path} to resume from "
                 "the one before, or pass --overwrite to start the run afresh"
@@ -148,7 +166,31 @@ class RunCheckpoints:
                 f"{found[:12]}, this config {self.fingerprint[:12]}); choose another --workdir "
                 "or pass --overwrite to discard it"
             )
+        self._verify(path, checksums)
         return progress
+
+    @staticmethod
+    def _verify(path: Path, checksums: Any) -> None:
+        """Compares the files of ``path/state`` with the marker's checksums."""
+        if not isinstance(checksums, dict):
+            problem = f"{MARKER} holds no checksums"
+        else:
+            found = state_checksums(path / STATE)
+            changed = sorted(
+                name
+                for name in found.keys() | checksums.keys()
+                if found.get(name) != checksums.get(name)
+            )
+            if not changed:
+                return
+            what = "missing" if changed[0] not in found else "changed"
+            problem = f"{STATE}/{changed[0]} is {what} since it was saved (checksum mismatch)"
+            if len(changed) > 1:
+                problem += f", and {len(changed) - 1} more file(s)"
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {problem}; delete {path} to resume from the one "
+            "before, or pass --overwrite to start the run afresh"
+        )
 
     def restore(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
         """Arrays shaped like ``target`` and the progress of the latest complete checkpoint.
@@ -208,18 +250,50 @@ class RunCheckpoints:
         existing = _numbered(self.directory)
         number = int(existing[-1].name) + 1 if existing else 0
         path = self.directory / f"{number:08d}"
-        path.mkdir(parents=True)
-        ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path / STATE, arrays)
-        marker = {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": self.fingerprint,
-            "progress": progress,
-        }
-        write_atomic(path / MARKER, json.dumps(marker) + "\n")
+        try:
+            path.mkdir(parents=True)
+            ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path / STATE, arrays)
+            marker = {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": self.fingerprint,
+                "checksums": state_checksums(path / STATE),
+                "progress": progress,
+            }
+            write_atomic(path / MARKER, json.dumps(marker) + "\n")
+        except Exception as error:  # Orbax wraps the OSError of a full disk in its own types.
+            cause = os_error_in(error)
+            if cause is None:
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            reason = "no space left on device" if cause.errno == errno.ENOSPC else cause.strerror
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason or cause}; free some space (or move "
+                "the --workdir) and rerun the same command to resume from the last complete "
+                "checkpoint"
+            ) from None
         complete = [p for p in _numbered(self.directory) if is_complete(p)]
         for old in complete[: -self.keep]:
             shutil.rmtree(old)
         return path
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` that ``error`` is, or was caused by (through ``__cause__``/``__context__``).
+
+    Orbax and TensorStore re-raise a failed write as their own exception types; some of them only
+    name the errno in their message (``No space left on device``), which is matched too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            if os.strerror(code) in str(current):
+                return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def has_checkpoints(workdir: str | os.PathLike[str]) -> bool:

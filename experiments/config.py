@@ -280,27 +280,84 @@ def _check_lists(config: ml_collections.ConfigDict) -> None:
                 )
 
 
+_INT_MINIMUMS = {
+    "train_limit": 0,
+    "test_limit": 0,
+    "num_tasks": 1,
+    "batch_size": 1,
+    "epochs": 0,
+    "steps_per_task": 0,
+    "eval_every_steps": 0,
+    "eval_batch_size": 1,
+    "checkpoint_every_steps": 0,
+    "fisher_samples": 1,
+    "fisher_batch_size": 0,
+    "mesh_devices": 0,
+}
+"""Every int field of :func:`get_config` and its smallest valid value."""
+_BOOL_FIELDS = ("first_task_unpermuted", "relu_on_logits", "reset_optimizer", "data_parallel")
+_MAX_SEED = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{field} must be >= {minimum} (an int), got {value!r}")
+    return value
+
+
+def _check_float(field: str, value: Any, low: float, high: float, *, open_low=False) -> float:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
+    ok = _is_number(value) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        if high == math.inf:
+            bound = f"> {low:g}" if open_low else f">= {low:g}"
+            raise ConfigError(f"{field} must be a finite number {bound}, got {value!r}")
+        raise ConfigError(f"{field} must lie in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every numeric and boolean field: its type and its range."""
+    for field, minimum in _INT_MINIMUMS.items():
+        _check_int(field, config[field], minimum)
+    for field in _BOOL_FIELDS:
+        if not isinstance(config[field], bool):
+            raise ConfigError(f"{field} must be True or False, got {config[field]!r}")
     strengths = {"strength": config.strength}
     for name in REGULARIZED_METHODS:
         value = config.strengths.get(name)
         if value is not None:
             strengths[f"strengths.{name}"] = value
     for field, value in strengths.items():
-        if not math.isfinite(float(value)) or float(value) < 0:
-            raise ConfigError(f"{field} must be a finite number >= 0, got {value!r}")
-    if not 0.0 <= float(config.gamma) <= 1.0:
-        raise ConfigError(f"gamma must lie in [0, 1], got {config.gamma!r}")
-    for field in ("batch_size", "eval_batch_size", "fisher_samples"):
-        if int(config[field]) < 1:
-            raise ConfigError(f"{field} must be >= 1, got {config[field]!r}")
-    for field in ("steps_per_task", "eval_every_steps", "train_limit", "test_limit"):
-        if int(config[field]) < 0:
-            raise ConfigError(f"{field} must be >= 0, got {config[field]!r}")
+        _check_float(field, value, 0.0, math.inf)
+    _check_float("gamma", config.gamma, 0.0, 1.0)
+    _check_float("learning_rate", config.learning_rate, 0.0, math.inf, open_low=True)
+    momentum = config.momentum
+    if not (_is_number(momentum) and 0.0 <= momentum < 1.0):
+        raise ConfigError(f"momentum must lie in [0, 1) (0: plain SGD), got {momentum!r}")
+    for width in config.hidden_sizes:
+        if width < 1:
+            raise ConfigError(
+                f"hidden_sizes must all be >= 1 (the width of each hidden layer), got "
+                f"{tuple(config.hidden_sizes)!r}"
+            )
+    for angle in config.angles:
+        if not _is_number(angle) or not math.isfinite(angle):
+            raise ConfigError(f"angles must be finite numbers (degrees), got {config.angles!r}")
+    for seed in config.seeds:
+        if not 0 <= seed <= _MAX_SEED:
+            raise ConfigError(f"seeds must lie in [0, {_MAX_SEED}], got {seed!r}")
     if int(config.steps_per_task) == 0 and int(config.epochs) < 1:
         raise ConfigError("epochs must be >= 1 (or set steps_per_task)")
-    if not float(config.learning_rate) > 0:
-        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate!r}")
     if config.estimator == "batched" and int(config.fisher_batch_size) < 1:
         raise ConfigError("estimator 'batched' needs fisher_batch_size >= 1")
     if not 0 <= int(config.mesh_devices) <= jax.device_count():
@@ -313,6 +370,41 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
             f"num_tasks must be >= 2 (continual learning needs a second task to forget the "
             f"first on), got {config.num_tasks!r}"
         )
+
+
+def check_task_sizes(config: ml_collections.ConfigDict, sizes: list[tuple[str, int]]) -> None:
+    """Refuses a ``batch_size`` larger than the smallest task's training set.
+
+    Called once the tasks are built (their sizes depend on the data and ``train_limit``), before
+    any training: a mini-batch larger than a task would be mostly padding.
+
+    Args:
+        config: a validated config.
+        sizes: each task's name and number of training examples.
+
+    Raises:
+        ConfigError: naming the task and its size.
+    """
+    name, smallest = min(sizes, key=lambda item: item[1])
+    if int(config.batch_size) > smallest:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than task {name!r}, which has "
+            f"{smallest} training examples; set batch_size <= {smallest}"
+        )
+
+
+def fisher_samples_used(
+    config: ml_collections.ConfigDict, sizes: list[tuple[str, int]]
+) -> list[int]:
+    """Per task, the examples its Fisher averages over: ``fisher_samples``, or the whole
+    training set of a task that has fewer (recorded in ``results.json``).
+
+    Example:
+        >>> config = get_config()
+        >>> fisher_samples_used(config, [("a", 100), ("b", 10_000)])
+        [100, 512]
+    """
+    return [min(int(config.fisher_samples), size) for _, size in sizes]
 
 
 def _check_sweep(config: ml_collections.ConfigDict) -> None:
@@ -338,10 +430,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` with a clear message for a config that cannot run.
 
     Checked: no unknown or renamed fields; method, estimator, scenario, split mode, model and
-    optimiser names; tuples of the right element type; strengths >= 0; gamma in [0, 1]; positive
-    sizes; at least one method and seed; at least 2 permuted tasks (the task count of the other
-    scenarios is checked once their data is loaded, by
-    :func:`experiments.scenarios.check_scenario`); the sweep.
+    optimiser names; tuples of the right element type; every numeric field's type (ints are
+    ints, not floats) and range (``learning_rate`` finite > 0, strengths finite >= 0, gamma in
+    [0, 1], momentum in [0, 1), sizes and counts >= 1, cadences >= 0, ``hidden_sizes`` >= 1,
+    finite angles, seeds in [0, 2^31)); the booleans; at least one method and seed; at least 2
+    permuted tasks (the task count of the other scenarios is checked once their data is loaded,
+    by :func:`experiments.scenarios.check_scenario`, and ``batch_size`` against the smallest
+    task by :func:`check_task_sizes`); the sweep.
 
     Args:
         config: the experiment config.

@@ -18,7 +18,8 @@
   ``"tfds:mnist"``, ``"tfds:fashion_mnist"``, ``"tfds:kmnist"``, ``"tfds:cifar10"``, read from
   ``data_dir`` or the default TFDS data dir. Needs the ``tfds`` extra. Reading a dataset prepared
   in the ArrayRecord format needs no TensorFlow; downloading and preparing one does (TFDS encodes
-  the images with TensorFlow), and so does reading one prepared in the TFRecord format.
+  the images with TensorFlow), and so does reading one prepared in the TFRecord format: the
+  ``tfds-online`` extra adds ``tensorflow-cpu`` for that first online run.
 
 Every source gives float32 images in [0, 1] shaped [N, H, W, C] and int32 labels. Which examples
 are train and which test never depends on ``seed``: it only fixes the order of the training
@@ -36,6 +37,7 @@ import functools
 import importlib.util
 import os
 import socket
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -55,6 +57,10 @@ _OFFLINE_ALTERNATIVES = (
     '"idx:/usr/share/datasets/fashion-mnist" (Debian package dataset-fashion-mnist)'
 )
 _PROBE_TIMEOUT_S = 2.0
+
+
+class MissingDependencyError(ImportError):
+    """A spec needs a package that is not installed; the message says what to install."""
 
 
 class Dataset(NamedTuple):
@@ -97,7 +103,8 @@ def load_dataset(
         ValueError: An unknown spec, a malformed data file, or invalid data.
         FileNotFoundError: A missing data directory or file.
         ConnectionError: A TFDS dataset that is neither prepared locally nor downloadable.
-        ImportError: A TFDS spec without tensorflow-datasets (or TensorFlow where TFDS needs it).
+        MissingDependencyError: A TFDS spec without tensorflow-datasets (or TensorFlow where
+            TFDS needs it); an ``ImportError``.
 
     Example:
         >>> ds = load_dataset("embedded:mnist", seed=1)
@@ -145,8 +152,15 @@ def load_datasets(
     Returns:
         ``{spec: dataset}``.
     """
+    from tqdm.auto import tqdm
+
     load = load or load_dataset
-    datasets = {spec: load(spec, data_dir=data_dir) for spec in specs}
+    datasets = {}
+    # Reading 60k IDX images, or a TFDS dataset, takes seconds to minutes: show which one.
+    with tqdm(specs, desc="loading data", unit="dataset", disable=not sys.stderr.isatty()) as bar:
+        for spec in bar:
+            bar.set_postfix_str(spec)
+            datasets[spec] = load(spec, data_dir=data_dir)
     for dataset in datasets.values():
         validate_dataset(dataset)
     return datasets
@@ -335,9 +349,9 @@ def _load_tfds(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
-        raise ImportError(
-            f'Spec "tfds:{name}" needs tensorflow-datasets: pip install "ewc-jax[tfds]". Or '
-            f"{_OFFLINE_ALTERNATIVES}."
+        raise MissingDependencyError(
+            f'Spec "tfds:{name}" needs tensorflow-datasets: pip install "ewc-jax[tfds]" '
+            f'(and "ewc-jax[tfds-online]" to download and prepare it). Or {_OFFLINE_ALTERNATIVES}.'
         ) from error
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -385,10 +399,11 @@ def _read_tfds_split(
         batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         images, labels = batch[image_key], batch[label_key]
     else:
-        raise ImportError(
+        raise MissingDependencyError(
             f'"tfds:{builder.name}" is prepared in {builder.data_path} in the '
             f"{builder.info.file_format.value} format, which TFDS reads only with TensorFlow "
-            "(not installed). Install tensorflow-cpu, or prepare the dataset again with "
+            '(not installed). pip install "ewc-jax[tfds-online]" (tensorflow-cpu), or prepare '
+            "the dataset again with "
             f'file_format="array_record", or {_OFFLINE_ALTERNATIVES}.'
         )
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -402,10 +417,11 @@ def _read_tfds_split(
 def _check_tfds_can_prepare(builder: Any, name: str) -> None:
     """Fails fast where TFDS would otherwise retry a download for minutes or fail after it."""
     if not _tensorflow_installed():
-        raise ImportError(
+        raise MissingDependencyError(
             f'"tfds:{name}" is not prepared in {builder.data_path}, and TFDS needs TensorFlow to '
-            "prepare it (it encodes the images with TensorFlow), which is not installed. Install "
-            "tensorflow-cpu (~1.6 GB); or prepare it elsewhere with "
+            "prepare it (it encodes the images with TensorFlow), which is not installed. "
+            'pip install "ewc-jax[tfds-online]" (tensorflow-cpu, ~1.6 GB); or prepare it elsewhere '
+            "with "
             f'tfds.builder("{name}").download_and_prepare(file_format="array_record") and copy '
             f"the data dir here; or {_OFFLINE_ALTERNATIVES}."
         )

@@ -11,15 +11,22 @@ fields of the :class:`Plan`.
 
 After every task a row of the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training
 task ``i``) is recorded, then the method consolidates.
+
+Stopping: under :func:`stop_on_signals` (the CLI), SIGINT and SIGTERM do not kill the run where
+it stands: :func:`run` finishes the epoch it is in (its safe point), saves a checkpoint and
+raises :class:`Interrupted`. A signal outside the training loop (loading data, compiling,
+writing results), or a second one, raises :class:`Interrupted` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +41,67 @@ from experiments.device_data import DeviceScenario, TaskData
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run (after saving a checkpoint at a safe point).
+
+    Attributes:
+        signum: the signal.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _Stop:
+    """The signal handlers' state: inside the training loop, and the signal received."""
+
+    in_loop = False
+    signum: int | None = None
+
+
+def _handle(signum: int, frame: Any) -> None:
+    del frame
+    if _Stop.in_loop and _Stop.signum is None:
+        _Stop.signum = signum  # stop at the next safe point
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM stop training at the next safe point (module doc)."""
+    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _Stop.signum = None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _Stop.signum = None
+
+
+@contextlib.contextmanager
+def _safe_points() -> Iterator[None]:
+    """Marks the training loop, where a signal waits for the next safe point."""
+    outer = _Stop.in_loop
+    _Stop.in_loop = True
+    try:
+        yield
+    finally:
+        _Stop.in_loop = outer
+    if _Stop.signum is not None:  # arrived after the last safe point
+        raise Interrupted(_Stop.signum)
+
+
+def _stop_requested() -> bool:
+    """At a safe point: whether a signal asked to stop; a second one now interrupts at once."""
+    if _Stop.signum is None:
+        return False
+    _Stop.in_loop = False
+    return True
 
 
 @dataclasses.dataclass
@@ -232,7 +300,20 @@ def run(
 
     Raises:
         TrainingDivergedError: a loss became non-finite and ``plan.raise_on_divergence``.
+        Interrupted: SIGINT or SIGTERM under :func:`stop_on_signals`; the state at the safe
+            point was saved first.
     """
+    with _safe_points():
+        return _run(state, plan, fns, data, save)
+
+
+def _run(
+    state: RunState,
+    plan: Plan,
+    fns: StepFns,
+    data: DeviceScenario,
+    save: Callable[[RunState], None],
+) -> RunState:
     train_sets = data.training_sets(plan.method.name)
     progress = state.progress
     for task in range(progress.task, plan.num_tasks):
@@ -246,14 +327,19 @@ def run(
             before = progress.steps_done
             state = _train_epoch(state, plan, fns, train_sets[task], data, task)
             bar.update(progress.steps_done - before)
-            if _crossed(plan.checkpoint_every, before, progress.steps_done) and (
-                progress.steps_done < plan.total_steps[task]
-            ):
-                progress.task_elapsed_s = time.perf_counter() - start_time
-                save(state)
+            if progress.steps_done < plan.total_steps[task]:
+                stop = _stop_requested()
+                if stop or _crossed(plan.checkpoint_every, before, progress.steps_done):
+                    progress.task_elapsed_s = time.perf_counter() - start_time
+                    save(state)
+                if stop:
+                    bar.close()
+                    raise Interrupted(_Stop.signum)
         bar.close()
         state = _finish_task(state, plan, fns, data, task, start_time)
         save(state)
+        if _stop_requested():
+            raise Interrupted(_Stop.signum)
     return state
 
 

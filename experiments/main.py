@@ -1,69 +1,147 @@
 """Command-line entry point of the experiments: parses a config and a workdir, then trains.
 
     python -m experiments.main --config experiments/configs/demo.py --workdir runs/demo
-    python -m experiments.main --config experiments/configs/permuted_mnist.py:small \
-        --workdir runs/permuted_small --config.methods=finetune --config.methods=ewc \
+    python -m experiments.main --config experiments/configs/permuted_mnist.py:small \\
+        --workdir runs/permuted_small --config.methods=finetune --config.methods=ewc \\
         --config.strength=2000
 
-``--config.<field>=<value>`` overrides any config field (see ``experiments/config.py``);
-``--overwrite`` replaces finished results already in the workdir. Installed as the console script
+``--config.<field>=<value>`` overrides any config field; every field, its meaning and its valid
+values are documented in ``experiments/config.py`` (the ready-made configs are in
+``experiments/configs/``). ``--overwrite`` replaces finished results already in the workdir, and
+keeps them until the new run has finished. Installed as the console script
 ``ewc-jax-experiment``.
 
-Resume is the default: run the same command again after a crash or pre-emption and it continues
-from the latest complete checkpoint in the workdir (see ``experiments/checkpoint.py``); a workdir
-holding another config is refused, and ``--overwrite`` discards its checkpoints and starts afresh.
-Bad input (config, data files, checkpoints, workdir) ends with ``error: <what is wrong and what
-to do>`` and exit status 1, before any training where it can be detected.
+Resume is the default: run the same command again after a crash, pre-emption or Ctrl-C and it
+continues from the latest complete checkpoint in the workdir (see ``experiments/checkpoint.py``);
+a workdir holding another config is refused, and ``--overwrite`` discards its checkpoints and
+starts afresh. One run at a time may use a workdir. SIGINT (Ctrl-C) and SIGTERM stop at the next
+safe point (the end of an epoch), save a checkpoint and exit with status 130 and 143.
+
+Bad input (config, config file, data files, checkpoints, workdir, disk, missing TensorFlow)
+ends with one line ``error: <what is wrong and what to do>`` on stderr and exit status 1,
+before any training where it can be detected; a traceback means a bug in this code.
 """
 
+import os
 import re
+import signal
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import checkpoint, config, loop, train, workdir
+from experiments import checkpoint, config, data, loop, train, workdir
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Experiment config file, e.g. experiments/configs/demo.py[:small].",
+    "Experiment config file, e.g. experiments/configs/demo.py[:small] (a path, absolute or "
+    "relative to the current directory). Override its fields with --config.<field>=<value>; "
+    "every field is documented in experiments/config.py.",
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the config, results and figures.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for the config, checkpoints, results and figures; created if missing. Rerunning "
+    "the same command there resumes an unfinished run.",
+)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite",
     False,
-    "Replace finished results in --workdir, or another run's config and checkpoints there "
-    "(refused otherwise); without it an unfinished run in --workdir resumes.",
+    "Replace finished results in --workdir (kept until the new run has finished), or another "
+    "run's config and checkpoints there (refused otherwise); without it an unfinished run in "
+    "--workdir resumes.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (
+    config.ConfigError,
+    workdir.WorkdirExistsError,
+    workdir.WorkdirBusyError,
+    workdir.WorkdirUnusableError,
+    loop.TrainingDivergedError,
+    checkpoint.CheckpointError,
+    data.MissingDependencyError,
+    # The data loaders' and scenarios' own errors name the file or dataset and the fix.
+    ValueError,
+    FileNotFoundError,
+    ConnectionError,
+)
+"""What the CLI reports in one line; anything else is a bug and keeps its traceback."""
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def main(argv: list[str]) -> None:
     """Trains and evaluates the config given on the command line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # Orbax logs every save at INFO; keep the terminal for progress bars and the summary.
-    logging.set_verbosity(logging.WARNING)
+    # Orbax logs every save at INFO, TFDS its probes of a missing dataset at WARNING, and a
+    # failed save's thread tracebacks at ERROR before it raises: the one-line error below says
+    # what failed. Keep the terminal for progress.
+    logging.set_verbosity(logging.FATAL)
+    config_value = _load_config()
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-    except (
-        config.ConfigError,
-        workdir.WorkdirExistsError,
-        loop.TrainingDivergedError,
-        checkpoint.CheckpointError,
-        # The data loaders' and scenarios' own errors name the file or dataset and the fix.
-        ValueError,
-        FileNotFoundError,
-    ) as error:
+        with loop.stop_on_signals():
+            train.train_and_evaluate(config_value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except loop.Interrupted as stop:
+        print(interrupted_message(stop.signum, _WORKDIR.value, _OVERWRITE.value), file=sys.stderr)
+        sys.exit(EXIT_STATUS[stop.signum])
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        if checkpoint.os_error_in(error) is None or error.filename is None:
+            raise
+        # A full or read-only disk where results, figures or data are written.
+        sys.exit(f"error: {workdir.unusable_message(error.filename, error)}")
+
+
+def interrupted_message(signum: int, workdir_path: str, overwrite: bool) -> str:
+    """The line printed when SIGINT or SIGTERM stopped the run."""
+    name = signal.Signals(signum).name
+    resume = (
+        "rerun the command without --overwrite to resume (with it, the run starts afresh)"
+        if overwrite
+        else "rerun the same command to resume"
+    )
+    return (
+        f"interrupted by {name}: progress up to the last checkpoint in {workdir_path} is kept; "
+        f"{resume}"
+    )
+
+
+def _load_config():
+    """The parsed ``--config``, or one line on why its file cannot be loaded."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(path):
+        available = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if p.stem != "__init__"))
+        where = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"
+        shipped = CONFIGS.parent.parent / path
+        hint = f"did you mean {shipped}? " if shipped.is_file() else ""
+        sys.exit(
+            f"error: --config file {path} does not exist{where}; {hint}the configs shipped are "
+            f"{available} in {CONFIGS}"
+        )
+    try:
+        return _CONFIG.value
+    except (ValueError, TypeError, OSError) as error:  # get_config's own refusal, e.g. a variant
+        cause = error.__cause__ or error
+        sys.exit(f"error: --config {path}: {cause}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an unknown ``--config.<field>`` reported in one clear line."""
+    """absl's flag parsing, with every bad flag (and an unknown ``--config.<field>``) reported
+    in one line: ``error: ...`` and exit status 1."""
+    if any(arg in ("-h", "-?", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        # absl's own --help lists the flags of sys.argv[0]'s module: none for the console script.
+        print(f"{__doc__}\nflags:\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+        print("\nTry --helpfull to get a list of all flags.")
+        sys.exit(0)
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
     except AttributeError as error:  # ml_collections' "Did you mean ..." for a locked config
         text = str(error)
         guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
@@ -73,6 +151,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(
             f"error: unknown config field {what}; the fields are those of experiments/config.py"
         )
+    except flags.Error as error:
+        # A config file whose get_config raised carries its traceback in the message: keep the
+        # flag and the exception's own line.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        sys.exit(f"error: {text} (see --help)")
 
 
 def run() -> None:

@@ -47,7 +47,14 @@ import ml_collections
 import numpy as np
 
 from experiments import checkpoint, loop, metrics, plots, results, scenarios, steps, workdir
-from experiments.config import MethodSpec, method_specs, run_seeds, sweep_strengths
+from experiments.config import (
+    MethodSpec,
+    check_task_sizes,
+    fisher_samples_used,
+    method_specs,
+    run_seeds,
+    sweep_strengths,
+)
 from experiments.data import Dataset
 from experiments.device_data import DeviceScenario, data_mesh, data_sharding, put_for_methods
 
@@ -289,6 +296,8 @@ def run_sweep(
     started = time.perf_counter()
     scenario = scenarios.build_scenario(config, datasets, seeds[0])
     scenarios.check_scenario(scenario)
+    sizes = [(task.name, len(task.train_labels)) for task in scenario.tasks]
+    check_task_sizes(config, sizes)
     setup = steps.build_setup(config, scenario)
     data = put_for_methods(scenario, config.methods, data_mesh(config))
     outcomes = [
@@ -319,6 +328,7 @@ def run_sweep(
         scenario_seed=seeds[0],
         strengths={o.method: sorted(set(o.strengths)) for o in outcomes},
         method_wall_time_s={o.method: o.wall_time_s for o in outcomes},
+        fisher_samples_used=fisher_samples_used(config, sizes),
     )
     files = {
         "sweep_summary.csv": _summary_csv(summary),
@@ -329,6 +339,6 @@ def run_sweep(
     if any(any(o.diverged) for o in outcomes):
         print("warning: some runs diverged (non-finite loss); see the 'diverged' column")
     print(f"tasks: {', '.join(scenario.task_names)}")
-    print(f"figure: {Path(workdir_path) / figure.name}")
+    print(f"figure: {results_path.parent / figure.name}")
     print(f"results: {results_path}")
     return output

@@ -52,6 +52,7 @@ def run_all(
     for seed in config_lib.run_seeds(config):
         scenario = scenarios.build_scenario(config, datasets, seed)
         scenarios.check_scenario(scenario)
+        config_lib.check_task_sizes(config, task_sizes(scenario))
         setup = setup or steps.build_setup(config, scenario, mesh=mesh)
         device_data = put_for_methods(scenario, config.methods, mesh)
         for spec in specs:
@@ -69,6 +70,11 @@ def run_all(
     return scenario, records
 
 
+def task_sizes(scenario: scenarios.Scenario) -> list[tuple[str, int]]:
+    """Each task's name and number of training examples."""
+    return [(task.name, len(task.train_labels)) for task in scenario.tasks]
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir_path: str | os.PathLike[str],
@@ -78,10 +84,12 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Runs every method and seed of ``config`` (or its sweep) and writes the results.
 
-    The config is validated and the workdir checked before any data is loaded. ``results.json``
-    is written last, atomically, so its presence means the run finished; with ``overwrite`` an
-    old one is removed first. Resume is the default (see :func:`experiments.workdir.prepare`);
-    the checkpoints are deleted once ``results.json`` is written.
+    The config is validated and the workdir locked and checked before any data is loaded;
+    ``batch_size`` is checked against the smallest task once the tasks are built, before any
+    training. ``results.json`` is written last, atomically, so its presence means the run
+    finished; with ``overwrite`` the old results stay until the new ones replace them. Resume is
+    the default (see :func:`experiments.workdir.prepare`); the checkpoints are deleted once
+    ``results.json`` is written.
 
     Args:
         config: an experiment config (see ``experiments/configs``).
@@ -97,21 +105,34 @@ def train_and_evaluate(
         experiments.config.ConfigError: the config cannot run.
         experiments.workdir.WorkdirExistsError: the workdir holds finished results, or the
             config of another run, and ``overwrite`` is False.
+        experiments.workdir.WorkdirBusyError: another run holds the workdir.
+        experiments.workdir.WorkdirUnusableError: the workdir is a file or not writable.
         experiments.checkpoint.CheckpointError: a checkpoint in the workdir is corrupt or of
             another config.
     """
     config_lib.validate(config)
-    fingerprint = workdir.prepare(config, workdir_path, overwrite=overwrite)
+    with workdir.locked(workdir_path):
+        fingerprint, run_dir = workdir.prepare(config, workdir_path, overwrite=overwrite)
+        return _train_in(config, run_dir, fingerprint, load_dataset)
+
+
+def _train_in(
+    config: ml_collections.ConfigDict,
+    run_dir: Path,
+    fingerprint: str,
+    load_dataset: Callable[..., Any] | None,
+) -> dict[str, Any]:
+    """Loads the data, trains and writes the results in the prepared ``run_dir``."""
     started = time.perf_counter()
     datasets = data.load_datasets(config.datasets, data_dir=config.data_dir, load=load_dataset)
-    checkpoints_dir = checkpoint.checkpoints_root(workdir_path)
+    checkpoints_dir = checkpoint.checkpoints_root(run_dir)
     if config_lib.sweep_requested(config):
-        return sweep.run_sweep(config, workdir_path, datasets, checkpoints_dir, fingerprint)
+        return sweep.run_sweep(config, run_dir, datasets, checkpoints_dir, fingerprint)
     scenario, runs = run_all(
         config, datasets, checkpoints_dir=checkpoints_dir, fingerprint=fingerprint
     )
     summary = results.summarize_runs(runs)
-    figures = plots.write_figures(runs, summary, scenario.task_names, Path(workdir_path))
+    figures = plots.write_figures(runs, summary, scenario.task_names, run_dir)
     output = results.results_document(
         config,
         scenario,
@@ -120,11 +141,12 @@ def train_and_evaluate(
         summary,
         figures,
         started,
+        fisher_samples_used=config_lib.fisher_samples_used(config, task_sizes(scenario)),
     )
     files = {"metrics.csv": results.metrics_csv(runs, scenario.task_names)}
-    results_path = workdir.finish(workdir_path, files, output)
+    results_path = workdir.finish(run_dir, files, output)
     print(results.format_summary(summary, scenario.task_names))
     for path in figures:
-        print(f"figure: {path}")
+        print(f"figure: {results_path.parent / path.name}")
     print(f"results: {results_path}")
     return output

@@ -3,13 +3,17 @@
 One table, one row per bad input: each goes through the entry point a user calls
 (:func:`experiments.train.train_and_evaluate`, which the CLI wraps, or the ``ewc_jax`` call for
 library-level inputs), must raise with the expected message, and must leave no ``results.json``
-that would look like a finished run.
+that would look like a finished run, or leave earlier finished results (``results.json`` beside
+its own ``config.json``, ``metrics.csv`` and figures) byte for byte as they were. The CLI's own
+cases (signals, the workdir lock, config files, TFDS) are in ``tests/test_cli_safety.py``.
 """
 
+import errno
 import functools
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 import ewc_jax
-from experiments import checkpoint, config, data, loop, train, workdir
+from experiments import checkpoint, config, data, loop, plots, train, workdir
+from experiments import workdir as workdir_lib
 from experiments.configs import default
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +244,93 @@ def checkpoint_of_another_model(tmp, workdir):
     return run(config, workdir)
 
 
+def exact(message: str) -> str:
+    """A pattern that matches ``message`` and nothing else."""
+    return f"^{re.escape(message)}$"
+
+
+FINISHED = {
+    "results.json": '{"finished": true, "config": {"learning_rate": 0.01}}\n',
+    "config.json": '{"learning_rate": 0.01}\n',
+    "metrics.csv": "method,seed\nfinetune,0\n",
+    "accuracy_matrix.png": "old figure",
+}
+
+
+def finished_workdir(workdir: Path) -> None:
+    """Finished results of an earlier run (their content does not matter, only that it stays)."""
+    workdir.mkdir(parents=True)
+    for name, text in FINISHED.items():
+        (workdir / name).write_text(text)
+
+
+def results_files(workdir: Path) -> dict[str, bytes]:
+    """The content of every result file in ``workdir`` (not the lock, staging or checkpoints)."""
+    return {
+        p.name: p.read_bytes()
+        for p in workdir.iterdir()
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def config_case(**overrides) -> Callable:
+    def case(tmp, workdir):
+        return run(tiny_config(**overrides), workdir)
+
+    case.__name__ = f"config_{'_'.join(overrides)}"
+    return case
+
+
+def wrongly_typed(**overrides) -> Callable:
+    """A config built from a dict, which takes values of any type (``get_config``'s fields
+    refuse another type themselves), so that only ``config.validate`` stands in the way."""
+
+    def case(tmp, workdir):
+        config = ml_collections.ConfigDict({**tiny_config().to_dict(), **overrides})
+        return run(config, workdir)
+
+    case.__name__ = f"wrongly_typed_{'_'.join(overrides)}"
+    return case
+
+
+def overwrite_with_infinite_learning_rate(tmp, workdir):
+    finished_workdir(workdir)
+    return run(tiny_config(learning_rate=float("inf")), workdir, overwrite=True)
+
+
+def batch_larger_than_a_task(tmp, workdir):
+    return run(tiny_config(batch_size=2000), workdir)
+
+
+def workdir_is_a_file(tmp, workdir):
+    workdir.write_text("not a directory")
+    return run(tiny_config(), workdir)
+
+
+def workdir_in_use(tmp, workdir):
+    def call():
+        with workdir_lib.locked(workdir):  # another open file description: flock conflicts
+            train.train_and_evaluate(tiny_config(), workdir)
+
+    return call
+
+
+def bit_flip_in_a_checkpoint(tmp, workdir):
+    config = tiny_config()
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    fingerprint = checkpoint.fingerprint(json.loads(config.to_json_best_effort()))
+    saved = checkpoint.RunCheckpoints(
+        checkpoint.checkpoints_root(workdir) / "finetune-seed0", fingerprint
+    )
+    path = saved.save({"w": jnp.arange(1024.0)}, {"task": 1})
+    array = max((f for f in (path / "state").rglob("*") if f.is_file()), key=os.path.getsize)
+    raw = bytearray(array.read_bytes())
+    raw[-40] ^= 0x01
+    array.write_bytes(bytes(raw))
+    return run(config, workdir)
+
+
 CASES = [
     ("NaN in the data", nan_pixels, ValueError, r"train_images has 1 NaN/Inf values"),
     ("Inf in the data", inf_pixels, ValueError, r"test_images has 1 NaN/Inf values"),
@@ -329,6 +422,108 @@ CASES = [
         checkpoint.CheckpointError,
         "cannot restore .* another model",
     ),
+    (
+        "--overwrite with learning_rate inf",
+        overwrite_with_infinite_learning_rate,
+        config.ConfigError,
+        exact("learning_rate must be a finite number > 0, got inf"),
+    ),
+    (
+        "learning_rate 0",
+        config_case(learning_rate=0.0),
+        config.ConfigError,
+        exact("learning_rate must be a finite number > 0, got 0.0"),
+    ),
+    (
+        "checkpoint_every_steps -1",
+        config_case(checkpoint_every_steps=-1),
+        config.ConfigError,
+        exact("checkpoint_every_steps must be >= 0 (an int), got -1"),
+    ),
+    (
+        "hidden_sizes 0",
+        config_case(hidden_sizes=(16, 0)),
+        config.ConfigError,
+        exact("hidden_sizes must all be >= 1 (the width of each hidden layer), got (16, 0)"),
+    ),
+    (
+        "epochs 0",
+        config_case(steps_per_task=0, epochs=0),
+        config.ConfigError,
+        exact("epochs must be >= 1 (or set steps_per_task)"),
+    ),
+    (
+        "fisher_samples a float",
+        wrongly_typed(fisher_samples=1e8),
+        config.ConfigError,
+        exact("fisher_samples must be >= 1 (an int), got 100000000.0"),
+    ),
+    (
+        "eval_batch_size 0",
+        config_case(eval_batch_size=0),
+        config.ConfigError,
+        exact("eval_batch_size must be >= 1 (an int), got 0"),
+    ),
+    (
+        "train_limit -1",
+        config_case(train_limit=-1),
+        config.ConfigError,
+        exact("train_limit must be >= 0 (an int), got -1"),
+    ),
+    (
+        "momentum 1",
+        config_case(momentum=1.0),
+        config.ConfigError,
+        exact("momentum must lie in [0, 1) (0: plain SGD), got 1.0"),
+    ),
+    (
+        "negative seed",
+        config_case(seeds=(-1,)),
+        config.ConfigError,
+        exact("seeds must lie in [0, 2147483647], got -1"),
+    ),
+    (
+        "a boolean given as 1",
+        wrongly_typed(reset_optimizer=1),
+        config.ConfigError,
+        exact("reset_optimizer must be True or False, got 1"),
+    ),
+    (
+        "angle NaN",
+        config_case(scenario="rotated", angles=(0.0, float("nan"))),
+        config.ConfigError,
+        exact("angles must be finite numbers (degrees), got (0.0, nan)"),
+    ),
+    (
+        "batch_size larger than a task",
+        batch_larger_than_a_task,
+        config.ConfigError,
+        exact(
+            "batch_size 2000 is larger than task 'perm0', which has 1433 training examples; "
+            "set batch_size <= 1433"
+        ),
+    ),
+    (
+        "workdir is a file",
+        workdir_is_a_file,
+        workdir.WorkdirUnusableError,
+        r"^--workdir .* is a file, not a directory; choose another --workdir$",
+    ),
+    (
+        "workdir in use by another run",
+        workdir_in_use,
+        workdir.WorkdirBusyError,
+        rf"^.* is in use by another run \(PID {os.getpid()}\); wait for it to finish, "
+        r"stop it, or choose another --workdir$",
+    ),
+    (
+        "bit flip in a checkpoint",
+        bit_flip_in_a_checkpoint,
+        checkpoint.CheckpointError,
+        r"^checkpoint (.*00000000) is damaged: state/.* is changed since it was saved "
+        r"\(checksum mismatch\); delete \1 to resume from the one before, or pass "
+        r"--overwrite to start the run afresh$",
+    ),
 ]
 
 
@@ -342,13 +537,14 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, make_call, error, m
     call = make_call(tmp_path, workdir)
     results = workdir / "results.json"
     finished = results.read_bytes() if results.exists() else None
+    before = results_files(workdir) if finished else {}
     with pytest.raises(error, match=match):
         call()
     if finished is None:
         assert not results.exists()
-    else:  # never overwritten
-        assert results.read_bytes() == finished
-    if (workdir / "config.json").exists():
+    else:  # never overwritten, nor any file beside it
+        assert results_files(workdir) == before
+    if workdir.is_dir() and (workdir / "config.json").exists():
         assert not list(workdir.glob(".*.tmp"))
 
 
@@ -369,6 +565,71 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
         with pytest.raises(error, match=match):
             call()
         shutil.rmtree(case_dir)
+
+
+@pytest.mark.slow
+def test_a_failed_overwrite_keeps_the_previous_results_and_records_the_fisher_size(
+    tmp_path, monkeypatch
+):
+    """A full disk or a crash mid-training in an ``--overwrite`` rerun loses nothing."""
+
+    def figures(runs, summary, task_names, directory):
+        path = directory / "accuracy_matrix.png"
+        path.write_text(f"figure of {directory.name}")
+        return [path]
+
+    monkeypatch.setattr(plots, "write_figures", figures)
+    workdir = tmp_path / "run"
+    first = train.train_and_evaluate(tiny_config(fisher_samples=10**6), workdir)
+    # The Fisher of each task used all 1,433 examples there are, and results.json says so.
+    assert first["config"]["fisher_samples"] == 10**6
+    assert first["fisher_samples_used"] == [1433, 1433]
+    before = results_files(workdir)
+    assert sorted(before) == ["accuracy_matrix.png", "config.json", "metrics.csv", "results.json"]
+
+    import orbax.checkpoint as ocp
+
+    def disk_full(self, *args, **kwargs):
+        try:  # Orbax re-raises a failed write as its own exception type
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            raise RuntimeError("tensorstore write failed") from error
+
+    staged = workdir / workdir_lib.STAGING / "checkpoints" / "finetune-seed0" / "00000000"
+    changed = tiny_config(learning_rate=0.02, methods=("finetune",))
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.Checkpointer, "save", disk_full)
+        with pytest.raises(checkpoint.CheckpointError) as caught:
+            train.train_and_evaluate(changed, workdir, overwrite=True)
+    assert str(caught.value) == (
+        f"cannot write checkpoint {staged}: no space left on device; free some space (or move "
+        "the --workdir) and rerun the same command to resume from the last complete checkpoint"
+    )
+    assert not staged.exists()  # the partial checkpoint is removed
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed mid-training")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_finish_task", crash)
+        with pytest.raises(RuntimeError, match="crashed mid-training"):
+            train.train_and_evaluate(changed, workdir, overwrite=True)
+    assert (
+        results_files(workdir) == before
+    )  # old results beside their own config, metrics and figure
+
+    second = train.train_and_evaluate(changed, workdir, overwrite=True)
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        ".lock",
+        "accuracy_matrix.png",
+        "config.json",
+        "metrics.csv",
+        "results.json",
+    ]
+    assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 0.02
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(json.dumps(second))
+    assert (workdir / "accuracy_matrix.png").read_text() == f"figure of {workdir_lib.STAGING}"
+    assert second["fisher_samples_used"] == [16, 16]
 
 
 @pytest.mark.parametrize(

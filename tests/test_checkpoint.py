@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -193,9 +194,39 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
     for file in (path / checkpoint.STATE).rglob("*"):
         if file.is_file():
             file.write_bytes(b"\0garbage")
-    with pytest.raises(checkpoint.CheckpointError, match=r"cannot restore .*corrupt"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"is damaged: state/.*checksum mismatch"):
         run.restore(small_arrays())
     assert (path / checkpoint.MARKER).exists()  # a corrupt checkpoint is left for inspection
+
+
+def test_a_bit_flip_in_a_stored_array_is_refused_naming_what_to_delete(tmp_path):
+    run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
+    values = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
+    run.save(values, {"task": 0})
+    path = run.save(values, {"task": 1})
+    # The array's bytes live in the largest file of the Orbax checkpoint.
+    data = max(
+        (f for f in (path / checkpoint.STATE).rglob("*") if f.is_file()), key=os.path.getsize
+    )
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    relative = data.relative_to(path).as_posix()
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        run.restore({"w": jnp.zeros((64, 64))})
+    assert str(caught.value) == (
+        f"checkpoint {path} is damaged: {relative} is changed since it was saved (checksum "
+        f"mismatch); delete {path} to resume from the one before, or pass --overwrite to start "
+        "the run afresh"
+    )
+    # The marker check that runs before training finds it too; once deleted, the one before
+    # restores.
+    with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
+        run.read_marker(path)
+    shutil.rmtree(path)
+    arrays, progress = run.restore({"w": jnp.zeros((64, 64))})
+    assert progress == {"task": 0}
+    np.testing.assert_array_equal(arrays["w"], np.arange(4096, dtype=np.float32).reshape(64, 64))
 
 
 @pytest.mark.slow

@@ -186,11 +186,15 @@ def test_crash_leaves_no_finished_results(tmp_path):
     assert (tmp_path / "results.json").exists()
     with pytest.raises(workdir.WorkdirExistsError, match="--overwrite"):
         train.train_and_evaluate(digits_config(num_tasks=2, methods=("finetune",)), tmp_path)
+    finished = {name: (tmp_path / name).read_bytes() for name in ("results.json", "config.json")}
     diverging = digits_config(num_tasks=2, methods=("ewc",), learning_rate=0.5, strength=1e7)
     with pytest.raises(loop.TrainingDivergedError):
         train.train_and_evaluate(diverging, tmp_path, overwrite=True)
-    assert not (tmp_path / "results.json").exists()
-    assert json.loads((tmp_path / "config.json").read_text())["strength"] == 1e7
+    # The crashed --overwrite rerun left the finished results as they were, beside their own
+    # config; its own config and checkpoints are staged (issue 11).
+    assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
+    staged = tmp_path / workdir.STAGING / "config.json"
+    assert json.loads(staged.read_text())["strength"] == 1e7
     assert not list(tmp_path.glob(".*.tmp"))
 
 
