@@ -73,10 +73,25 @@ def torch_accuracy(model: Any, images: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
+def dead_logits(model: Any, images: np.ndarray) -> int:
+    """How many logit units are ReLU'd to 0 on every one of ``images`` (their class is never
+    predicted, and no gradient reaches them through the cross-entropy)."""
+    import torch
+
+    with torch.no_grad():
+        pre_relu = model[:-1](torch.from_numpy(images.reshape(len(images), -1)))
+    return int((pre_relu <= 0).all(0).sum())
+
+
 def torch_run(
     scenario: scenarios.Scenario, init: Path, seed: int, *, importance: float, config: Any
-) -> list[list[float]]:
-    """One PyTorch run of the tutorial's algorithm; returns the accuracy matrix ``R[i][j]``."""
+) -> tuple[list[list[float]], list[int]]:
+    """One PyTorch run of the tutorial's algorithm.
+
+    Returns:
+        The accuracy matrix ``R[i][j]`` and, after each task, :func:`dead_logits` on all test
+        images.
+    """
     import torch
 
     from benchmarks import torch_tutorial
@@ -85,7 +100,8 @@ def torch_run(
     model = load_torch_mlp(init)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config.learning_rate))
     penalties: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    batch_size, matrix = int(config.batch_size), []
+    batch_size, matrix, dead = int(config.batch_size), [], []
+    every_test = np.concatenate([t.test_images for t in scenario.tasks])
     for task in scenario.tasks:
         inputs = torch.from_numpy(task.train_images.reshape(len(task.train_images), -1))
         labels = torch.from_numpy(task.train_labels.astype(np.int64))
@@ -107,12 +123,13 @@ def torch_run(
                 optimizer.step()
                 steps += 1
         matrix.append([torch_accuracy(model, t.test_images, t.test_labels) for t in scenario.tasks])
+        dead.append(dead_logits(model, every_test))
         if importance > 0:
             chosen = torch.randperm(len(labels), generator=generator)[: int(config.fisher_samples)]
             precision = torch_tutorial.tutorial_fisher(model, inputs[chosen])
             means = {name: p.detach().clone() for name, p in model.named_parameters()}
             penalties.append((precision, means))
-    return matrix
+    return matrix, dead
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -190,14 +207,28 @@ def main() -> None:
 
     started = time.perf_counter()
     datasets = data.load_datasets(config.datasets, data_dir=config.data_dir)
-    torch_runs = {}
+    torch_runs, torch_dead = {}, {}
+    dead_at_init = dead_logits(
+        load_torch_mlp(init),
+        np.concatenate(
+            [
+                t.test_images
+                for t in scenarios.build_scenario(config, datasets, config.seeds[0]).tasks
+            ]
+        ),
+    )
+    print(f"[torch] dead logit units at init: {dead_at_init} of 10", flush=True)
     for seed in config.seeds:
         scenario = scenarios.build_scenario(config, datasets, seed)
         for method in config.methods:
             importance = float(config.strength) / 2 if method == "ewc" else 0.0
-            matrix = torch_run(scenario, init, seed, importance=importance, config=config)
-            torch_runs[method, seed] = matrix
-            print(f"[torch {method} seed {seed}] final accuracy {matrix[-1]}", flush=True)
+            matrix, dead = torch_run(scenario, init, seed, importance=importance, config=config)
+            torch_runs[method, seed], torch_dead[f"{method} {seed}"] = matrix, dead
+            print(
+                f"[torch {method} seed {seed}] final accuracy {matrix[-1]}, dead logit units "
+                f"after each task {dead}",
+                flush=True,
+            )
     torch_s = time.perf_counter() - started
 
     rows = compare(jax_runs, torch_runs)
@@ -222,6 +253,12 @@ def main() -> None:
         "init_seed": args.init_seed,
         "task_names": names,
         "rows": rows,
+        "torch_dead_logits_at_init": dead_at_init,
+        "torch_dead_logits_after_each_task": torch_dead,
+        "accuracy_matrices": {
+            f"{method} {seed}": {"jax": jax_runs[method, seed], "torch": torch_runs[method, seed]}
+            for method, seed in jax_runs
+        },
         "wall_time_s": {"jax": jax_s, "torch": torch_s},
     }
     (args.workdir / "reproduction.json").write_text(json.dumps(summary, indent=1))

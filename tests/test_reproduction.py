@@ -20,8 +20,11 @@ IMAGES = np.random.default_rng(0).random((6, 28, 28, 1)).astype(np.float32)
 HEADS = jnp.zeros(6, jnp.int32)
 
 
+_INIT = jax.jit(models.init_params, static_argnums=(0, 4))
+
+
 def _init(model, init, key=0):
-    return models.init_params(model, jax.random.key(key), jnp.asarray(IMAGES), HEADS, init)
+    return _INIT(model, jax.random.key(key), jnp.asarray(IMAGES), HEADS, init)
 
 
 def _save(path, module):
