@@ -8,9 +8,16 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   ``train_limit`` / ``test_limit`` (keep a random subset; 0 keeps all), ``num_tasks`` and
   ``first_task_unpermuted`` (permuted), ``split_mode`` (task | domain | class) and
   ``class_groups`` (split, e.g. ``((0, 1), (2, 3))``; empty: consecutive pairs), ``angles``
-  (rotated, degrees).
+  (rotated, degrees), ``class_order`` (split: ``fixed`` keeps the classes in label order,
+  ``permuted`` permutes them per seed before they are grouped into tasks, as van de Ven's
+  continual-learning code does).
 * model: ``model`` (tutorial_mlp | mlp | multihead_mlp | cnn; the MLPs become multi-head for
-  task-incremental scenarios), ``hidden_sizes``, ``relu_on_logits``.
+  task-incremental scenarios), ``hidden_sizes``, ``relu_on_logits``, ``init`` (the initial
+  parameters: ``flax``, Flax's initialisers; ``torch``, ``U(±1/√fan_in)`` weights and biases as
+  ``torch.nn.Linear`` and ``Conv2d`` draw them; or the path of an ``.npz`` holding a PyTorch
+  ``state_dict``, ``fc1.weight`` ``[out, in]``, ``fc1.bias``, ..., whose weight/bias pairs, in the
+  file's key order, become the model's Dense/Conv layers in the order it defines them; see
+  :func:`experiments.models.init_params`).
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
@@ -46,6 +53,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import ewc_jax
+from experiments import models
 from experiments.models import MODELS
 
 METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
@@ -80,10 +88,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.split_mode = "task"
     config.class_groups = ()
     config.angles = (0.0, 45.0, 90.0)
+    config.class_order = "fixed"
 
     config.model = "mlp"
     config.hidden_sizes = (256, 256)
     config.relu_on_logits = False
+    config.init = "flax"
 
     config.optimizer = "sgd"
     config.learning_rate = 0.01
@@ -426,6 +436,36 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sweep.strengths listed twice: {list(values)}")
 
 
+CLASS_ORDERS = ("fixed", "permuted")
+
+
+def _check_reproduction(config: ml_collections.ConfigDict) -> None:
+    """Checks ``init`` and ``class_order``; an ``.npz`` init is read and its layer count checked.
+
+    The shapes of an ``.npz``'s layers are checked against the model when it is initialised
+    (its input and output sizes are known once the data is loaded).
+    """
+    _choice(config, "class_order", CLASS_ORDERS)
+    if config.class_order != "fixed" and config.scenario != "split":
+        raise ConfigError(
+            f"class_order {config.class_order!r} applies to the split scenario only, not to "
+            f"{config.scenario!r}"
+        )
+    init = config.init
+    if not isinstance(init, str) or not init:
+        raise ConfigError(f"init must be 'flax', 'torch' or the path of an .npz, got {init!r}")
+    if init in models.INITS:
+        return
+    layers = models.read_state_dict(init)
+    expected = models.num_layers(config.model, tuple(config.hidden_sizes))
+    if len(layers) != expected:
+        raise ConfigError(
+            f"init file {init} has {len(layers)} weight/bias layers "
+            f"({', '.join(prefix for prefix, _, _ in layers)}), model {config.model!r} has "
+            f"{expected}"
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` with a clear message for a config that cannot run.
 
@@ -454,3 +494,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "optimizer", OPTIMIZERS)
     _check_numbers(config)
     _check_sweep(config)
+    _check_reproduction(config)

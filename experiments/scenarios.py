@@ -201,6 +201,30 @@ def permuted(
     return Scenario("permuted", tasks, num_heads=1, num_outputs=dataset.num_classes)
 
 
+def class_permutation(num_classes: int, seed: int) -> np.ndarray:
+    """A class order drawn from ``seed``: the original class at each position.
+
+    van de Ven's continual-learning code relabels class ``y`` as ``p[y]`` for a random
+    permutation ``p`` before splitting the new labels into consecutive groups, so every seed
+    sees other class pairs; position ``k`` of that order holds the class ``argsort(p)[k]``.
+    (That code keeps the identity for its seed 0; here every seed is permuted.)
+
+    Args:
+        num_classes: how many classes.
+        seed: NumPy seed; the same seed gives the same order.
+
+    Returns:
+        int64 ``[num_classes]``, every class exactly once.
+
+    Example:
+        >>> sorted(class_permutation(10, seed=1).tolist()) == list(range(10))
+        True
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).permutation(
+        num_classes
+    )
+
+
 def class_pairs(num_classes: int) -> list[tuple[int, ...]]:
     """Consecutive class pairs ``(0, 1), (2, 3), ...`` (an odd last class is dropped)."""
     return [(c, c + 1) for c in range(0, num_classes - 1, 2)]
@@ -210,6 +234,7 @@ def split(
     dataset: LabeledImages,
     mode: Literal["task", "domain", "class"],
     class_groups: Sequence[Sequence[int]] | None = None,
+    class_order: Sequence[int] | None = None,
 ) -> Scenario:
     """Split dataset: each task holds a disjoint group of classes (default: consecutive pairs).
 
@@ -220,6 +245,10 @@ def split(
             over all classes, original labels).
         class_groups: the classes of each task; groups must be disjoint and, for the task and
             domain modes, of one size.
+        class_order: the class at each position (e.g. :func:`class_permutation`), or None for
+            label order. Given one, the dataset is first relabelled ``y -> position of y``, as
+            van de Ven's code does, and ``class_groups`` (and the labels of the class mode)
+            refer to positions; the task names show the original classes.
 
     Returns:
         The scenario; a task is named after its classes, e.g. ``"2/3"``.
@@ -229,6 +258,14 @@ def split(
     """
     if mode not in SPLIT_MODES:
         raise ValueError(f"unknown split mode {mode!r}; valid modes: {SPLIT_MODES}")
+    order = np.arange(dataset.num_classes) if class_order is None else np.asarray(class_order)
+    if sorted(order.tolist()) != list(range(dataset.num_classes)):
+        raise ValueError(f"class_order must hold every class once, got {order.tolist()}")
+    if class_order is not None:
+        position = np.argsort(order).astype(np.int32)
+        dataset = dataset._replace(
+            train_labels=position[dataset.train_labels], test_labels=position[dataset.test_labels]
+        )
     groups = [tuple(int(c) for c in g) for g in (class_groups or class_pairs(dataset.num_classes))]
     flat = [c for g in groups for c in g]
     if not groups or any(not g for g in groups):
@@ -255,7 +292,7 @@ def split(
             test_labels = to_local[test_labels]
         tasks.append(
             _task(
-                "/".join(str(c) for c in group),
+                "/".join(str(order[c]) for c in group),
                 dataset.train_images[train_keep],
                 train_labels,
                 dataset.test_images[test_keep],
@@ -359,9 +396,9 @@ def build_scenario(
     Args:
         config: needs ``scenario``, ``datasets``, ``train_limit``, ``test_limit`` and
             the scenario's own fields (``num_tasks``, ``first_task_unpermuted``, ``split_mode``,
-            ``class_groups``, ``angles``).
+            ``class_groups``, ``class_order``, ``angles``).
         datasets: loaded datasets keyed by spec (``config.datasets``).
-        seed: seed of the subsets and of the permutations.
+        seed: seed of the subsets, of the permutations and of a permuted class order.
 
     Returns:
         The scenario.
@@ -376,7 +413,10 @@ def build_scenario(
     if config.scenario == "permuted":
         return permuted(base, config.num_tasks, seed, first_unpermuted=config.first_task_unpermuted)
     if config.scenario == "split":
-        return split(base, config.split_mode, config.class_groups or None)
+        order = None
+        if config.class_order == "permuted":
+            order = class_permutation(base.num_classes, seed)
+        return split(base, config.split_mode, config.class_groups or None, order)
     if config.scenario == "rotated":
         return rotated(base, [float(angle) for angle in config.angles])
     raise ValueError(f"unknown scenario {config.scenario!r}; valid scenarios: {SCENARIOS}")

@@ -48,6 +48,8 @@ class StepSetup:
         batch_size: examples per SGD step.
         eval_batch_size: examples per evaluation chunk.
         mesh: the data-parallel mesh that mini-batches are split over, or None.
+        init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
+            PyTorch state_dict (:func:`experiments.models.init_params`).
     """
 
     model: nn.Module
@@ -55,6 +57,7 @@ class StepSetup:
     batch_size: int
     eval_batch_size: int = 1000
     mesh: jax.sharding.Mesh | None = None
+    init: str = "flax"
 
     @property
     def num_devices(self) -> int:
@@ -115,6 +118,7 @@ def build_setup(
         batch_size=int(config.batch_size),
         eval_batch_size=int(config.eval_batch_size),
         mesh=mesh,
+        init=str(config.init),
     )
 
 
@@ -135,7 +139,8 @@ def scan_length(steps_per_epoch: int, capacity: int, batch_size: int) -> int:
 def init_state(
     key: jax.Array, example_images: jax.Array, strength: float | jax.Array, *, setup: StepSetup
 ) -> TrainState:
-    """A fresh run: parameters from ``key``'s first split, replicated on the mesh if any.
+    """A fresh run: parameters from ``key``'s first split (or ``setup.init``'s file), replicated
+    on the mesh if any.
 
     Args:
         key: the run's seed key, e.g. ``jax.random.key(seed)``.
@@ -148,7 +153,7 @@ def init_state(
     """
     init_key, key = jax.random.split(key)
     heads = jnp.zeros((example_images.shape[0],), jnp.int32)
-    params = setup.model.init(init_key, example_images, heads)["params"]
+    params = models.init_params(setup.model, init_key, example_images, heads, setup.init)
     if setup.mesh is not None:
         params = jax.device_put(params, replicated(setup.mesh))
     return TrainState(

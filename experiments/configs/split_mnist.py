@@ -17,6 +17,20 @@ Tolias 2022 (task-incremental: EWC 98.6% vs 87.2% without regularisation). ``sma
 on the embedded 4,000 MNIST digits (about 800 per pair) with 300 steps per task. The EWC
 strength 10,000 is within 0.2 points of the best of {1e3, 1e4, 1e5} on the small task-incremental
 stream (seed 0: 97.0%, 98.5%, 98.7%).
+
+Matching van de Ven's code (GMvandeVen/continual-learning), e.g. its task-incremental "none"
+baseline, needs three settings that differ from this config's defaults:
+
+* ``--config.init=torch``: its ``torch.nn.Linear`` layers keep PyTorch's initialisation,
+  ``U(±1/√fan_in)`` weights and biases (the default here is Flax's: ``lecun_normal`` kernels, √3
+  larger, and zero biases).
+* ``--config.reset_optimizer=False``: it builds one Adam optimiser for the whole stream (a fresh
+  one per task only with ``--optimizer=adam_reset``); the default here resets Adam's moments at
+  every task.
+* ``--config.class_order=permuted``: it relabels the classes by a random permutation per seed
+  before pairing them into tasks (its seed 0 keeps label order), so every seed sees other pairs;
+  the default here is the fixed pairs 0/1, 2/3, ... Its task-incremental output layer is one
+  10-unit layer of which task ``t`` uses units ``2t, 2t+1``, which is the multi-head layout here.
 """
 
 import ml_collections
