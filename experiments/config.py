@@ -10,7 +10,9 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   ``class_groups`` (split, e.g. ``((0, 1), (2, 3))``; empty: consecutive pairs), ``angles``
   (rotated, degrees).
 * model: ``model`` (tutorial_mlp | mlp | multihead_mlp | cnn; the MLPs become multi-head for
-  task-incremental scenarios), ``hidden_sizes``, ``relu_on_logits``.
+  task-incremental scenarios; causal_transformer for text), ``hidden_sizes``,
+  ``relu_on_logits``, ``transformer.num_layers`` / ``.width`` / ``.num_heads``
+  (``experiments/lm_models.py``).
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
@@ -46,6 +48,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import ewc_jax
+from experiments.lm_models import LM_MODELS
 from experiments.models import MODELS
 
 METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
@@ -84,6 +87,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model = "mlp"
     config.hidden_sizes = (256, 256)
     config.relu_on_logits = False
+    config.transformer = ml_collections.ConfigDict(dict(num_layers=2, width=64, num_heads=4))
 
     config.optimizer = "sgd"
     config.learning_rate = 0.01
@@ -215,6 +219,11 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
                 f"unknown config field {field!r}{hint}; the valid fields are those of "
                 "experiments/config.py"
             )
+    for name in config.transformer:
+        if name not in known.transformer:
+            raise ConfigError(
+                f"unknown config field 'transformer.{name}'; valid: {', '.join(known.transformer)}"
+            )
     for name in config.strengths:
         if name not in REGULARIZED_METHODS:
             raise ConfigError(
@@ -294,6 +303,12 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "eval_batch_size", "fisher_samples"):
         if int(config[field]) < 1:
             raise ConfigError(f"{field} must be >= 1, got {config[field]!r}")
+    sizes = config.transformer
+    if any(int(sizes[f]) < 1 for f in sizes) or int(sizes.width) % int(sizes.num_heads):
+        raise ConfigError(
+            "transformer sizes must be >= 1 with width divisible by num_heads, got "
+            f"{sizes.to_dict()}"
+        )
     for field in ("steps_per_task", "eval_every_steps", "train_limit", "test_limit"):
         if int(config[field]) < 0:
             raise ConfigError(f"{field} must be >= 0, got {config[field]!r}")
@@ -355,7 +370,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "scenario", SCENARIOS)
     if config.scenario == "split":
         _choice(config, "split_mode", SPLIT_MODES)
-    _choice(config, "model", MODELS)
+    _choice(config, "model", (*MODELS, *LM_MODELS))
     _choice(config, "optimizer", OPTIMIZERS)
     _check_numbers(config)
     _check_sweep(config)

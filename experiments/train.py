@@ -65,7 +65,9 @@ def run_all(
                     checkpoints_dir / f"{spec.name}-seed{seed}", fingerprint
                 )
             progress = loop.run_with_checkpoints(plan, fns, device_data, checkpoints)
-            records.append(results.RunRecord.from_progress(spec.name, seed, progress))
+            records.append(
+                results.RunRecord.from_progress(spec.name, seed, progress, scenario.metric)
+            )
     return scenario, records
 
 
@@ -111,7 +113,9 @@ def train_and_evaluate(
         config, datasets, checkpoints_dir=checkpoints_dir, fingerprint=fingerprint
     )
     summary = results.summarize_runs(runs)
-    figures = plots.write_figures(runs, summary, scenario.task_names, Path(workdir_path))
+    figures = plots.write_figures(
+        runs, summary, scenario.task_names, Path(workdir_path), metric=scenario.metric
+    )
     output = results.results_document(
         config,
         scenario,
@@ -123,7 +127,7 @@ def train_and_evaluate(
     )
     files = {"metrics.csv": results.metrics_csv(runs, scenario.task_names)}
     results_path = workdir.finish(workdir_path, files, output)
-    print(results.format_summary(summary, scenario.task_names))
+    print(results.format_summary(summary, scenario.task_names, scenario.metric))
     for path in figures:
         print(f"figure: {path}")
     print(f"results: {results_path}")
