@@ -12,12 +12,14 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   ``permuted`` permutes them per seed before they are grouped into tasks, as van de Ven's
   continual-learning code does).
 * model: ``model`` (tutorial_mlp | mlp | multihead_mlp | cnn; the MLPs become multi-head for
-  task-incremental scenarios), ``hidden_sizes``, ``relu_on_logits``, ``init`` (the initial
+  task-incremental scenarios; causal_transformer for text), ``hidden_sizes``,
+  ``relu_on_logits``, ``transformer.num_layers`` / ``.width`` / ``.num_heads``
+  (``experiments/lm_models.py``), ``init`` (the initial
   parameters: ``flax``, Flax's initialisers; ``torch``, ``U(±1/√fan_in)`` weights and biases as
   ``torch.nn.Linear`` and ``Conv2d`` draw them; or the path of an ``.npz`` holding a PyTorch
   ``state_dict``, ``fc1.weight`` ``[out, in]``, ``fc1.bias``, ..., whose weight/bias pairs, in the
   file's key order, become the model's Dense/Conv layers in the order it defines them; see
-  :func:`experiments.models.init_params`).
+  :func:`experiments.models.init_params`; the transformer takes ``flax`` only).
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
@@ -54,6 +56,7 @@ from ml_collections import config_dict
 
 import ewc_jax
 from experiments import models
+from experiments.lm_models import LM_MODELS
 from experiments.models import MODELS
 
 METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
@@ -94,6 +97,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.hidden_sizes = (256, 256)
     config.relu_on_logits = False
     config.init = "flax"
+    config.transformer = ml_collections.ConfigDict(dict(num_layers=2, width=64, num_heads=4))
 
     config.optimizer = "sgd"
     config.learning_rate = 0.01
@@ -224,6 +228,11 @@ def _check_known_fields(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"unknown config field {field!r}{hint}; the valid fields are those of "
                 "experiments/config.py"
+            )
+    for name in config.transformer:
+        if name not in known.transformer:
+            raise ConfigError(
+                f"unknown config field 'transformer.{name}'; valid: {', '.join(known.transformer)}"
             )
     for name in config.strengths:
         if name not in REGULARIZED_METHODS:
@@ -360,6 +369,14 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
                 f"hidden_sizes must all be >= 1 (the width of each hidden layer), got "
                 f"{tuple(config.hidden_sizes)!r}"
             )
+    sizes = config.transformer
+    for field in sizes:
+        _check_int(f"transformer.{field}", sizes[field], 1)
+    if int(sizes.width) % int(sizes.num_heads):
+        raise ConfigError(
+            "transformer sizes must be >= 1 with width divisible by num_heads, got "
+            f"{sizes.to_dict()}"
+        )
     for angle in config.angles:
         if not _is_number(angle) or not math.isfinite(angle):
             raise ConfigError(f"angles must be finite numbers (degrees), got {config.angles!r}")
@@ -454,6 +471,10 @@ def _check_reproduction(config: ml_collections.ConfigDict) -> None:
     init = config.init
     if not isinstance(init, str) or not init:
         raise ConfigError(f"init must be 'flax', 'torch' or the path of an .npz, got {init!r}")
+    if config.model in LM_MODELS and init != "flax":
+        raise ConfigError(
+            f"init {init!r} is for the image models; model {config.model!r} takes init 'flax'"
+        )
     if init in models.INITS:
         return
     layers = models.read_state_dict(init)
@@ -490,7 +511,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "scenario", SCENARIOS)
     if config.scenario == "split":
         _choice(config, "split_mode", SPLIT_MODES)
-    _choice(config, "model", MODELS)
+    _choice(config, "model", (*MODELS, *LM_MODELS))
     _choice(config, "optimizer", OPTIMIZERS)
     _check_numbers(config)
     _check_sweep(config)

@@ -14,6 +14,10 @@
   is accepted too), as LeCun's site, Zalando, TFDS and torchvision distribute them. Debian's
   ``dataset-fashion-mnist`` package installs Fashion-MNIST for
   ``"idx:/usr/share/datasets/fashion-mnist"``. Assumes 10 classes; call `load_idx` for others.
+* ``"fortunes:<language>[:<context_length>]"``: real text, not images: Debian's fortunes in
+  ``en``, ``de``, ``es`` or ``it`` as byte windows for a language model (int32 inputs and
+  next-byte targets ``[N, T]``, ``num_classes=256``; see :mod:`experiments.text`), read from
+  ``data_dir`` or ``/usr/share/games/fortunes``.
 * ``"tfds:<name>"``: a TensorFlow Datasets image dataset with ``train`` and ``test`` splits, e.g.
   ``"tfds:mnist"``, ``"tfds:fashion_mnist"``, ``"tfds:kmnist"``, ``"tfds:cifar10"``, read from
   ``data_dir`` or the default TFDS data dir. Needs the ``tfds`` extra. Reading a dataset prepared
@@ -46,10 +50,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import idx
+from experiments import idx, text
 
 _SPEC_FORMS = (
     '"embedded:mnist", "embedded:digits", "idx:<dir>" (or "idx" with data_dir=<dir>), '
+    '"fortunes:<language>" (en, de, es, it), '
     '"tfds:<name>" (e.g. "tfds:mnist", "tfds:fashion_mnist", "tfds:kmnist", "tfds:cifar10")'
 )
 _OFFLINE_ALTERNATIVES = (
@@ -127,6 +132,8 @@ def load_dataset(
                 '"idx:/usr/share/datasets/fashion-mnist".'
             )
         dataset = load_idx(arg or data_dir)
+    elif source == "fortunes" and arg:
+        dataset = text.load_fortunes(arg, data_dir)
     elif source == "tfds" and arg:
         dataset = _load_tfds(arg, data_dir)
     else:
@@ -172,6 +179,8 @@ def validate_dataset(dataset: Dataset) -> None:
     Args:
         dataset: The dataset to check.
 
+    A text dataset (integer inputs) is checked by :func:`experiments.text.validate_text`.
+
     Raises:
         ValueError: Naming the dataset, the split and what is wrong: an empty split, NaN or Inf
             pixels, pixels outside [0, 1], a label outside [0, num_classes), mismatched counts,
@@ -181,6 +190,9 @@ def validate_dataset(dataset: Dataset) -> None:
         >>> validate_dataset(load_dataset("embedded:digits"))
     """
     name = dataset.name
+    if text.is_text(dataset):
+        text.validate_text(dataset)
+        return
     if dataset.num_classes < 1:
         raise ValueError(f"{name}: num_classes is {dataset.num_classes}; it must be positive.")
     for split in ("train", "test"):

@@ -48,8 +48,9 @@ class TaskData(NamedTuple):
     """A task's examples on device, padded to a fixed capacity so that all tasks share shapes.
 
     Attributes:
-        images: float32 ``[capacity, H, W, C]``; rows past ``num_valid`` are zero.
-        labels: int32 ``[capacity]``.
+        images: float32 ``[capacity, H, W, C]`` (text: int32 ``[capacity, T]``); rows past
+            ``num_valid`` are zero.
+        labels: int32 ``[capacity]`` (text: ``[capacity, T]``).
         heads: int32 ``[capacity]``, the output head of each example.
         num_valid: int32 scalar, how many leading rows are real examples.
     """
@@ -70,8 +71,8 @@ def pad_task_data(
     """Pads examples to ``capacity`` rows and puts them on ``device``.
 
     Args:
-        images: float32 ``[N, ...]``.
-        labels: int ``[N]``.
+        images: float32 ``[N, ...]`` (or int32 byte sequences, kept as int32).
+        labels: int ``[N, ...]``.
         heads: int ``[N]``.
         capacity: rows of the result, >= N.
         device: where the arrays go (e.g. :func:`replicated` over a mesh); None: the default
@@ -83,9 +84,10 @@ def pad_task_data(
     num = len(labels)
     if num > capacity:
         raise ValueError(f"{num} examples do not fit a capacity of {capacity}")
-    padded_images = np.zeros((capacity, *images.shape[1:]), np.float32)
+    dtype = np.int32 if np.issubdtype(images.dtype, np.integer) else np.float32
+    padded_images = np.zeros((capacity, *images.shape[1:]), dtype)
     padded_images[:num] = images
-    padded_labels = np.zeros(capacity, np.int32)
+    padded_labels = np.zeros((capacity, *labels.shape[1:]), np.int32)
     padded_labels[:num] = labels
     padded_heads = np.zeros(capacity, np.int32)
     padded_heads[:num] = heads

@@ -10,7 +10,9 @@ The cadences (when to evaluate for the learning curves, when to checkpoint withi
 fields of the :class:`Plan`.
 
 After every task a row of the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training
-task ``i``) is recorded, then the method consolidates.
+task ``i``) is recorded, then the method consolidates. The matrix holds the scenario's metric
+(:attr:`experiments.scenarios.Scenario.metric`): accuracy, or test bits per character on a
+language sequence; ``accuracy_rows`` and the curves' ``accuracy`` keep their names for both.
 
 Stopping: under :func:`stop_on_signals` (the CLI), SIGINT and SIGTERM do not kill the run where
 it stands: :func:`run` finishes the epoch it is in (its safe point), saves a checkpoint and
@@ -191,6 +193,7 @@ class Plan:
             record the run as diverged and go on (sweeps).
         learning_rate: for the divergence message.
         optimizer: for the divergence message.
+        metric: the scenario's metric, for the printed lines.
     """
 
     label: str
@@ -206,6 +209,7 @@ class Plan:
     raise_on_divergence: bool
     learning_rate: float
     optimizer: str
+    metric: str = "accuracy"
 
     @property
     def num_tasks(self) -> int:
@@ -243,6 +247,7 @@ def make_plan(
         raise_on_divergence=not sweep,
         learning_rate=float(config.learning_rate),
         optimizer=str(config.optimizer),
+        metric=data.scenario.metric,
     )
 
 
@@ -414,7 +419,8 @@ def _finish_task(
     shown = row.reshape(-1, row.shape[-1]).mean(axis=0)[: task + 1]
     print(
         f"{plan.label} task {task + 1}/{plan.num_tasks} {plan.task_names[task]}: "
-        f"{'mean ' if row.ndim > 1 else ''}accuracy {' '.join(f'{a:.3f}' for a in shown)} "
+        f"{'mean ' if row.ndim > 1 else ''}{plan.metric.replace('_', ' ')} "
+        f"{' '.join(f'{a:.3f}' for a in shown)} "
         f"({progress.steps_done} steps, {end - start:.1f} s)",
         flush=True,
     )

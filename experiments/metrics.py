@@ -1,8 +1,14 @@
-"""Continual-learning metrics computed from an accuracy matrix.
+"""Continual-learning metrics computed from an accuracy matrix (or a bits-per-character one).
 
 The accuracy matrix ``R`` of a stream of ``T`` tasks is ``T x T``: ``R[i, j]`` is the test
 accuracy on task ``j`` after training on tasks ``0..i``. Entries with ``j > i`` (tasks not
 trained yet) are recorded too, but none of the metrics below reads them.
+
+A language sequence records test bits per character instead (:data:`METRICS`), where lower is
+better; :func:`summarize` then reports the average final bits per character, and backward
+transfer and forgetting with their signs kept: negative transfer and positive forgetting are
+losses, as for accuracy (:func:`backward_transfer` and :func:`average_forgetting` with
+``higher_is_better=False``).
 
 Example:
     >>> import numpy as np
@@ -13,8 +19,38 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from numpy.typing import ArrayLike
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a scenario's evaluation measures.
+
+    Attributes:
+        name: the key, e.g. ``"accuracy"``.
+        label: for axes and tables, e.g. ``"test accuracy"``.
+        average: the name of the final average in :func:`summarize`.
+        higher_is_better: accuracy yes, bits per character no.
+        bounds: the plots' fixed axis range, or None to fit the data.
+    """
+
+    name: str
+    label: str
+    average: str
+    higher_is_better: bool
+    bounds: tuple[float, float] | None
+
+
+METRICS = {
+    "accuracy": Metric("accuracy", "test accuracy", "average_accuracy", True, (0.0, 1.0)),
+    "bits_per_character": Metric(
+        "bits_per_character", "test bits per character", "average_bits_per_character", False, None
+    ),
+}
+"""The metrics a scenario may record, by name."""
 
 
 def _as_square_matrix(accuracy_matrix: ArrayLike) -> np.ndarray:
@@ -44,15 +80,18 @@ def average_accuracy(accuracy_matrix: ArrayLike) -> float:
     return float(matrix[-1].mean())
 
 
-def backward_transfer(accuracy_matrix: ArrayLike) -> float:
+def backward_transfer(accuracy_matrix: ArrayLike, *, higher_is_better: bool = True) -> float:
     r"""Backward transfer: how training later tasks changed the accuracy on earlier ones.
 
     .. math:: \mathrm{BWT} = \frac{1}{T-1} \sum_{j=1}^{T-1} \left(R_{T,j} - R_{j,j}\right)
 
-    Negative values mean forgetting. Zero for a single task.
+    Negative values mean forgetting. Zero for a single task. For a metric where lower is better
+    (bits per character) the sign is flipped, ``R_{j,j} - R_{T,j}``, so negative still means
+    forgetting.
 
     Args:
         accuracy_matrix: ``[T, T]`` matrix, ``R[i, j]`` = accuracy on task ``j`` after task ``i``.
+        higher_is_better: False for a loss-like metric.
 
     Returns:
         The mean over the first ``T - 1`` tasks of the final accuracy minus the accuracy just
@@ -66,10 +105,11 @@ def backward_transfer(accuracy_matrix: ArrayLike) -> float:
     if num_tasks == 1:
         return 0.0
     earlier = np.arange(num_tasks - 1)
-    return float(np.mean(matrix[-1, earlier] - matrix[earlier, earlier]))
+    change = matrix[-1, earlier] - matrix[earlier, earlier]
+    return float(np.mean(change if higher_is_better else -change))
 
 
-def average_forgetting(accuracy_matrix: ArrayLike) -> float:
+def average_forgetting(accuracy_matrix: ArrayLike, *, higher_is_better: bool = True) -> float:
     r"""Average forgetting: the drop from each earlier task's best accuracy to its final one.
 
     .. math::
@@ -77,9 +117,12 @@ def average_forgetting(accuracy_matrix: ArrayLike) -> float:
         F_T = \frac{1}{T-1} \sum_{j=1}^{T-1} f_j
 
     The maximum runs over every row before the last, as in the paper. Zero for a single task.
+    For a metric where lower is better (bits per character) it is the rise from the best:
+    :math:`f_j = R_{T,j} - \min_{l < T} R_{l,j}`.
 
     Args:
         accuracy_matrix: ``[T, T]`` matrix, ``R[i, j]`` = accuracy on task ``j`` after task ``i``.
+        higher_is_better: False for a loss-like metric.
 
     Returns:
         The mean of ``f_j`` over the first ``T - 1`` tasks.
@@ -92,21 +135,28 @@ def average_forgetting(accuracy_matrix: ArrayLike) -> float:
     num_tasks = matrix.shape[0]
     if num_tasks == 1:
         return 0.0
-    best_before_last = matrix[:-1, : num_tasks - 1].max(axis=0)
-    return float(np.mean(best_before_last - matrix[-1, : num_tasks - 1]))
+    before_last = matrix[:-1, : num_tasks - 1]
+    if not higher_is_better:
+        return float(np.mean(matrix[-1, : num_tasks - 1] - before_last.min(axis=0)))
+    return float(np.mean(before_last.max(axis=0) - matrix[-1, : num_tasks - 1]))
 
 
-def summarize(accuracy_matrix: ArrayLike) -> dict[str, float]:
-    """All metrics of one accuracy matrix, by name.
+def summarize(accuracy_matrix: ArrayLike, metric: str = "accuracy") -> dict[str, float]:
+    """All metrics of one accuracy (or bits-per-character) matrix, by name.
 
     Args:
-        accuracy_matrix: ``[T, T]`` matrix, ``R[i, j]`` = accuracy on task ``j`` after task ``i``.
+        accuracy_matrix: ``[T, T]`` matrix, ``R[i, j]`` = the metric on task ``j`` after task
+            ``i``.
+        metric: a key of :data:`METRICS`.
 
     Returns:
-        ``{"average_accuracy": ..., "backward_transfer": ..., "average_forgetting": ...}``.
+        ``{"average_accuracy": ..., "backward_transfer": ..., "average_forgetting": ...}``;
+        for bits per character the first is ``"average_bits_per_character"``.
     """
+    spec = METRICS[metric]
+    better = spec.higher_is_better
     return {
-        "average_accuracy": average_accuracy(accuracy_matrix),
-        "backward_transfer": backward_transfer(accuracy_matrix),
-        "average_forgetting": average_forgetting(accuracy_matrix),
+        spec.average: average_accuracy(accuracy_matrix),
+        "backward_transfer": backward_transfer(accuracy_matrix, higher_is_better=better),
+        "average_forgetting": average_forgetting(accuracy_matrix, higher_is_better=better),
     }

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from experiments.metrics import METRICS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -37,8 +39,13 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def plot_accuracy_curves(runs: Sequence[RunRecord], task_names: Sequence[str], path: Path) -> Path:
+def plot_accuracy_curves(
+    runs: Sequence[RunRecord], task_names: Sequence[str], path: Path, metric: str = "accuracy"
+) -> Path:
     """Test accuracy of each task over training, one panel per task, one line per method.
+
+    ``metric`` names what the curves hold (:data:`experiments.metrics.METRICS`), e.g. bits per
+    character on a language sequence.
 
     Dotted vertical lines mark task boundaries, as in the PyTorch EWC tutorial's plots. The
     first run of each method is drawn.
@@ -71,10 +78,12 @@ def plot_accuracy_curves(runs: Sequence[RunRecord], task_names: Sequence[str], p
             ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"task {j + 1}: {name}")
         ax.set_xlabel("training step")
-        ax.set_ylim(0.0, 1.02)
+        bounds = METRICS[metric].bounds
+        if bounds is not None:
+            ax.set_ylim(bounds[0], bounds[1] * 1.02)
         ax.grid(alpha=0.3)
         if j % columns == 0:
-            ax.set_ylabel("test accuracy")
+            ax.set_ylabel(METRICS[metric].label)
     for k in range(num_tasks, rows * columns):
         axes[k // columns][k % columns].set_visible(False)
     axes[0][0].legend(fontsize="small")
@@ -82,9 +91,15 @@ def plot_accuracy_curves(runs: Sequence[RunRecord], task_names: Sequence[str], p
 
 
 def plot_accuracy_matrices(
-    summary: dict[str, dict[str, Any]], task_names: Sequence[str], path: Path
+    summary: dict[str, dict[str, Any]],
+    task_names: Sequence[str],
+    path: Path,
+    metric: str = "accuracy",
 ) -> Path:
     """Heatmap of the accuracy matrix ``R[i, j]`` (mean over seeds), one panel per method.
+
+    For a metric without fixed bounds (bits per character) the colour scale spans the values
+    of all panels, reversed so that better is brighter as for accuracy.
 
     Args:
         summary: from :func:`experiments.results.summarize_runs`.
@@ -100,13 +115,19 @@ def plot_accuracy_matrices(
     figure = _new_figure(size * len(methods), size)
     axes = figure.subplots(1, len(methods), squeeze=False)[0]
     image = None
+    spec = METRICS[metric]
+    everything = np.asarray([summary[m]["accuracy_matrix_mean"] for m in methods])
+    low, high = spec.bounds or (float(everything.min()), float(everything.max()))
+    cmap = "viridis" if spec.higher_is_better else "viridis_r"
     for ax, method in zip(axes, methods, strict=True):
         matrix = np.asarray(summary[method]["accuracy_matrix_mean"])
-        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        image = ax.imshow(matrix, vmin=low, vmax=high, cmap=cmap)
         if num_tasks <= 10:
             for i in range(num_tasks):
                 for j in range(num_tasks):
-                    color = "black" if matrix[i, j] > 0.6 else "white"
+                    share = (matrix[i, j] - low) / max(high - low, 1e-12)
+                    bright = share > 0.6 if spec.higher_is_better else share < 0.4
+                    color = "black" if bright else "white"
                     ax.text(
                         j,
                         i,
@@ -121,12 +142,17 @@ def plot_accuracy_matrices(
         ax.set_yticks(range(num_tasks), task_names, fontsize=7)
         ax.set_xlabel("evaluated on task j")
         ax.set_ylabel("after training task i")
-    figure.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy")
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label=spec.label)
     return _save(figure, path)
 
 
-def plot_method_comparison(summary: dict[str, dict[str, Any]], path: Path) -> Path:
+def plot_method_comparison(
+    summary: dict[str, dict[str, Any]], path: Path, metric: str = "accuracy"
+) -> Path:
     """Bar chart of average accuracy and average forgetting per method (± std over seeds).
+
+    With ``metric="bits_per_character"``: the average final bits per character and the average
+    rise of bits per character (forgetting); lower is better for both.
 
     Args:
         summary: from :func:`experiments.results.summarize_runs`.
@@ -139,18 +165,22 @@ def plot_method_comparison(summary: dict[str, dict[str, Any]], path: Path) -> Pa
     figure = _new_figure(max(5.0, 1.4 * len(methods) + 2.0), 3.2)
     axes = figure.subplots(1, 2)
     positions = np.arange(len(methods))
-    for ax, metric, title in (
-        (axes[0], "average_accuracy", "average accuracy (higher is better)"),
+    spec = METRICS[metric]
+    better = "higher" if spec.higher_is_better else "lower"
+    average_title = f"average {spec.label.removeprefix('test ')} ({better} is better)"
+    for ax, key, title in (
+        (axes[0], spec.average, average_title),
         (axes[1], "average_forgetting", "average forgetting (lower is better)"),
     ):
-        means = [summary[m][metric]["mean"] for m in methods]
+        means = [summary[m][key]["mean"] for m in methods]
         several_seeds = any(summary[m]["num_seeds"] > 1 for m in methods)
-        stds = [summary[m][metric]["std"] for m in methods] if several_seeds else None
+        stds = [summary[m][key]["std"] for m in methods] if several_seeds else None
         bars = ax.bar(positions, means, yerr=stds, capsize=4, color=[f"C{k}" for k in positions])
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], fontsize=8, padding=2)
         ax.set_xticks(positions, methods)
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(0.0, 1.1)
+        if spec.bounds is not None:
+            ax.set_ylim(spec.bounds[0], spec.bounds[1] * 1.1)
         ax.grid(axis="y", alpha=0.3)
     return _save(figure, path)
 
@@ -160,6 +190,7 @@ def write_figures(
     summary: dict[str, dict[str, Any]],
     task_names: Sequence[str],
     workdir: Path,
+    metric: str = "accuracy",
 ) -> list[Path]:
     """Writes all figures of a run into ``workdir``.
 
@@ -168,19 +199,25 @@ def write_figures(
         summary: from :func:`experiments.results.summarize_runs`.
         task_names: names of the tasks.
         workdir: output directory.
+        metric: the scenario's metric (:data:`experiments.metrics.METRICS`).
 
     Returns:
         Paths of ``accuracy_curves.png``, ``accuracy_matrix.png`` and ``method_comparison.png``.
     """
     return [
-        plot_accuracy_curves(runs, task_names, workdir / "accuracy_curves.png"),
-        plot_accuracy_matrices(summary, task_names, workdir / "accuracy_matrix.png"),
-        plot_method_comparison(summary, workdir / "method_comparison.png"),
+        plot_accuracy_curves(runs, task_names, workdir / "accuracy_curves.png", metric),
+        plot_accuracy_matrices(summary, task_names, workdir / "accuracy_matrix.png", metric),
+        plot_method_comparison(summary, workdir / "method_comparison.png", metric),
     ]
 
 
-def plot_strength_sensitivity(summary: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def plot_strength_sensitivity(
+    summary: dict[str, list[dict[str, Any]]], path: Path, metric: str = "accuracy"
+) -> Path:
     """Final average accuracy against the strength λ, one line per method, ± std band over seeds.
+
+    ``metric`` is the scenario's (:data:`experiments.metrics.METRICS`): for a language sequence
+    the line is the final average bits per character.
 
     A method with a single strength (finetune, joint, or a regularised method run at one λ) is
     drawn as a horizontal dashed line with its band across the whole strength axis. The axis is
@@ -199,11 +236,12 @@ def plot_strength_sensitivity(summary: dict[str, list[dict[str, Any]]], path: Pa
     if span[0] == span[1]:
         span = [span[0] * 0.5, span[0] * 2.0] if span[0] > 0 else [0.0, 1.0]
     log_axis = span[0] > 0 and span[1] / span[0] >= 10
+    spec = METRICS[metric]
     figure = _new_figure(5.5, 3.6)
     ax = figure.subplots()
     for k, (method, entries) in enumerate(summary.items()):
-        mean = np.asarray([e["average_accuracy"]["mean"] for e in entries])
-        std = np.asarray([e["average_accuracy"]["std"] for e in entries])
+        mean = np.asarray([e[spec.average]["mean"] for e in entries])
+        std = np.asarray([e[spec.average]["std"] for e in entries])
         seeds = max(e["num_seeds"] for e in entries)
         label = f"{method} ({seeds} seed{'s' if seeds > 1 else ''})"
         color = f"C{k}"
@@ -218,9 +256,10 @@ def plot_strength_sensitivity(summary: dict[str, list[dict[str, Any]]], path: Pa
     if log_axis:
         ax.set_xscale("log")
     ax.set_xlabel("strength λ")
-    ax.set_ylabel("final average accuracy")
+    ax.set_ylabel(f"final average {spec.label.removeprefix('test ')}")
     ax.set_title("strength sensitivity (mean ± std over seeds)", fontsize=10)
-    ax.set_ylim(0.0, 1.02)
+    if spec.bounds is not None:
+        ax.set_ylim(spec.bounds[0], spec.bounds[1] * 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(figure, path)

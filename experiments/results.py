@@ -40,7 +40,9 @@ class RunRecord:
     Attributes:
         method: the method's name.
         seed: the seed.
-        accuracy_matrix: ``R[i][j]``, accuracy on task ``j`` after training task ``i``.
+        accuracy_matrix: ``R[i][j]``, accuracy on task ``j`` after training task ``i`` (on a
+            language sequence: test bits per character; ``results.json``'s ``metric`` says
+            which).
         curves: one entry per evaluation during training: ``task`` being trained, ``epoch``
             within it, global ``step``, mean training ``loss`` of the epoch, and ``accuracy``
             on tasks ``0..task``.
@@ -60,8 +62,11 @@ class RunRecord:
     metrics: dict[str, float]
 
     @classmethod
-    def from_progress(cls, method: str, seed: int, progress: Progress) -> RunRecord:
-        """The record of a finished run's :class:`experiments.loop.Progress`."""
+    def from_progress(
+        cls, method: str, seed: int, progress: Progress, metric: str = "accuracy"
+    ) -> RunRecord:
+        """The record of a finished run's :class:`experiments.loop.Progress` (``metric``: its
+        scenario's, :data:`experiments.metrics.METRICS`)."""
         matrix = np.asarray(progress.accuracy_rows, np.float64)
         return cls(
             method=method,
@@ -71,7 +76,7 @@ class RunRecord:
             task_wall_time_s=progress.task_wall_time_s,
             fisher_wall_time_s=progress.fisher_wall_time_s,
             steps_per_task=progress.steps_per_task,
-            metrics=metrics.summarize(matrix),
+            metrics=metrics.summarize(matrix, metric),
         )
 
 
@@ -160,6 +165,8 @@ def results_document(
         "finished": True,
         "config": config.to_dict(),
         "scenario": scenario.name,
+        "metric": scenario.metric,
+        "higher_is_better": metrics.METRICS[scenario.metric].higher_is_better,
         "task_names": scenario.task_names,
         "methods": list(config.methods),
         "seeds": seeds,
@@ -208,12 +215,15 @@ def metrics_csv(runs: list[RunRecord], task_names: list[str]) -> str:
     return csv_text([*header, "wall_time_s"], rows)
 
 
-def format_summary(summary: dict[str, dict[str, Any]], task_names: list[str]) -> str:
+def format_summary(
+    summary: dict[str, dict[str, Any]], task_names: list[str], metric: str = "accuracy"
+) -> str:
     """The end-of-run table: one row per method, mean ± std over seeds.
 
     Args:
         summary: from :func:`summarize_runs`.
         task_names: names of the tasks (for the final per-task accuracies).
+        metric: the scenario's metric (:data:`experiments.metrics.METRICS`).
 
     Returns:
         A plain-text table.
@@ -224,7 +234,9 @@ def format_summary(summary: dict[str, dict[str, Any]], task_names: list[str]) ->
             return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
         return f"{entry['mean']:.{digits}f}"
 
-    header = ["method", "seeds", "avg acc", "BWT", "forgetting", "final acc per task", "time s"]
+    average = metrics.METRICS[metric].average
+    short = "acc" if metric == "accuracy" else "bpc"
+    header = ["method", "seeds", f"avg {short}", "BWT", "forgetting", f"final {short} per task"]
     rows = []
     for name, entry in summary.items():
         finals = " ".join(f"{a:.3f}" for a in entry["final_accuracy"]["mean"])
@@ -232,11 +244,11 @@ def format_summary(summary: dict[str, dict[str, Any]], task_names: list[str]) ->
             [
                 name,
                 str(entry["num_seeds"]),
-                cell(entry["average_accuracy"]),
+                cell(entry[average]),
                 cell(entry["backward_transfer"]),
                 cell(entry["average_forgetting"]),
                 finals,
                 cell(entry["wall_time_s"], 1),
             ]
         )
-    return table(header, rows) + f"\ntasks: {', '.join(task_names)}"
+    return table([*header, "time s"], rows) + f"\ntasks: {', '.join(task_names)}"

@@ -43,10 +43,13 @@ LabeledImages = Dataset
 class Task:
     """One task of a stream.
 
+    For text (:mod:`experiments.text`) the "images" are int32 input bytes ``[N, T]`` and the
+    "labels" int32 next-byte targets ``[N, T]``.
+
     Attributes:
-        name: short label for tables and plots, e.g. ``"perm1"`` or ``"2/3"``.
-        train_images: float32 ``[N, H, W, C]`` in [0, 1].
-        train_labels: int32 ``[N]``, in the output space of the task's head.
+        name: short label for tables and plots, e.g. ``"perm1"``, ``"2/3"`` or ``"de"``.
+        train_images: float32 ``[N, H, W, C]`` in [0, 1] (text: int32 ``[N, T]``).
+        train_labels: int32 ``[N]``, in the output space of the task's head (text: ``[N, T]``).
         test_images: float32 ``[M, H, W, C]``.
         test_labels: int32 ``[M]``.
         head: index of the output head this task uses (0 unless task-incremental).
@@ -69,12 +72,15 @@ class Scenario:
         tasks: the tasks, in training order.
         num_heads: number of output heads (one per task for task-incremental, else 1).
         num_outputs: outputs of each head.
+        metric: what the evaluation measures, a key of :data:`experiments.metrics.METRICS`:
+            ``"accuracy"`` for images, ``"bits_per_character"`` for text.
     """
 
     name: str
     tasks: tuple[Task, ...]
     num_heads: int
     num_outputs: int
+    metric: str = "accuracy"
 
     @property
     def num_tasks(self) -> int:
@@ -95,11 +101,13 @@ def _task(
     test_labels: np.ndarray,
     head: int = 0,
 ) -> Task:
+    # Text keeps its integer bytes; images become float32.
+    dtype = np.int32 if np.issubdtype(np.asarray(train_images).dtype, np.integer) else np.float32
     return Task(
         name=name,
-        train_images=np.ascontiguousarray(train_images, dtype=np.float32),
+        train_images=np.ascontiguousarray(train_images, dtype=dtype),
         train_labels=np.asarray(train_labels, dtype=np.int32),
-        test_images=np.ascontiguousarray(test_images, dtype=np.float32),
+        test_images=np.ascontiguousarray(test_images, dtype=dtype),
         test_labels=np.asarray(test_labels, dtype=np.int32),
         head=head,
     )
@@ -113,8 +121,11 @@ def short_name(spec: str) -> str:
 def task_sequence(datasets: Sequence[LabeledImages]) -> Scenario:
     """A stream of whole datasets, one task each, sharing one head (e.g. MNIST -> Fashion-MNIST).
 
+    Text datasets (``"fortunes:en"``, ``"fortunes:de"``, ...) make a language sequence measured
+    in bits per character; a stream cannot mix text and images.
+
     Args:
-        datasets: datasets whose images all have one shape.
+        datasets: datasets whose images (or byte sequences) all have one shape.
 
     Returns:
         A single-head scenario with as many outputs as the largest ``num_classes``.
@@ -134,11 +145,15 @@ def task_sequence(datasets: Sequence[LabeledImages]) -> Scenario:
         _task(short_name(ds.name), ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
         for ds in datasets
     )
+    kinds = {np.issubdtype(ds.train_images.dtype, np.integer) for ds in datasets}
+    if len(kinds) != 1:
+        raise ValueError("a sequence cannot mix text datasets and image datasets")
     return Scenario(
         name="sequence",
         tasks=tasks,
         num_heads=1,
         num_outputs=max(ds.num_classes for ds in datasets),
+        metric="bits_per_character" if kinds.pop() else "accuracy",
     )
 
 

@@ -11,7 +11,8 @@ takes as a static argument, so nothing is captured from ``self`` or a closure:
   the epoch's batch count rounded up to a power of two (:func:`scan_length`): tasks of equal size
   share one compiled program, and a task of very different size (MNIST's 4,000 digits next to
   Fashion-MNIST's 60,000) gets its own instead of scanning over 14x more skipped batches.
-* :func:`evaluate` is a jitted, batched accuracy on a padded test set.
+* :func:`evaluate` is a jitted, batched accuracy on a padded test set, or, for a language model
+  on byte sequences (``setup.metric == "bits_per_character"``), the test bits per character.
 * :func:`fisher` is :func:`ewc_jax.fisher_diagonal` with inputs ``(images, heads)``, so a
   multi-head model's logits are those of each example's own head; :func:`consolidate_task`
   folds it into the EWC state.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -33,7 +35,7 @@ import ml_collections
 import optax
 
 import ewc_jax
-from experiments import models, scenarios
+from experiments import lm_models, models, scenarios
 from experiments.config import MethodSpec
 from experiments.device_data import TaskData, data_sharding, replicated
 
@@ -50,6 +52,7 @@ class StepSetup:
         mesh: the data-parallel mesh that mini-batches are split over, or None.
         init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
             PyTorch state_dict (:func:`experiments.models.init_params`).
+        metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
     """
 
     model: nn.Module
@@ -58,6 +61,7 @@ class StepSetup:
     eval_batch_size: int = 1000
     mesh: jax.sharding.Mesh | None = None
     init: str = "flax"
+    metric: str = "accuracy"
 
     @property
     def num_devices(self) -> int:
@@ -105,13 +109,22 @@ def build_setup(
     mesh: jax.sharding.Mesh | None = None,
 ) -> StepSetup:
     """The :class:`StepSetup` of the config's model and optimiser, sized for ``scenario``."""
-    model = models.build_model(
-        config.model,
-        num_heads=scenario.num_heads,
-        num_outputs=scenario.num_outputs,
-        hidden_sizes=tuple(int(size) for size in config.hidden_sizes),
-        relu_on_logits=bool(config.relu_on_logits),
-    )
+    if config.model in lm_models.LM_MODELS:
+        model = lm_models.build_lm(
+            config.model,
+            num_layers=int(config.transformer.num_layers),
+            width=int(config.transformer.width),
+            num_heads=int(config.transformer.num_heads),
+            vocab_size=scenario.num_outputs,
+        )
+    else:
+        model = models.build_model(
+            config.model,
+            num_heads=scenario.num_heads,
+            num_outputs=scenario.num_outputs,
+            hidden_sizes=tuple(int(size) for size in config.hidden_sizes),
+            relu_on_logits=bool(config.relu_on_logits),
+        )
     return StepSetup(
         model,
         make_optimizer(config),
@@ -119,6 +132,7 @@ def build_setup(
         eval_batch_size=int(config.eval_batch_size),
         mesh=mesh,
         init=str(config.init),
+        metric=scenario.metric,
     )
 
 
@@ -199,6 +213,9 @@ def _train_epoch(
     task measured in steps reuses the same compiled program. A batch that runs past the end
     of the valid examples wraps around to the start of the shuffled order.
 
+    For sequence outputs (logits ``[B, T, C]``, labels ``[B, T]``) an example's cross-entropy
+    is its mean over the ``T`` positions (every position of a byte window is a real token).
+
     Returns:
         ``(state, mean cross-entropy over the steps taken)``.
     """
@@ -215,6 +232,7 @@ def _train_epoch(
     def loss_fn(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
         logits = setup.model.apply({"params": p}, images, heads)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        ce = jnp.mean(ce.reshape(ce.shape[0], -1), axis=1)  # a sequence's mean over positions
         ce = jnp.sum(weights * ce) / jnp.float32(batch_size)
         return ce + ewc_jax.penalty(p, state.ewc_state, state.strength), ce
 
@@ -250,7 +268,14 @@ train_epoch = jax.jit(_train_epoch, static_argnames=("setup", "num_batches"))
 
 
 def _evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
-    """Accuracy on the valid rows of ``data``, in chunks of ``eval_batch_size``.
+    r"""The metric on the valid rows of ``data``, in chunks of ``eval_batch_size``.
+
+    ``setup.metric`` ``"accuracy"``: the fraction of rows whose argmax is the label.
+    ``"bits_per_character"``: the total code length of the target bytes over the number of
+    characters among them (:func:`experiments.text.bits_per_character`),
+
+    .. math:: \frac{-\sum_{n,t} \log_2 p(y_{nt} \mid y_{n,<t})}{\#\{(n,t): y_{nt}
+        \text{ is not a UTF-8 continuation byte}\}}.
 
     With a mesh, the chunk is rounded up to a multiple of the device count and split over the
     devices when the capacity allows it (:func:`experiments.device_data.put_scenario` pads it
@@ -262,18 +287,30 @@ def _evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
     shard = (lambda tree: _shard_batch(tree, setup)) if chunk % devices == 0 else (lambda t: t)
     num_chunks = -(-capacity // chunk)
 
-    def count(total: jax.Array, index: jax.Array):
+    def count(totals: tuple[jax.Array, jax.Array], index: jax.Array):
         # The last chunk overlaps the one before; rows already counted are masked.
         start = jnp.minimum(index * chunk, capacity - chunk)
         rows = start + jnp.arange(chunk)
         take = lambda a: shard(jax.lax.dynamic_slice_in_dim(a, start, chunk))
         logits = setup.model.apply({"params": params}, take(data.images), take(data.heads))
-        hits = (jnp.argmax(logits, axis=-1) == take(data.labels)) & (rows < data.num_valid)
-        hits &= rows >= index * chunk
-        return total + jnp.sum(hits.astype(jnp.int32)), None
+        labels = take(data.labels)
+        valid = (rows < data.num_valid) & (rows >= index * chunk)
+        if setup.metric == "bits_per_character":
+            valid = valid.reshape(-1, *(1,) * (labels.ndim - 1))
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            starts = (labels & 0xC0) != 0x80
+            numerator = jnp.sum(jnp.where(valid, nll, 0.0))
+            denominator = jnp.sum((valid & starts).astype(jnp.float32))
+        else:
+            hits = (jnp.argmax(logits, axis=-1) == labels) & valid
+            numerator, denominator = jnp.sum(hits.astype(jnp.float32)), jnp.float32(0.0)
+        return (totals[0] + numerator, totals[1] + denominator), None
 
-    correct, _ = jax.lax.scan(count, jnp.zeros((), jnp.int32), jnp.arange(num_chunks))
-    return correct.astype(jnp.float32) / data.num_valid.astype(jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    (total, characters), _ = jax.lax.scan(count, (zero, zero), jnp.arange(num_chunks))
+    if setup.metric == "bits_per_character":
+        return total / jnp.float32(math.log(2.0)) / characters
+    return total / data.num_valid.astype(jnp.float32)
 
 
 evaluate = jax.jit(_evaluate, static_argnames=("setup",))

@@ -59,6 +59,12 @@ from experiments.data import Dataset
 from experiments.device_data import DeviceScenario, data_mesh, data_sharding, put_for_methods
 
 SWEEP_METRICS = ("average_accuracy", "backward_transfer", "average_forgetting")
+"""The summarised metrics of an accuracy sweep (:func:`sweep_metrics` for any metric)."""
+
+
+def sweep_metrics(metric: str = "accuracy") -> tuple[str, str, str]:
+    """The summarised metrics for the scenario's ``metric``: its average, BWT, forgetting."""
+    return (metrics.METRICS[metric].average, *SWEEP_METRICS[1:])
 
 
 @dataclasses.dataclass
@@ -165,8 +171,13 @@ def run_sweep_method(
     )
 
 
-def summarize_sweep(outcomes: Sequence[SweepResult]) -> dict[str, list[dict[str, Any]]]:
+def summarize_sweep(
+    outcomes: Sequence[SweepResult], metric: str = "accuracy"
+) -> dict[str, list[dict[str, Any]]]:
     """Per method and strength, mean and standard deviation (ddof=1; 0 for one seed) over seeds.
+
+    ``metric`` is the scenario's (:data:`experiments.metrics.METRICS`); for bits per character
+    ``average_accuracy`` below is ``average_bits_per_character``.
 
     Returns:
         ``{method: [{"strength", "num_seeds", "diverged", <metric>: {"mean", "std", "values"},
@@ -181,13 +192,13 @@ def summarize_sweep(outcomes: Sequence[SweepResult]) -> dict[str, list[dict[str,
         for value in sorted(set(result.strengths)):
             chosen = np.flatnonzero(strengths == value)
             matrices = result.accuracy_matrices[chosen]
-            per_run = [metrics.summarize(m) for m in matrices]
+            per_run = [metrics.summarize(m, metric) for m in matrices]
             entry: dict[str, Any] = {
                 "strength": value,
                 "num_seeds": len(chosen),
                 "diverged": int(sum(result.diverged[r] for r in chosen)),
             }
-            for name in SWEEP_METRICS:
+            for name in sweep_metrics(metric):
                 entry[name] = results.stats([m[name] for m in per_run])
             entry["final_accuracy"] = results.final_accuracy(matrices)
             entry["accuracy_matrix_mean"] = matrices.mean(axis=0).tolist()
@@ -196,9 +207,10 @@ def summarize_sweep(outcomes: Sequence[SweepResult]) -> dict[str, list[dict[str,
     return summary
 
 
-def format_sweep_summary(summary: dict[str, list[dict[str, Any]]]) -> str:
+def format_sweep_summary(summary: dict[str, list[dict[str, Any]]], metric: str = "accuracy") -> str:
     """The end-of-sweep table: one row per method and strength, mean ± std over seeds."""
-    header = ["method", "strength", "seeds", "avg acc", "BWT", "forgetting", "diverged"]
+    average = "avg acc" if metric == "accuracy" else "avg bpc"
+    header = ["method", "strength", "seeds", average, "BWT", "forgetting", "diverged"]
     rows = []
     for method, entries in summary.items():
         for entry in entries:
@@ -207,14 +219,17 @@ def format_sweep_summary(summary: dict[str, list[dict[str, Any]]]) -> str:
                     method,
                     f"{entry['strength']:g}",
                     str(entry["num_seeds"]),
-                    *(f"{entry[m]['mean']:.3f} ± {entry[m]['std']:.3f}" for m in SWEEP_METRICS),
+                    *(
+                        f"{entry[m]['mean']:.3f} ± {entry[m]['std']:.3f}"
+                        for m in sweep_metrics(metric)
+                    ),
                     str(entry["diverged"]),
                 ]
             )
     return results.table(header, rows)
 
 
-def _run_entries(outcomes: Sequence[SweepResult]) -> list[dict[str, Any]]:
+def _run_entries(outcomes: Sequence[SweepResult], metric: str) -> list[dict[str, Any]]:
     """One ``results.json`` entry per run: method, seed, strength, matrix, metrics, diverged."""
     return [
         {
@@ -222,7 +237,7 @@ def _run_entries(outcomes: Sequence[SweepResult]) -> list[dict[str, Any]]:
             "seed": seed,
             "strength": strength,
             "accuracy_matrix": matrix.tolist(),
-            "metrics": metrics.summarize(matrix),
+            "metrics": metrics.summarize(matrix, metric),
             "diverged": diverged,
         }
         for outcome in outcomes
@@ -236,14 +251,15 @@ def _run_entries(outcomes: Sequence[SweepResult]) -> list[dict[str, Any]]:
     ]
 
 
-def _summary_csv(summary: dict[str, list[dict[str, Any]]]) -> str:
-    stat_columns = [f"{m}_{s}" for m in SWEEP_METRICS for s in ("mean", "std")]
+def _summary_csv(summary: dict[str, list[dict[str, Any]]], metric: str) -> str:
+    names = sweep_metrics(metric)
+    stat_columns = [f"{m}_{s}" for m in names for s in ("mean", "std")]
     rows = [
         [
             method,
             f"{entry['strength']:g}",
             entry["num_seeds"],
-            *(f"{entry[m][s]:.6f}" for m in SWEEP_METRICS for s in ("mean", "std")),
+            *(f"{entry[m][s]:.6f}" for m in names for s in ("mean", "std")),
             entry["diverged"],
         ]
         for method, entries in summary.items()
@@ -252,20 +268,22 @@ def _summary_csv(summary: dict[str, list[dict[str, Any]]]) -> str:
     return results.csv_text(["method", "strength", "num_seeds", *stat_columns, "diverged"], rows)
 
 
-def _runs_csv(runs: list[dict[str, Any]], task_names: list[str]) -> str:
-    finals = [f"final_acc_{n}" for n in task_names]
+def _runs_csv(runs: list[dict[str, Any]], task_names: list[str], metric: str) -> str:
+    names = sweep_metrics(metric)
+    short = "acc" if metric == "accuracy" else "bpc"
+    finals = [f"final_{short}_{n}" for n in task_names]
     rows = [
         [
             run["method"],
             run["seed"],
             f"{run['strength']:g}",
-            *(f"{run['metrics'][m]:.6f}" for m in SWEEP_METRICS),
+            *(f"{run['metrics'][m]:.6f}" for m in names),
             *(f"{a:.6f}" for a in run["accuracy_matrix"][-1]),
             run["diverged"],
         ]
         for run in runs
     ]
-    header = ["method", "seed", "strength", *SWEEP_METRICS, *finals, "diverged"]
+    header = ["method", "seed", "strength", *names, *finals, "diverged"]
     return results.csv_text(header, rows)
 
 
@@ -311,10 +329,11 @@ def run_sweep(
         )
         for spec in specs
     ]
-    summary = summarize_sweep(outcomes)
-    runs = _run_entries(outcomes)
+    metric = scenario.metric
+    summary = summarize_sweep(outcomes, metric)
+    runs = _run_entries(outcomes, metric)
     figure = plots.plot_strength_sensitivity(
-        summary, Path(workdir_path) / "strength_sensitivity.png"
+        summary, Path(workdir_path) / "strength_sensitivity.png", metric
     )
     output = results.results_document(
         config,
@@ -331,11 +350,11 @@ def run_sweep(
         fisher_samples_used=fisher_samples_used(config, sizes),
     )
     files = {
-        "sweep_summary.csv": _summary_csv(summary),
-        "sweep_runs.csv": _runs_csv(runs, scenario.task_names),
+        "sweep_summary.csv": _summary_csv(summary, metric),
+        "sweep_runs.csv": _runs_csv(runs, scenario.task_names, metric),
     }
     results_path = workdir.finish(workdir_path, files, output)
-    print(format_sweep_summary(summary))
+    print(format_sweep_summary(summary, metric))
     if any(any(o.diverged) for o in outcomes):
         print("warning: some runs diverged (non-finite loss); see the 'diverged' column")
     print(f"tasks: {', '.join(scenario.task_names)}")

@@ -66,7 +66,9 @@ def run_all(
                     checkpoints_dir / f"{spec.name}-seed{seed}", fingerprint
                 )
             progress = loop.run_with_checkpoints(plan, fns, device_data, checkpoints)
-            records.append(results.RunRecord.from_progress(spec.name, seed, progress))
+            records.append(
+                results.RunRecord.from_progress(spec.name, seed, progress, scenario.metric)
+            )
     return scenario, records
 
 
@@ -132,7 +134,9 @@ def _train_in(
         config, datasets, checkpoints_dir=checkpoints_dir, fingerprint=fingerprint
     )
     summary = results.summarize_runs(runs)
-    figures = plots.write_figures(runs, summary, scenario.task_names, run_dir)
+    figures = plots.write_figures(
+        runs, summary, scenario.task_names, run_dir, metric=scenario.metric
+    )
     output = results.results_document(
         config,
         scenario,
@@ -145,7 +149,7 @@ def _train_in(
     )
     files = {"metrics.csv": results.metrics_csv(runs, scenario.task_names)}
     results_path = workdir.finish(run_dir, files, output)
-    print(results.format_summary(summary, scenario.task_names))
+    print(results.format_summary(summary, scenario.task_names, scenario.metric))
     for path in figures:
         print(f"figure: {results_path.parent / path.name}")
     print(f"results: {results_path}")

@@ -1,0 +1,67 @@
+"""Continual language modelling on real text: English, German, Spanish, Italian fortunes in turn.
+
+    python -m experiments.main --config experiments/configs/fortunes_lm.py --workdir runs/lm
+    python -m experiments.main --config experiments/configs/fortunes_lm.py:small \
+        --workdir runs/lm_small
+
+A byte-level causal transformer (``experiments/lm_models.py``: 2 pre-LayerNorm blocks, width 64,
+4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
+``fortunes-de``, ``fortunes-es`` and ``fortunes-it`` packages one language after another
+(``experiments/text.py``: 64-byte windows of the UTF-8 text, records split into train and test by
+a hash). The matrix it reports is test bits per character (lower is better) on every language
+after every task. Adam (lr 2e-3, fresh state per task), batch 32, 300 steps per language; the
+Fisher is the ``sampled`` estimator (one label per byte drawn from the model: unbiased, one
+backward pass per sequence; the exact one would take 64 x 256 passes) over 1,000 training
+sequences of the finished language. Strengths: EWC 1 (the best average final bits per
+character of {0.1, 0.3, 1, 10, 100}), online EWC 0.3, L2 0.01; README "Continual language
+modelling" has the matrix rows of each and why no strength meets the issue's target.
+
+``small`` (tests): 2 languages, 32-byte windows, a 1-block width-32 model, 30 steps per task.
+"""
+
+import ml_collections
+
+from experiments.configs import default
+
+LANGUAGES = ("en", "de", "es", "it")
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The four-language fortunes sequence; ``variant="small"`` for the tests."""
+    config = default.get_config(variant)
+    config.scenario = "sequence"
+    config.datasets = tuple(f"fortunes:{language}" for language in LANGUAGES)
+    config.test_limit = 500
+    config.model = "causal_transformer"
+    config.transformer.num_layers = 2
+    config.transformer.width = 64
+    config.transformer.num_heads = 4
+    config.optimizer = "adam"
+    config.learning_rate = 2e-3
+    config.batch_size = 32
+    config.steps_per_task = 300
+    config.eval_every_steps = 150
+    config.eval_batch_size = 250
+    config.methods = ("finetune", "l2", "ewc", "online_ewc")
+    config.strength = 1.0
+    config.strengths.l2 = 0.01
+    config.strengths.online_ewc = 0.3
+    config.estimator = "sampled"
+    config.fisher_samples = 1000
+    config.gamma = 1.0
+    if variant == "small":
+        config.datasets = ("fortunes:en:32", "fortunes:de:32")
+        config.train_limit = 512
+        config.test_limit = 100
+        config.transformer.num_layers = 1
+        config.transformer.width = 32
+        config.transformer.num_heads = 2
+        config.steps_per_task = 30
+        config.eval_every_steps = 15
+        config.eval_batch_size = 64
+        config.batch_size = 16
+        config.methods = ("finetune", "ewc")
+        config.fisher_samples = 64
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; valid variants: 'small'")
+    return config

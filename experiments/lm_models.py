@@ -1,0 +1,83 @@
+"""A small causal transformer over bytes (Flax Linen) for the continual language-modelling runs.
+
+Called like the image models, ``model.apply({"params": p}, tokens, heads)`` with int32 tokens
+``[B, T]`` (``heads`` is ignored: one shared output layer), it returns next-byte logits
+``[B, T, vocab_size]``; position ``t`` sees tokens ``0..t`` only. Pre-LayerNorm blocks
+(Radford et al. 2019): ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP of 4x width,
+a final LayerNorm and an untied output layer. Positions are learned embeddings sized by the
+context length of the first batch (so the data fixes ``T``).
+
+Params are replicated on a data-parallel mesh like every model's; sharding them (FSDP) is a
+matter of placing each leaf with a ``NamedSharding`` in :func:`experiments.steps.init_state`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = CausalTransformer(num_layers=1, width=16, num_heads=2)
+    >>> tokens = jnp.zeros((3, 8), jnp.int32)
+    >>> params = model.init(jax.random.key(0), tokens)["params"]
+    >>> model.apply({"params": params}, tokens).shape
+    (3, 8, 256)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LM_MODELS = ("causal_transformer",)
+"""Model names of this module (``config.model``)."""
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
+
+    width: int
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(h, h, mask=mask)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
+
+
+class CausalTransformer(nn.Module):
+    """A byte-level causal transformer language model.
+
+    Attributes:
+        num_layers: transformer blocks.
+        width: model width ``d``.
+        num_heads: attention heads (``d`` must divide by it).
+        vocab_size: tokens (256 for bytes).
+    """
+
+    num_layers: int = 2
+    width: int = 64
+    num_heads: int = 4
+    vocab_size: int = 256
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, heads: jax.Array | None = None) -> jax.Array:
+        del heads
+        length = tokens.shape[1]
+        positions = self.param(
+            "positions", nn.initializers.normal(0.02), (length, self.width), jnp.float32
+        )
+        x = nn.Embed(self.vocab_size, self.width)(tokens) + positions[None]
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.num_layers):
+            x = Block(self.width, self.num_heads)(x, mask)
+        return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
+
+
+def build_lm(name: str, *, num_layers: int, width: int, num_heads: int, vocab_size: int):
+    """The language model a config names (one of :data:`LM_MODELS`)."""
+    if name not in LM_MODELS:
+        raise ValueError(f"unknown language model {name!r}; valid: {LM_MODELS}")
+    if width % num_heads:
+        raise ValueError(f"the width {width} must be divisible by num_heads {num_heads}")
+    return CausalTransformer(
+        num_layers=num_layers, width=width, num_heads=num_heads, vocab_size=vocab_size
+    )
