@@ -686,7 +686,11 @@ class _Layout:
 
     @classmethod
     def of(cls, leaves: list[Any], mesh: jax.sharding.Mesh | None) -> _Layout:
-        found = [getattr(leaf, "sharding", None) for leaf in leaves]
+        # Traced params (fisher_diagonal called under an outer jit) have no placement here.
+        found = [
+            None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+            for leaf in leaves
+        ]
         named = [s for s in found if isinstance(s, jax.sharding.NamedSharding)]
         if not any(not s.is_fully_replicated for s in named):
             return cls()
