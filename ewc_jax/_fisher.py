@@ -393,9 +393,13 @@ class _Policy:
 
 
 @functools.lru_cache(maxsize=256)
-def _policy(model: _Model, num_labels: int, method: str, selected: tuple[int, ...]) -> _Policy:
-    """Which path each selected leaf takes: all general, all one-pass, or the cost model's
-    choice."""
+def _policy(
+    model: _Model, num_labels: int, method: str, selected: tuple[int, ...] | None = None
+) -> _Policy:
+    """Which path each selected leaf takes (``None``: all leaves): all general, all one-pass, or
+    the cost model's choice."""
+    if selected is None:
+        selected = tuple(range(len(model.params)))
     general_bytes = _general_bytes_per_example(model.params, selected)
     if method == "general":
         return _Policy(general=True, selected=selected, bytes_per_example=general_bytes)
