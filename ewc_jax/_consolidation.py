@@ -259,8 +259,5 @@ def penalty(
     )
     dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
     dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
-    # Started from the first term, not a fresh zero: under an Explicit-axes mesh the terms live
-    # on the mesh and a zero made outside it would not combine with them.
-    terms = [t.astype(dtype) for t in terms]
-    total = sum(terms[1:], start=terms[0])
+    total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
     return jnp.asarray(0.5 * strength, dtype) * total
