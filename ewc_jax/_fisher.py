@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax import _fast_fisher
+from ewc_jax import _fast_fisher, _where
 from ewc_jax._types import ApplyFn, Params, PyTree
 from ewc_jax._validation import concrete_or_none
 
@@ -59,6 +59,7 @@ def fisher_diagonal(
     fast: bool | None = None,
     dtype: jax.typing.DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    where: _where.Where | None = None,
 ) -> Params:
     r"""Diagonal of the Fisher information of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
 
@@ -140,11 +141,22 @@ def fisher_diagonal(
         squares would under- and overflow), otherwise the parameter's own. Sums always run in
         float32 or wider.
       mesh: data parallelism: a ``jax.sharding.Mesh`` whose first axis splits the examples
-        across devices (params replicated); each device runs the chunked computation on its
+        across devices. Replicated params: each device runs the chunked computation on its
         shard and one ``psum`` adds them up. ``None``: one device. ``"batched"`` ignores it.
+        Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) stay sharded:
+        the computation is partitioned by XLA (GSPMD) with each chunk's examples split over
+        this axis (``None``: not split), every leaf of the result has its parameter's
+        sharding, and no sharded parameter is gathered whole (beyond what ``apply_fn``'s own
+        forward pass does, e.g. FSDP's per-layer gathers).
+      where: which parameters to compute the Fisher for, as ``optax.masked`` takes it: a pytree
+        of bools with the structure of ``params`` or a prefix of it, or a callable returning
+        one. Only selected leaves are differentiated (one-pass: only their layers are tapped),
+        so the cost is theirs only; unselected ones are ``optax.MaskedNode()`` in the result.
+        ``None`` (default): all.
 
     Returns:
-      A pytree with the structure and shapes of ``params`` and dtype ``dtype``; entries >= 0.
+      A pytree with the structure and shapes of ``params`` (unselected sub-trees
+      ``optax.MaskedNode()``) and dtype ``dtype``; entries >= 0.
 
     Raises:
       ValueError: unknown estimator or method, a missing ``labels``/``key``/``batch_size``,
@@ -187,38 +199,53 @@ def fisher_diagonal(
     for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
         if value is not None and (not isinstance(value, int | np.integer) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
+    selected = _where.selected_leaves(params, where)
+    leaves = jax.tree.leaves(params)
+    out_dtypes = tuple(_result_dtype(leaves[i], dtype) for i in selected)
     static_fn = _Static(apply_fn)
+    result_def = jax.tree.structure(_where.select(params, params, where))
 
     if estimator == "batched":
         if batch_size is None:
             raise ValueError("estimator='batched' needs batch_size (the mini-batch size).")
-        return _batched_fisher(
-            params,
-            inputs,
-            labels,
-            mask,
-            apply_fn=static_fn,
-            batch_size=batch_size,
-            out_dtypes=out_dtypes,
+        return jax.tree.unflatten(
+            result_def,
+            _batched_fisher(
+                params,
+                inputs,
+                labels,
+                mask,
+                apply_fn=static_fn,
+                batch_size=batch_size,
+                out_dtypes=out_dtypes,
+                selected=selected,
+            ),
         )
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
-    policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method)
+    policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method, selected)
     if chunk_size is None:
         chunk_size = _default_chunk_size(policy)
-    return _chunked_fisher(
-        params,
-        inputs,
-        labels,
-        keys,
-        mask,
-        apply_fn=static_fn,
-        estimator=estimator,
-        chunk_size=min(int(chunk_size), n),
-        policy=policy,
-        out_dtypes=out_dtypes,
-        mesh=mesh,
+    layout = _Layout.of(leaves, mesh)
+    return jax.tree.unflatten(
+        result_def,
+        layout.restore(
+            selected,
+            _chunked_fisher(
+                layout.enter(params),
+                inputs,
+                labels,
+                keys,
+                mask,
+                apply_fn=static_fn,
+                estimator=estimator,
+                chunk_size=min(int(chunk_size), n),
+                policy=policy,
+                out_dtypes=out_dtypes,
+                mesh=None if layout.shardings else mesh,
+                layout=layout,
+            ),
+        ),
     )
 
 
@@ -359,23 +386,30 @@ class _Policy:
     """
 
     general: bool
+    selected: tuple[int, ...]
     to_general: tuple[int, ...] = ()
     bytes_per_example: int = 1
     max_chunk: int = _MAX_GENERAL_CHUNK
 
 
 @functools.lru_cache(maxsize=256)
-def _policy(model: _Model, num_labels: int, method: str) -> _Policy:
-    """Which path each leaf takes: all general, all one-pass, or the cost model's choice."""
-    general_bytes = _general_bytes_per_example(model.params, range(len(model.params)))
+def _policy(
+    model: _Model, num_labels: int, method: str, selected: tuple[int, ...] | None = None
+) -> _Policy:
+    """Which path each selected leaf takes (``None``: all leaves): all general, all one-pass, or
+    the cost model's choice."""
+    if selected is None:
+        selected = tuple(range(len(model.params)))
+    general_bytes = _general_bytes_per_example(model.params, selected)
     if method == "general":
-        return _Policy(general=True, bytes_per_example=general_bytes)
+        return _Policy(general=True, selected=selected, bytes_per_example=general_bytes)
     plan = _fast_fisher.make_plan(model.fn.fn, model.params_tree(), model.example_tree())
+    plan = _restrict(plan, selected)
     choice: tuple[int, ...] = ()
     if method == "auto":
         chosen = _fast_fisher.choose(plan, num_labels)
         if chosen is None:
-            return _Policy(general=True, bytes_per_example=general_bytes)
+            return _Policy(general=True, selected=selected, bytes_per_example=general_bytes)
         choice = tuple(chosen)
         plan = _fast_fisher.move_to_fallback(plan, choice)
     per_example = _fast_fisher.bytes_per_example(plan)
@@ -388,7 +422,26 @@ def _policy(model: _Model, num_labels: int, method: str) -> _Policy:
     if plan.fallback:
         per_example += _general_bytes_per_example(model.params, plan.fallback)
     return _Policy(
-        general=False, to_general=choice, bytes_per_example=per_example, max_chunk=max_chunk
+        general=False,
+        selected=selected,
+        to_general=choice,
+        bytes_per_example=per_example,
+        max_chunk=max_chunk,
+    )
+
+
+def _restrict(plan: _fast_fisher.Plan, selected: tuple[int, ...]) -> _fast_fisher.Plan:
+    """The plan with unselected leaves neither tapped nor differentiated (counted as unused)."""
+    keep = set(selected)
+    if keep.issuperset(range(_fast_fisher._num_params(plan))):
+        return plan
+    dropped = [t.leaf for t in plan.taps if t.leaf not in keep]
+    dropped += [i for i in plan.fallback if i not in keep]
+    return dataclasses.replace(
+        plan,
+        taps=tuple(t for t in plan.taps if t.leaf in keep),
+        fallback=tuple(i for i in plan.fallback if i in keep),
+        unused=tuple(sorted({*plan.unused, *dropped})),
     )
 
 
@@ -520,12 +573,12 @@ def _chunk_sums(
 
     if policy.general:
         num_labels, target = targets(apply_fn(params, x))
-        all_leaves = tuple(range(len(leaves)))
-        return _as_list(_general_sums(apply_fn, params, x, num_labels, target, all_leaves), leaves)
+        sums = _general_sums(apply_fn, params, x, num_labels, target, policy.selected)
+        return _as_list(sums, leaves, policy.selected)
 
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
     plan = _fast_fisher.make_plan(apply_fn, params, example)
-    plan = _fast_fisher.move_to_fallback(plan, policy.to_general)
+    plan = _fast_fisher.move_to_fallback(_restrict(plan, policy.selected), policy.to_general)
     chosen = {}
 
     def remembered_targets(logits):
@@ -542,14 +595,17 @@ def _chunk_sums(
                 apply_fn, params, x, chosen["num_labels"], chosen["target"], plan.fallback
             )
         )
-    return _as_list(sums, leaves)
+    return _as_list(sums, leaves, policy.selected)
 
 
-def _as_list(sums: dict[int, jax.Array], leaves: list[Any]) -> list[jax.Array]:
-    """Leaf sums in leaf order; leaves the logits do not depend on get zeros."""
+def _as_list(
+    sums: dict[int, jax.Array], leaves: list[Any], selected: tuple[int, ...]
+) -> list[jax.Array]:
+    """Sums of the selected leaves in leaf order; leaves the logits do not depend on get
+    zeros."""
     return [
-        sums[i] if i in sums else jnp.zeros(leaf.shape, _accumulate_dtype(leaf.dtype))
-        for i, leaf in enumerate(leaves)
+        sums[i] if i in sums else jnp.zeros(leaves[i].shape, _accumulate_dtype(leaves[i].dtype))
+        for i in selected
     ]
 
 
@@ -566,11 +622,7 @@ def _local_sums(
     chunk_size: int,
     policy: _Policy,
 ) -> list[jax.Array]:
-    """Sums of weighted squared gradients over the first ``num_valid`` examples, chunk by chunk.
-
-    Chunk sums are added with Kahan compensation: the running total's rounding error is carried
-    along and added back, so the error does not grow with the number of chunks.
-    """
+    """Sums of weighted squared gradients over the first ``num_valid`` examples, chunk by chunk."""
     n = jax.tree.leaves(inputs)[0].shape[0]
     chunk_size = min(chunk_size, n)
     num_chunks = -(-n // chunk_size)
@@ -594,27 +646,182 @@ def _local_sums(
             policy,
         )
 
+    leaves = jax.tree.leaves(params)
+    zero = [jnp.zeros(leaves[i].shape, _accumulate_dtype(leaves[i].dtype)) for i in policy.selected]
+    return _kahan_sum(chunk, zero, num_chunks)
+
+
+def _kahan_sum(
+    term: Callable[[jax.Array], list[jax.Array]], zero: list[jax.Array], num_chunks: int
+) -> list[jax.Array]:
+    """``Σ_i term(i)`` over ``num_chunks`` chunks in a ``lax.scan``, with Kahan compensation: the
+    running total's rounding error is carried along and added back, so the error does not grow
+    with the number of chunks."""
     if num_chunks == 1:
-        return chunk(0)
+        return term(0)
 
     def body(carry, i):
         totals, errors = carry
         new_totals, new_errors = [], []
-        for total, error, term in zip(totals, errors, chunk(i), strict=True):
-            corrected = term - error
+        for total, error, t in zip(totals, errors, term(i), strict=True):
+            corrected = t - error
             updated = total + corrected
             new_errors.append((updated - total) - corrected)
             new_totals.append(updated)
         return (new_totals, new_errors), None
 
-    zero = [jnp.zeros(p.shape, _accumulate_dtype(p.dtype)) for p in jax.tree.leaves(params)]
     (total, _), _ = jax.lax.scan(body, (zero, zero), jnp.arange(num_chunks))
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the parameter leaves live when params carry a sharded ``NamedSharding``.
+
+    ``shardings``: each leaf's sharding (empty: params are not sharded, the older
+    replicated/shard_map path runs); ``partitioned``: the same layouts on a mesh of
+    ``AxisType.Auto`` axes, which the jitted program constrains its sums to and GSPMD
+    propagates; ``data``: the mesh axis that splits each chunk's examples, or None.
+    """
+
+    shardings: tuple[jax.sharding.NamedSharding, ...] = ()
+    partitioned: tuple[jax.sharding.NamedSharding, ...] = ()
+    data: str | None = None
+
+    @classmethod
+    def of(cls, leaves: list[Any], mesh: jax.sharding.Mesh | None) -> _Layout:
+        # Traced params (fisher_diagonal called under an outer jit) have no placement here.
+        found = [
+            None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+            for leaf in leaves
+        ]
+        named = [s for s in found if isinstance(s, jax.sharding.NamedSharding)]
+        if not any(not s.is_fully_replicated for s in named):
+            return cls()
+        meshes = {(s.mesh.axis_names, s.mesh.devices.tobytes()) for s in named}
+        if len(meshes) > 1:
+            raise ValueError("params are sharded over different meshes; put them on one mesh.")
+        param_mesh = named[0].mesh
+        data = None if mesh is None else mesh.axis_names[0]
+        if data is not None and data not in param_mesh.axis_names:
+            raise ValueError(
+                f"mesh's first axis {data!r} (the examples' axis) is not an axis of the mesh the "
+                f"params are sharded over, {param_mesh.axis_names}."
+            )
+        auto = jax.sharding.Mesh(
+            param_mesh.devices,
+            param_mesh.axis_names,
+            axis_types=(jax.sharding.AxisType.Auto,) * len(param_mesh.axis_names),
+        )
+        spec = lambda s: s.spec if isinstance(s, jax.sharding.NamedSharding) else _P()
+        shardings = tuple(
+            s if isinstance(s, jax.sharding.NamedSharding) else jax.NamedSharding(param_mesh, _P())
+            for s in found
+        )
+        partitioned = tuple(jax.NamedSharding(auto, spec(s)) for s in found)
+        return cls(shardings, partitioned, data)
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.partitioned[0].mesh
+
+    def enter(self, params: Params) -> Params:
+        """Params on the Auto-axes mesh (same devices and layout: no data moves)."""
+        if not self.shardings:
+            return params
+
+        def auto(leaf):
+            sharding = getattr(leaf, "sharding", None)
+            if not isinstance(sharding, jax.sharding.NamedSharding):
+                return jax.device_put(leaf, jax.NamedSharding(self.mesh, _P()))
+            return jax.device_put(leaf, jax.NamedSharding(self.mesh, sharding.spec))
+
+        return jax.tree.map(auto, params)
+
+    def restore(self, selected: tuple[int, ...], results: list[jax.Array]) -> list[jax.Array]:
+        """The selected leaves' results on their params' own shardings (no data moves)."""
+        if not self.shardings:
+            return results
+        return [
+            jax.device_put(r, self.shardings[i]) for r, i in zip(results, selected, strict=True)
+        ]
+
+    def examples(self, ndim: int) -> jax.sharding.NamedSharding:
+        """``[chunks, chunk, ...]``: each chunk's examples split over the data axis."""
+        return jax.NamedSharding(self.mesh, _P(None, self.data, *([None] * (ndim - 2))))
+
+
+_P = jax.sharding.PartitionSpec
+
+
+def _partitioned_sums(
+    params: Params,
+    inputs: PyTree,
+    labels: jax.Array | None,
+    keys: jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    layout: _Layout,
+    apply_fn: ApplyFn,
+    estimator: str,
+    chunk_size: int,
+    policy: _Policy,
+) -> list[jax.Array]:
+    """Sharding-preserving sums: the chunked computation on sharded params, partitioned by GSPMD.
+
+    The examples are padded (weight 0) to whole chunks, each a multiple of the data axis' size,
+    and laid out ``[chunks, chunk, ...]`` with the chunk axis split over the data axis; every
+    chunk's sums and the running totals are constrained to their parameter's sharding, so XLA
+    reduces each chunk's per-device partial sums straight into the parameter's shards
+    (all-reduce for tensor-parallel leaves, reduce-scatter for FSDP leaves) and never forms a
+    whole copy of a sharded leaf.
+    """
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    devices = 1 if layout.data is None else layout.mesh.shape[layout.data]
+    chunk = -(-min(chunk_size, n) // devices) * devices
+    num_chunks = -(-n // chunk)
+
+    def split(a):
+        if num_chunks * chunk > n:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], num_chunks * chunk - n, axis=0)])
+        a = a.reshape(num_chunks, chunk, *a.shape[1:])
+        return jax.lax.with_sharding_constraint(a, layout.examples(a.ndim))
+
+    inputs, labels, keys, mask = jax.tree.map(split, (inputs, labels, keys, mask))
+    shardings = [layout.partitioned[i] for i in policy.selected]
+
+    def constrained(arrays):
+        return [
+            jax.lax.with_sharding_constraint(a, s) for a, s in zip(arrays, shardings, strict=True)
+        ]
+
+    def chunk_sums(i):
+        take = lambda a: None if a is None else a[i]
+        weight = i * chunk + jnp.arange(chunk) < n
+        x = jax.tree.map(take, inputs)
+        sums = _chunk_sums(
+            apply_fn, params, x, take(labels), take(keys), take(mask), weight, estimator, policy
+        )
+        return constrained(sums)
+
+    leaves = jax.tree.leaves(params)
+    zero = constrained(
+        [jnp.zeros(leaves[i].shape, _accumulate_dtype(leaves[i].dtype)) for i in policy.selected]
+    )
+    return _kahan_sum(chunk_sums, zero, num_chunks)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "estimator", "chunk_size", "policy", "out_dtypes", "mesh"),
+    static_argnames=(
+        "apply_fn",
+        "estimator",
+        "chunk_size",
+        "policy",
+        "out_dtypes",
+        "mesh",
+        "layout",
+    ),
 )
 def _chunked_fisher(
     params: Params,
@@ -629,17 +836,24 @@ def _chunked_fisher(
     policy: _Policy,
     out_dtypes: tuple[np.dtype, ...],
     mesh: jax.sharding.Mesh | None,
-) -> Params:
+    layout: _Layout,
+) -> list[jax.Array]:
+    """The Fisher of the selected leaves (``policy.selected``), in leaf order."""
     n = jax.tree.leaves(inputs)[0].shape[0]
-    treedef = jax.tree.structure(params)
     static = dict(apply_fn=apply_fn.fn, estimator=estimator, chunk_size=chunk_size, policy=policy)
-    if mesh is None:
+    if layout.shardings:
+        total = _partitioned_sums(params, inputs, labels, keys, mask, layout=layout, **static)
+    elif mesh is None:
         total = _local_sums(params, inputs, labels, keys, mask, n, **static)
     else:
         total = _sharded_sums(params, inputs, labels, keys, mask, mesh=mesh, **static)
-    return jax.tree.unflatten(
-        treedef, [(t / n).astype(d) for t, d in zip(total, out_dtypes, strict=True)]
-    )
+    results = [(t / n).astype(d) for t, d in zip(total, out_dtypes, strict=True)]
+    if layout.shardings:
+        shardings = [layout.partitioned[i] for i in policy.selected]
+        results = [
+            jax.lax.with_sharding_constraint(r, s) for r, s in zip(results, shardings, strict=True)
+        ]
+    return results
 
 
 def _sharded_sums(params, inputs, labels, keys, mask, *, mesh, **static) -> list[jax.Array]:
@@ -681,7 +895,7 @@ def _sharded_sums(params, inputs, labels, keys, mask, *, mesh, **static) -> list
     )(params, inputs, labels, keys, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "out_dtypes"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "out_dtypes", "selected"))
 def _batched_fisher(
     params: Params,
     inputs: PyTree,
@@ -691,13 +905,18 @@ def _batched_fisher(
     apply_fn: _Static,
     batch_size: int,
     out_dtypes: tuple[np.dtype, ...],
-) -> Params:
+    selected: tuple[int, ...],
+) -> list[jax.Array]:
     n = labels.shape[0]
     size = min(batch_size, n)
     num_batches = -(-n // batch_size)
+    leaves, treedef = jax.tree.flatten(params)
 
-    def mean_log_lik(p, x, y, tokens, examples):
-        logits = apply_fn.fn(p, x)
+    def mean_log_lik(chosen, x, y, tokens, examples):
+        full = list(leaves)
+        for i, value in zip(selected, chosen, strict=True):
+            full[i] = value
+        logits = apply_fn.fn(jax.tree.unflatten(treedef, full), x)
         log_lik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
         if tokens is not None:
             log_lik = jnp.where(tokens, log_lik, 0)
@@ -705,18 +924,17 @@ def _batched_fisher(
         w = examples.astype(log_lik.dtype)
         return jnp.sum(w * log_lik) / jnp.sum(w)
 
+    chosen = [leaves[i] for i in selected]
+
     def body(total, i):
         start = jnp.minimum(i * batch_size, n - size)
         take = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size)
         examples = start + jnp.arange(size) >= i * batch_size
         grads = jax.grad(mean_log_lik)(
-            params, jax.tree.map(take, inputs), take(labels), take(mask), examples
+            chosen, jax.tree.map(take, inputs), take(labels), take(mask), examples
         )
-        return jax.tree.map(lambda t, g: t + jnp.square(g.astype(t.dtype)), total, grads), None
+        return [t + jnp.square(g.astype(t.dtype)) for t, g in zip(total, grads, strict=True)], None
 
-    zero = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulate_dtype(p.dtype)), params)
+    zero = [jnp.zeros(p.shape, _accumulate_dtype(p.dtype)) for p in chosen]
     total, _ = jax.lax.scan(body, zero, jnp.arange(num_batches))
-    leaves, treedef = jax.tree.flatten(total)
-    return jax.tree.unflatten(
-        treedef, [(t / num_batches).astype(d) for t, d in zip(leaves, out_dtypes, strict=True)]
-    )
+    return [(t / num_batches).astype(d) for t, d in zip(total, out_dtypes, strict=True)]

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from ewc_jax import _kfac
-from ewc_jax._consolidation import EWCState, empty_state
+from ewc_jax._consolidation import EWCState, _wide, empty_state
 from ewc_jax._validation import check_nonnegative_scalar, check_same_structure
+from ewc_jax._where import Where, merge, select
 
 
 class AddEWCPenaltyState(NamedTuple):
@@ -19,7 +20,7 @@ class AddEWCPenaltyState(NamedTuple):
     ewc: EWCState
 
 
-def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
+def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.GradientTransformation:
     r"""Adds the gradient of the EWC penalty, :math:`λ Λ (θ - θ̄)`, to the updates.
 
     The EWC sibling of ``optax.add_decayed_weights`` (whose ``g + s·θ`` is this with
@@ -36,8 +37,14 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
         ewc = ewc_jax.consolidate(None, params, fisher_a)
         opt_state = ewc_jax.set_ewc_state(opt_state, ewc)
 
+    With ``where`` (as ``optax.masked`` takes it, and as given to :func:`consolidate`) the
+    penalty covers the selected parameters only: the state holds their anchors and precisions
+    only, and the other updates pass through unchanged. Sharded params give a state sharded the
+    same way, and the update is elementwise, so every device touches its own shards only.
+
     Args:
       strength: λ >= 0, with the ½ convention of :func:`penalty`.
+      where: the parameters EWC covers; ``None`` (default): all.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -48,7 +55,7 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
     check_nonnegative_scalar(strength, "strength")
 
     def init_fn(params):
-        return AddEWCPenaltyState(ewc=empty_state(params))
+        return AddEWCPenaltyState(ewc=empty_state(params, where=where))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -57,23 +64,27 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
             )
         ewc = state.ewc
         if not isinstance(ewc, EWCState):  # a KFACState
+            if where is not None:
+                raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
             grads = _kfac.kfac_penalty_gradient(params, ewc, strength)
             return jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, grads), state
-        # λ F (θ - θ̄) in float32 at least (bfloat16 params keep a float32 precision), then
-        # added to the gradient in its own dtype.
-        updates = jax.tree.map(
+        # λ F (θ - θ̄) in float32 at least (bfloat16 params, anchors or precisions are
+        # widened), then added to the gradient in its own dtype.
+        selected = jax.tree.map(
             lambda g, p, a, f: (
                 g
                 + (
-                    jnp.asarray(strength, f.dtype) * f * (p.astype(f.dtype) - a.astype(f.dtype))
+                    jnp.asarray(strength, _wide(p, a, f))
+                    * f.astype(_wide(p, a, f))
+                    * (p.astype(_wide(p, a, f)) - a.astype(_wide(p, a, f)))
                 ).astype(g.dtype)
             ),
-            updates,
-            params,
+            select(updates, params, where),
+            select(params, params, where),
             ewc.anchor,
             ewc.precision,
         )
-        return updates, state
+        return merge(updates, params, where, selected), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
