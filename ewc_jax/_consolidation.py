@@ -15,11 +15,12 @@ import numpy as np
 
 from ewc_jax._types import Params
 from ewc_jax._validation import (
-    check_finite,
     check_nonnegative_scalar,
     check_same_structure,
-    check_unit_interval,
-    concrete_or_none,
+    fail_if,
+    holds,
+    non_finite,
+    outside_unit_interval,
 )
 
 CONSOLIDATION_MODES = ("separate", "online")
@@ -110,25 +111,36 @@ def consolidate(
         raise ValueError(
             f"Unknown consolidation mode {mode!r}; valid modes: {CONSOLIDATION_MODES}."
         )
-    check_unit_interval(gamma, "gamma")
-    if mode == "separate" and concrete_or_none(gamma) is not None and float(gamma) != 1.0:
-        raise ValueError(
-            f"gamma={gamma!r} has no meaning in mode='separate' (every task keeps its full "
-            "penalty); use mode='online' for a decaying precision."
+    failures = outside_unit_interval(gamma, "gamma")
+    if mode == "separate":
+        failures.append(
+            (
+                holds(lambda g: g != 1, gamma),
+                "gamma must be 1 in mode='separate' (every task keeps its full penalty; "
+                "mode='online' decays it)",
+                lambda: f", got {gamma!r}.",
+            )
         )
     check_same_structure(params, fisher, "params", "fisher")
     if state is not None:
         check_same_structure(params, state.anchor, "params", "state.anchor")
         check_same_structure(params, state.precision, "params", "state.precision")
-    check_finite(params, "params")
-    check_finite(fisher, "fisher")
+    why = (
+        "consolidating them would make every later penalty non-finite; check the training run "
+        "that produced them"
+    )
+    failures += non_finite(params, "params", why) + non_finite(fisher, "fisher", why)
     for path, leaf in jax.tree_util.tree_flatten_with_path(fisher)[0]:
-        value = concrete_or_none(leaf)
-        if value is not None and (value < 0).any():
-            raise ValueError(
+        failures.append(
+            (
+                holds(lambda a: jnp.any(a < 0), leaf),
                 f"fisher has negative values at {jax.tree_util.keystr(path)}; a diagonal Fisher "
-                "is a mean of squares and cannot be negative."
+                "is a mean of squares and cannot be negative",
+                lambda: ".",
             )
+        )
+    # Every check hangs on `fisher`, which both modes use (so none is compiled away).
+    fisher = fail_if(fisher, failures)
     if state is None:
         state = empty_state(params)
 
@@ -185,7 +197,7 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
-    check_nonnegative_scalar(strength, "strength")
+    strength = check_nonnegative_scalar(strength, "strength")
     check_same_structure(state.anchor, params, "state.anchor", "params")
     terms = jax.tree.leaves(
         jax.tree.map(

@@ -44,7 +44,7 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
     References:
       Kirkpatrick et al., PNAS 2017.
     """
-    check_nonnegative_scalar(strength, "strength")
+    strength = check_nonnegative_scalar(strength, "strength")
 
     def init_fn(params):
         return AddEWCPenaltyState(ewc=empty_state(params))
