@@ -19,6 +19,7 @@ the medians and the median of the per-repeat ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -46,7 +47,7 @@ def _mlp(params: dict, x: jax.Array) -> jax.Array:
 
 def _init(key: jax.Array) -> dict:
     params = {}
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(SIZES)):
         key, k = jax.random.split(key)
         params[f"w{i}"] = jax.random.normal(k, (a, b)) / jnp.sqrt(jnp.asarray(a, jnp.float32))
         params[f"b{i}"] = jnp.zeros((b,))
@@ -109,7 +110,13 @@ def measure(batch: int, steps: int, repeats: int, python_strength: float | None)
             times[checks].append(elapsed / steps)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     paired = statistics.median(a / b for a, b in zip(times[True], times[False], strict=True))
-    return {"batch": batch, "on_us": on * 1e6, "off_us": off * 1e6, "ratio": on / off, "paired": paired}
+    return {
+        "batch": batch,
+        "on_us": on * 1e6,
+        "off_us": off * 1e6,
+        "ratio": on / off,
+        "paired": paired,
+    }
 
 
 def main() -> None:

@@ -99,8 +99,11 @@ def consolidate(
       The new ``EWCState``.
 
     Raises:
-      ValueError: unknown mode, gamma outside [0, 1], trees that differ (the message names the
-        first differing path), or NaN/Inf/negative values in ``params`` or ``fisher``.
+      ValueError: unknown mode, gamma outside [0, 1] (or not 1 in separate mode), trees that
+        differ (the message names the first differing path), or NaN/Inf/negative values in
+        ``params`` or ``fisher`` (naming the first bad leaf). The value checks hold under
+        ``jax.jit`` and ``jax.vmap`` too: the compiled program fails with the same message
+        (``equinox.error_if``; see :func:`ewc_jax.checks_enabled`).
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
@@ -189,7 +192,8 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
       params: current parameters θ.
       state: an :class:`EWCState` from :func:`consolidate` or :func:`empty_state`; pass it as an
         argument of jitted code, never close over it.
-      strength: λ >= 0 (a Python float or a scalar array).
+      strength: λ >= 0 (a Python float or a scalar array). A negative or non-finite λ raises
+        ``ValueError``; a traced one fails the compiled program with the same message.
 
     Returns:
       A float32 (or wider) scalar.

@@ -129,9 +129,12 @@ def fisher_diagonal(
 
     Args:
       apply_fn: ``apply_fn(params, inputs_batch) -> logits`` of shape ``[B, C]`` or ``[B, T, C]``
-        (e.g. a Flax ``model.apply``). It must treat examples independently. Everything it reads
-        must come in through ``params`` or ``inputs``: it is traced once per distinct function
-        object, so arrays it closes over are frozen at their first values.
+        (e.g. a Flax ``model.apply``), or ``apply_fn(params, model_state, inputs_batch)`` when
+        ``model_state`` is given. It must treat examples independently (BatchNorm in eval mode).
+        Everything it reads must come in through its arguments: it is a static argument of an
+        internal ``jax.jit``, traced once per distinct function object, so arrays it closes
+        over are frozen at their first values (a closure over BatchNorm statistics or a shift
+        that change between tasks silently gives the first task's Fisher again).
       params: a pytree of floating-point arrays.
       inputs: an array, or a pytree of arrays, with a leading example axis N.
       labels: int labels ``[N]`` (or ``[N, T]``) in ``[0, C)``; required for ``"empirical"`` and
@@ -151,6 +154,11 @@ def fisher_diagonal(
       mesh: data parallelism: a ``jax.sharding.Mesh`` whose first axis splits the examples
         across devices (params replicated); each device runs the chunked computation on its
         shard and one ``psum`` adds them up. ``None``: one device. ``"batched"`` ignores it.
+      model_state: the model's non-trainable state (Linen ``batch_stats``, the ``rest`` of
+        ``nnx.split(model, nnx.Param, ...)``), a pytree passed to ``apply_fn`` as its second
+        argument. It is a traced argument of the compiled computation: a new value gives a new
+        Fisher without recompiling. It gets no Fisher. ``None`` (default): ``apply_fn`` takes
+        two arguments.
 
     Returns:
       A pytree with the structure and shapes of ``params`` and dtype ``dtype``; entries >= 0.
@@ -158,7 +166,12 @@ def fisher_diagonal(
     Raises:
       ValueError: unknown estimator or method, a missing ``labels``/``key``/``batch_size``,
         labels or mask of the wrong shape or out of range, logits that are not ``[B, C]`` or
-        ``[B, T, C]``, an empty input.
+        ``[B, T, C]``, an empty input; NaN or Inf in ``params``, ``inputs`` (naming the first
+        bad leaf, e.g. ``inputs['image']``) or the logits; a ``params`` that holds model state
+        (a whole Linen ``variables`` dict, NNX ``BatchStat``/``RngKey``/``RngCount``
+        variables), with what to pass instead. Under an outer ``jax.jit``/``jax.vmap`` the
+        value checks fail the compiled program with the same message (see
+        :func:`ewc_jax.checks_enabled`).
 
     Example::
 
