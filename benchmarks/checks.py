@@ -13,7 +13,8 @@ compiled steps are identical (``--python-strength`` shows that ratio too).
 The same step is compiled twice, once normally and once traced inside
 ``ewc_jax.checks_enabled(False)``. Samples of ``--steps`` steps alternate between the two
 (checked first in odd repeats, unchecked first in even ones), and the report gives the ratio of
-the medians and the median of the per-repeat ratios.
+the medians, the median of the per-repeat ratios, and the ratio of the median process CPU
+times (steadier than wall-clock time on a shared machine).
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ def make_step(checks: bool, python_strength: float | None) -> Callable[..., Any]
     return traced_with_switch
 
 
-def _sample(step, state, steps: int) -> tuple[float, Any]:
+def _sample(step, state, steps: int) -> tuple[float, float, Any]:
+    """Wall-clock and process CPU seconds of ``steps`` steps (CPU time: on a shared machine,
+    the time spent waiting for a core does not count)."""
     params, opt_state, ewc, strength, x, y = state
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         params, opt_state, loss = step(params, opt_state, ewc, strength, x, y)
     jax.block_until_ready((params, loss))
-    return time.perf_counter() - start, (params, opt_state, ewc, strength, x, y)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return wall, cpu, (params, opt_state, ewc, strength, x, y)
 
 
 def measure(batch: int, steps: int, repeats: int, python_strength: float | None) -> dict:
@@ -102,20 +106,24 @@ def measure(batch: int, steps: int, repeats: int, python_strength: float | None)
     steps_by = {True: make_step(True, python_strength), False: make_step(False, python_strength)}
     states = {c: (params, opt_state, ewc, strength, x, y) for c in steps_by}
     for checks, step in steps_by.items():  # compile and warm up
-        _, states[checks] = _sample(step, states[checks], max(steps // 4, 1))
+        *_, states[checks] = _sample(step, states[checks], max(steps // 4, 1))
     times: dict[bool, list[float]] = {True: [], False: []}
+    cpu_times: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats):
         for checks in (True, False) if r % 2 else (False, True):
-            elapsed, states[checks] = _sample(steps_by[checks], states[checks], steps)
-            times[checks].append(elapsed / steps)
+            wall, cpu, states[checks] = _sample(steps_by[checks], states[checks], steps)
+            times[checks].append(wall / steps)
+            cpu_times[checks].append(cpu / steps)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     paired = statistics.median(a / b for a, b in zip(times[True], times[False], strict=True))
+    cpu_ratio = statistics.median(cpu_times[True]) / statistics.median(cpu_times[False])
     return {
         "batch": batch,
         "on_us": on * 1e6,
         "off_us": off * 1e6,
         "ratio": on / off,
         "paired": paired,
+        "cpu_ratio": cpu_ratio,
     }
 
 
@@ -129,14 +137,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; MLP {SIZES}, adam")
-    print("strength | batch | checks on µs/step | off µs/step | on/off (medians) | paired median")
+    print(
+        "strength | batch | checks on µs/step | off µs/step | on/off (medians) | paired median "
+        "| CPU-time on/off"
+    )
     variants = [("traced", None)] + ([("python", 100.0)] if args.python_strength else [])
     for name, python_strength in variants:
         for batch in args.batch_sizes:
             m = measure(batch, args.steps, args.repeats, python_strength)
             print(
                 f"{name:8} | {batch:5} | {m['on_us']:17.1f} | {m['off_us']:11.1f} | "
-                f"{m['ratio']:16.4f} | {m['paired']:.4f}"
+                f"{m['ratio']:16.4f} | {m['paired']:13.4f} | {m['cpu_ratio']:.4f}"
             )
 
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from ewc_jax._types import Params
 from ewc_jax._validation import (
-    check_nonnegative_scalar,
     check_same_structure,
     fail_if,
     holds,
+    negative_or_non_finite,
     non_finite,
     outside_unit_interval,
 )
@@ -142,8 +142,8 @@ def consolidate(
                 lambda: ".",
             )
         )
-    # Every check hangs on `fisher`, which both modes use (so none is compiled away).
-    fisher = fail_if(fisher, failures)
+    # Concrete values are checked now; traced ones on the result (see fail_if).
+    fail_if(fisher, failures)
     if state is None:
         state = empty_state(params)
 
@@ -163,6 +163,7 @@ def consolidate(
             state.precision,
             fisher,
         )
+    precision = fail_if(precision, failures)
     return EWCState(anchor=anchor, precision=precision, num_tasks=state.num_tasks + 1)
 
 
@@ -201,7 +202,7 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
-    strength = check_nonnegative_scalar(strength, "strength")
+    failures = negative_or_non_finite(strength, "strength")
     check_same_structure(state.anchor, params, "state.anchor", "params")
     terms = jax.tree.leaves(
         jax.tree.map(
@@ -216,4 +217,4 @@ def penalty(params: Params, state: EWCState, strength: Any) -> jax.Array:
     dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
     dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
     total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
-    return jnp.asarray(0.5 * strength, dtype) * total
+    return fail_if(jnp.asarray(0.5 * strength, dtype) * total, failures)

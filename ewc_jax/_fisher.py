@@ -212,15 +212,17 @@ def fisher_diagonal(
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
     static_fn = _Static(apply_fn)
-    params = fail_if(params, non_finite(params, "params", "the Fisher would be NaN"))
-    inputs = fail_if(inputs, non_finite(inputs, "inputs", "the Fisher would be NaN"))
+    # Concrete values are checked now; traced ones on the result (see fail_if).
+    failures = non_finite(params, "params", "the Fisher would be NaN")
+    failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
+    fail_if(params, failures)
     checks = runtime_checks()
     traced = is_traced((params, inputs, labels, key, mask, model_state))
 
     if estimator == "batched":
         if batch_size is None:
             raise ValueError("estimator='batched' needs batch_size (the mini-batch size).")
-        return _logit_errors_as_value_errors(
+        fisher = _logit_errors_as_value_errors(
             _batched_fisher,
             traced,
             params,
@@ -233,13 +235,14 @@ def fisher_diagonal(
             check_logits=checks,
             model_state=model_state,
         )
+        return fail_if(fisher, failures)
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method)
     if chunk_size is None:
         chunk_size = _default_chunk_size(policy)
     policy = dataclasses.replace(policy, check_logits=checks)
-    return _logit_errors_as_value_errors(
+    fisher = _logit_errors_as_value_errors(
         _chunked_fisher,
         traced,
         params,
@@ -255,6 +258,7 @@ def fisher_diagonal(
         mesh=mesh,
         model_state=model_state,
     )
+    return fail_if(fisher, failures)
 
 
 _NON_FINITE_LOGITS = (

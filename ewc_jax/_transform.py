@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ewc_jax._consolidation import EWCState, empty_state
-from ewc_jax._validation import check_nonnegative_scalar, check_same_structure
+from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
 
 
 class AddEWCPenaltyState(NamedTuple):
@@ -44,7 +44,7 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
     References:
       Kirkpatrick et al., PNAS 2017.
     """
-    strength = check_nonnegative_scalar(strength, "strength")
+    failures = negative_or_non_finite(strength, "strength")  # concrete: raises now
 
     def init_fn(params):
         return AddEWCPenaltyState(ewc=empty_state(params))
@@ -69,7 +69,7 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
             ewc.anchor,
             ewc.precision,
         )
-        return updates, state
+        return fail_if(updates, failures), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -77,9 +77,12 @@ def fail_if(x: PyTree, failures: Sequence[Failure]) -> PyTree:
     """Returns ``x``; raises for the first failure whose predicate holds.
 
     Concrete predicates raise ``ValueError(message + detail())`` now. Traced predicates are
-    combined into one ``equinox.branched_error_if`` on ``x`` (so ``x`` must be used by what
-    follows): the compiled program fails with ``message + "."`` of the first that holds. Under
-    ``jax.vmap`` a failure in any batch member fails the whole call.
+    combined into one ``equinox.branched_error_if`` (a ``lax.cond`` whose failing branch is a
+    host callback) threaded through the smallest array leaf of ``x``: the compiled program fails
+    with ``message + "."`` of the first that holds. Thread it through a result (the penalty, the
+    new precision, the Fisher), not an input: the check then waits for the computation rather
+    than the computation for the check, and a result is not compiled away. Under ``jax.vmap`` a
+    failure in any batch member fails the whole call.
     """
     traced = []
     for pred, message, detail in failures:
@@ -87,12 +90,15 @@ def fail_if(x: PyTree, failures: Sequence[Failure]) -> PyTree:
             traced.append((pred, message))
         elif bool(pred):
             raise ValueError(message + detail())
-    if not traced or not runtime_checks() or not jax.tree.leaves(x):
+    leaves, treedef = jax.tree.flatten(x)
+    if not traced or not runtime_checks() or not leaves:
         return x
     preds = jnp.stack([jnp.asarray(p, jnp.bool_).reshape(()) for p, _ in traced])
-    return eqx.branched_error_if(
-        x, jnp.any(preds), jnp.argmax(preds), [message + "." for _, message in traced]
+    i = min(range(len(leaves)), key=lambda j: np.size(leaves[j]))
+    leaves[i] = eqx.branched_error_if(
+        leaves[i], jnp.any(preds), jnp.argmax(preds), [message + "." for _, message in traced]
     )
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def holds(predicate: Callable[..., Any], *values: Any) -> Any:
@@ -160,11 +166,6 @@ def _count_non_finite(leaf: Any) -> str:
     return f"{finite.size - np.count_nonzero(finite)} of {finite.size} values"
 
 
-def check_finite(tree: PyTree, name: str, why: str) -> PyTree:
-    """Returns ``tree``; fails naming the first leaf with a NaN or Inf (see :func:`non_finite`)."""
-    return fail_if(tree, non_finite(tree, name, why))
-
-
 def _outside_unit_interval(v: Any) -> Any:
     v = jnp.asarray(v)
     return jnp.logical_not((v >= 0) & (v <= 1))
@@ -184,13 +185,13 @@ def outside_unit_interval(value: Any, name: str) -> list[Failure]:
     return [(bad, message, lambda: f", got {value!r}.")]
 
 
-def check_nonnegative_scalar(value: Any, name: str) -> Any:
-    """Returns ``value``; fails unless it is a finite scalar >= 0."""
+def negative_or_non_finite(value: Any, name: str) -> list[Failure]:
+    """A failure unless ``value`` is a finite scalar >= 0."""
     message = f"{name} must be a finite scalar >= 0"
     if np.shape(value) != ():
         raise ValueError(f"{message}, got an array of shape {np.shape(value)}.")
     bad = holds(_negative_or_non_finite, value)
-    return fail_if(value, [(bad, message, lambda: f", got {value!r}.")])
+    return [(bad, message, lambda: f", got {value!r}.")]
 
 
 def check_trainable_only(params: PyTree) -> None:
