@@ -212,10 +212,10 @@ def fisher_diagonal(
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
     static_fn = _Static(apply_fn)
-    # Concrete values are checked now; traced ones on the result (see fail_if).
+    # Before the computation, so that a NaN input is named rather than the NaN logits it gives.
     failures = non_finite(params, "params", "the Fisher would be NaN")
     failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
-    fail_if(params, failures)
+    params, inputs = fail_if((params, inputs), failures, every_leaf=True)
     checks = runtime_checks()
     traced = is_traced((params, inputs, labels, key, mask, model_state))
 
@@ -235,7 +235,7 @@ def fisher_diagonal(
             check_logits=checks,
             model_state=model_state,
         )
-        return fail_if(fisher, failures)
+        return fisher
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method)
@@ -258,7 +258,7 @@ def fisher_diagonal(
         mesh=mesh,
         model_state=model_state,
     )
-    return fail_if(fisher, failures)
+    return fisher
 
 
 _NON_FINITE_LOGITS = (

@@ -44,7 +44,8 @@ def add_ewc_penalty(strength: float) -> optax.GradientTransformation:
     References:
       Kirkpatrick et al., PNAS 2017.
     """
-    failures = negative_or_non_finite(strength, "strength")  # concrete: raises now
+    failures = negative_or_non_finite(strength, "strength")
+    fail_if(strength, failures)  # a concrete strength: raises now
 
     def init_fn(params):
         return AddEWCPenaltyState(ewc=empty_state(params))

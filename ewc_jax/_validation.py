@@ -73,7 +73,7 @@ Failure = tuple[Any, str, Callable[[], str]]
 is bad, the message both ways, and what to add to it when the value is known (``", got -1."``)."""
 
 
-def fail_if(x: PyTree, failures: Sequence[Failure]) -> PyTree:
+def fail_if(x: PyTree, failures: Sequence[Failure], *, every_leaf: bool = False) -> PyTree:
     """Returns ``x``; raises for the first failure whose predicate holds.
 
     Concrete predicates raise ``ValueError(message + detail())`` now. Traced predicates are
@@ -82,7 +82,8 @@ def fail_if(x: PyTree, failures: Sequence[Failure]) -> PyTree:
     with ``message + "."`` of the first that holds. Thread it through a result (the penalty, the
     new precision, the Fisher), not an input: the check then waits for the computation rather
     than the computation for the check, and a result is not compiled away. Under ``jax.vmap`` a
-    failure in any batch member fails the whole call.
+    failure in any batch member fails the whole call. ``every_leaf=True`` threads it through
+    every leaf instead: whatever uses any of them waits for the check.
     """
     traced = []
     for pred, message, detail in failures:
@@ -94,10 +95,11 @@ def fail_if(x: PyTree, failures: Sequence[Failure]) -> PyTree:
     if not traced or not runtime_checks() or not leaves:
         return x
     preds = jnp.stack([jnp.asarray(p, jnp.bool_).reshape(()) for p, _ in traced])
+    messages = [message + "." for _, message in traced]
+    if every_leaf:
+        return eqx.branched_error_if(x, jnp.any(preds), jnp.argmax(preds), messages)
     i = min(range(len(leaves)), key=lambda j: np.size(leaves[j]))
-    leaves[i] = eqx.branched_error_if(
-        leaves[i], jnp.any(preds), jnp.argmax(preds), [message + "." for _, message in traced]
-    )
+    leaves[i] = eqx.branched_error_if(leaves[i], jnp.any(preds), jnp.argmax(preds), messages)
     return jax.tree.unflatten(treedef, leaves)
 
 
