@@ -36,5 +36,6 @@ from ewc_jax._si import si_path_integral as si_path_integral
 from ewc_jax._transform import AddEWCPenaltyState as AddEWCPenaltyState
 from ewc_jax._transform import add_ewc_penalty as add_ewc_penalty
 from ewc_jax._transform import set_ewc_state as set_ewc_state
+from ewc_jax._validation import checks_enabled as checks_enabled
 
 __version__ = "0.1.0"

@@ -15,11 +15,12 @@ import numpy as np
 
 from ewc_jax._types import Params
 from ewc_jax._validation import (
-    check_finite,
-    check_nonnegative_scalar,
     check_same_structure,
-    check_unit_interval,
-    concrete_or_none,
+    fail_if,
+    holds,
+    negative_or_non_finite,
+    non_finite,
+    outside_unit_interval,
 )
 from ewc_jax._where import Where, select
 
@@ -144,8 +145,11 @@ def consolidate(
       The new ``EWCState``; sharded params and Fisher give a state sharded the same way.
 
     Raises:
-      ValueError: unknown mode, gamma outside [0, 1], trees that differ (the message names the
-        first differing path), or NaN/Inf/negative values in ``params`` or ``fisher``.
+      ValueError: unknown mode, gamma outside [0, 1] (or not 1 in separate mode), trees that
+        differ (the message names the first differing path), or NaN/Inf/negative values in
+        ``params`` or ``fisher`` (naming the first bad leaf). The value checks hold under
+        ``jax.jit`` and ``jax.vmap`` too: the compiled program fails with the same message
+        (``equinox.error_if``; see :func:`ewc_jax.checks_enabled`).
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
@@ -165,11 +169,15 @@ def consolidate(
                 "K-FAC state covers every parameter in the dtype of its factors."
             )
         return _kfac.consolidate_kfac(state, params, fisher, mode=mode, gamma=gamma)
-    check_unit_interval(gamma, "gamma")
-    if mode == "separate" and concrete_or_none(gamma) is not None and float(gamma) != 1.0:
-        raise ValueError(
-            f"gamma={gamma!r} has no meaning in mode='separate' (every task keeps its full "
-            "penalty); use mode='online' for a decaying precision."
+    failures = outside_unit_interval(gamma, "gamma")
+    if mode == "separate":
+        failures.append(
+            (
+                holds(lambda g: g != 1, gamma),
+                "gamma must be 1 in mode='separate' (every task keeps its full penalty; "
+                "mode='online' decays it)",
+                lambda: f", got {gamma!r}.",
+            )
         )
     params = select(params, params, where)
     fisher = select(fisher, fisher, where)
@@ -177,15 +185,22 @@ def consolidate(
     if state is not None:
         check_same_structure(params, state.anchor, "params", "state.anchor")
         check_same_structure(params, state.precision, "params", "state.precision")
-    check_finite(params, "params")
-    check_finite(fisher, "fisher")
+    why = (
+        "consolidating them would make every later penalty non-finite; check the training run "
+        "that produced them"
+    )
+    failures += non_finite(params, "params", why) + non_finite(fisher, "fisher", why)
     for path, leaf in jax.tree_util.tree_flatten_with_path(fisher)[0]:
-        value = concrete_or_none(leaf)
-        if value is not None and (value < 0).any():
-            raise ValueError(
+        failures.append(
+            (
+                holds(lambda a: jnp.any(a < 0), leaf),
                 f"fisher has negative values at {jax.tree_util.keystr(path)}; a diagonal Fisher "
-                "is a mean of squares and cannot be negative."
+                "is a mean of squares and cannot be negative",
+                lambda: ".",
             )
+        )
+    # Concrete values are checked now; traced ones on the result (see fail_if).
+    fail_if(fisher, failures)
     if state is None:
         state = empty_state(params, anchor_dtype=anchor_dtype, precision_dtype=precision_dtype)
 
@@ -215,6 +230,7 @@ def consolidate(
             precision,
             state.precision,
         )
+    precision = fail_if(precision, failures)
     return EWCState(
         anchor=_stored(anchor, anchor_dtype),
         precision=_stored(precision, precision_dtype),
@@ -253,7 +269,8 @@ def penalty(
       params: current parameters θ.
       state: an :class:`EWCState` from :func:`consolidate` or :func:`empty_state`; pass it as an
         argument of jitted code, never close over it.
-      strength: λ >= 0 (a Python float or a scalar array).
+      strength: λ >= 0 (a Python float or a scalar array). A negative or non-finite λ raises
+        ``ValueError``; a traced one fails the compiled program with the same message.
       where: the parameters the state covers, as given to :func:`consolidate`; the sum runs
         over those only, so the penalty's gradient is zero on the others. ``None``: all.
 
@@ -264,14 +281,13 @@ def penalty(
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
+    failures = negative_or_non_finite(strength, "strength")
     if not isinstance(state, EWCState):
         from ewc_jax import _kfac  # here: _kfac builds on this module
 
         if where is not None:
             raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
-
-        return _kfac.kfac_penalty(params, state, strength)
-    check_nonnegative_scalar(strength, "strength")
+        return fail_if(_kfac.kfac_penalty(params, state, strength), failures)
     params = select(params, params, where)
     check_same_structure(state.anchor, params, "state.anchor", "params")
     terms = jax.tree.leaves(
@@ -287,4 +303,4 @@ def penalty(
     dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
     dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
     total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
-    return jnp.asarray(0.5 * strength, dtype) * total
+    return fail_if(jnp.asarray(0.5 * strength, dtype) * total, failures)

@@ -14,7 +14,15 @@ import numpy as np
 
 from ewc_jax import _fast_fisher, _where
 from ewc_jax._types import ApplyFn, Params, PyTree
-from ewc_jax._validation import concrete_or_none
+from ewc_jax._validation import (
+    check_trainable_only,
+    concrete_or_none,
+    fail_if,
+    holds,
+    is_traced,
+    non_finite,
+    runtime_checks,
+)
 
 ESTIMATORS = ("exact", "sampled", "empirical", "argmax", "batched")
 Estimator = Literal["exact", "sampled", "empirical", "argmax", "batched"]
@@ -60,6 +68,7 @@ def fisher_diagonal(
     dtype: jax.typing.DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     where: _where.Where | None = None,
+    model_state: PyTree | None = None,
 ) -> Params:
     r"""Diagonal of the Fisher information of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
 
@@ -121,9 +130,12 @@ def fisher_diagonal(
 
     Args:
       apply_fn: ``apply_fn(params, inputs_batch) -> logits`` of shape ``[B, C]`` or ``[B, T, C]``
-        (e.g. a Flax ``model.apply``). It must treat examples independently. Everything it reads
-        must come in through ``params`` or ``inputs``: it is traced once per distinct function
-        object, so arrays it closes over are frozen at their first values.
+        (e.g. a Flax ``model.apply``), or ``apply_fn(params, model_state, inputs_batch)`` when
+        ``model_state`` is given. It must treat examples independently (BatchNorm in eval mode).
+        Everything it reads must come in through its arguments: it is a static argument of an
+        internal ``jax.jit``, traced once per distinct function object, so arrays it closes
+        over are frozen at their first values (a closure over BatchNorm statistics or a shift
+        that change between tasks silently gives the first task's Fisher again).
       params: a pytree of floating-point arrays.
       inputs: an array, or a pytree of arrays, with a leading example axis N.
       labels: int labels ``[N]`` (or ``[N, T]``) in ``[0, C)``; required for ``"empirical"`` and
@@ -153,6 +165,11 @@ def fisher_diagonal(
         one. Only selected leaves are differentiated (one-pass: only their layers are tapped),
         so the cost is theirs only; unselected ones are ``optax.MaskedNode()`` in the result.
         ``None`` (default): all.
+      model_state: the model's non-trainable state (Linen ``batch_stats``, the ``rest`` of
+        ``nnx.split(model, nnx.Param, ...)``), a pytree passed to ``apply_fn`` as its second
+        argument. It is a traced argument of the compiled computation: a new value gives a new
+        Fisher without recompiling. It gets no Fisher. ``None`` (default): ``apply_fn`` takes
+        two arguments.
 
     Returns:
       A pytree with the structure and shapes of ``params`` (unselected sub-trees
@@ -161,7 +178,12 @@ def fisher_diagonal(
     Raises:
       ValueError: unknown estimator or method, a missing ``labels``/``key``/``batch_size``,
         labels or mask of the wrong shape or out of range, logits that are not ``[B, C]`` or
-        ``[B, T, C]``, an empty input.
+        ``[B, T, C]``, an empty input; NaN or Inf in ``params``, ``inputs`` (naming the first
+        bad leaf, e.g. ``inputs['image']``) or the logits; a ``params`` that holds model state
+        (a whole Linen ``variables`` dict, NNX ``BatchStat``/``RngKey``/``RngCount``
+        variables), with what to pass instead. Under an outer ``jax.jit``/``jax.vmap`` the
+        value checks fail the compiled program with the same message (see
+        :func:`ewc_jax.checks_enabled`).
 
     Example::
 
@@ -181,9 +203,10 @@ def fisher_diagonal(
         method = "one_pass" if fast else "general"
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
+    check_trainable_only(params)
     _check_params(params)
     n = _num_examples(inputs)
-    model = _Model.of(apply_fn, params, inputs)
+    model = _Model.of(apply_fn, params, inputs, model_state)
     token_shape, num_classes = _output_shape(model)
     if estimator in ("empirical", "batched"):
         if labels is None:
@@ -204,49 +227,89 @@ def fisher_diagonal(
     out_dtypes = tuple(_result_dtype(leaves[i], dtype) for i in selected)
     static_fn = _Static(apply_fn)
     result_def = jax.tree.structure(_where.select(params, params, where))
+    # Before the computation, so that a NaN input is named rather than the NaN logits it gives.
+    failures = non_finite(params, "params", "the Fisher would be NaN")
+    failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
+    params, inputs = fail_if((params, inputs), failures, every_leaf=True)
+    checks = runtime_checks()
+    traced = is_traced((params, inputs, labels, key, mask, model_state))
 
     if estimator == "batched":
         if batch_size is None:
             raise ValueError("estimator='batched' needs batch_size (the mini-batch size).")
-        return jax.tree.unflatten(
-            result_def,
-            _batched_fisher(
-                params,
-                inputs,
-                labels,
-                mask,
-                apply_fn=static_fn,
-                batch_size=batch_size,
-                out_dtypes=out_dtypes,
-                selected=selected,
-            ),
+        fisher = _logit_errors_as_value_errors(
+            _batched_fisher,
+            traced,
+            params,
+            inputs,
+            labels,
+            mask,
+            apply_fn=static_fn,
+            batch_size=batch_size,
+            out_dtypes=out_dtypes,
+            selected=selected,
+            check_logits=checks,
+            model_state=model_state,
         )
+        return jax.tree.unflatten(result_def, fisher)
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method, selected)
     if chunk_size is None:
         chunk_size = _default_chunk_size(policy)
+    policy = dataclasses.replace(policy, check_logits=checks)
     layout = _Layout.of(leaves, mesh)
-    return jax.tree.unflatten(
-        result_def,
-        layout.restore(
-            selected,
-            _chunked_fisher(
-                layout.enter(params),
-                inputs,
-                labels,
-                keys,
-                mask,
-                apply_fn=static_fn,
-                estimator=estimator,
-                chunk_size=min(int(chunk_size), n),
-                policy=policy,
-                out_dtypes=out_dtypes,
-                mesh=None if layout.shardings else mesh,
-                layout=layout,
-            ),
-        ),
+    fisher = _logit_errors_as_value_errors(
+        _chunked_fisher,
+        traced,
+        layout.enter(params),
+        inputs,
+        labels,
+        keys,
+        mask,
+        apply_fn=static_fn,
+        estimator=estimator,
+        chunk_size=min(int(chunk_size), n),
+        policy=policy,
+        out_dtypes=out_dtypes,
+        mesh=None if layout.shardings else mesh,
+        layout=layout,
+        model_state=model_state,
     )
+    return jax.tree.unflatten(result_def, layout.restore(selected, fisher))
+
+
+_NON_FINITE_LOGITS = (
+    "logits has non-finite values (NaN or Inf): apply_fn returned them for finite params and "
+    "inputs; check the model (an overflow, a log or division of zero) and model_state"
+)
+
+
+def _checked_logits(logits: jax.Array, policy_checks: bool) -> jax.Array:
+    if not policy_checks:
+        return logits
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(logits)))
+    return fail_if(logits, [(bad, _NON_FINITE_LOGITS, lambda: ".")])
+
+
+def _logit_errors_as_value_errors(compute, traced, *args, **kwargs):
+    """Runs ``compute``; called eagerly, a failed logits check raises ValueError, as the other
+    checks do (under an outer jit it fails that program with the same message)."""
+    if traced:
+        return compute(*args, **kwargs)
+    try:
+        return jax.block_until_ready(compute(*args, **kwargs))
+    except jax.errors.JaxRuntimeError as error:
+        if _NON_FINITE_LOGITS in str(error):
+            raise ValueError(_NON_FINITE_LOGITS + ".") from None
+        raise
+
+
+def _with_state(apply_fn: Callable[..., jax.Array], model_state: PyTree | None) -> ApplyFn:
+    """``apply_fn`` itself, or ``(params, x) -> apply_fn(params, model_state, x)``."""
+    if model_state is None:
+        return apply_fn
+    return lambda params, x: apply_fn(params, model_state, x)
 
 
 def _check_params(params: Params) -> None:
@@ -287,19 +350,33 @@ class _Model:
     params: tuple[jax.ShapeDtypeStruct, ...]
     inputs_def: Any
     example: tuple[jax.ShapeDtypeStruct, ...]
+    state_def: Any = None
+    state: tuple[jax.ShapeDtypeStruct, ...] | None = None  # None: no model_state
 
     @classmethod
-    def of(cls, apply_fn: ApplyFn, params: Params, inputs: PyTree) -> _Model:
+    def of(
+        cls, apply_fn: ApplyFn, params: Params, inputs: PyTree, model_state: PyTree = None
+    ) -> _Model:
         spec = lambda a, lead: jax.ShapeDtypeStruct(np.shape(a)[lead:], jnp.result_type(a))
         params_leaves, params_def = jax.tree.flatten(params)
         input_leaves, inputs_def = jax.tree.flatten(inputs)
+        state_leaves, state_def = jax.tree.flatten(model_state)
         return cls(
             _Static(apply_fn),
             params_def,
             tuple(spec(p, 0) for p in params_leaves),
             inputs_def,
             tuple(spec(x, 1) for x in input_leaves),
+            state_def,
+            None if model_state is None else tuple(spec(s, 0) for s in state_leaves),
         )
+
+    def shape_fn(self) -> ApplyFn:
+        """``(params, x) -> logits`` for tracing shapes; ``model_state`` becomes zeros."""
+        if self.state is None:
+            return self.fn.fn
+        zeros = lambda: [jnp.zeros(s.shape, s.dtype) for s in self.state]
+        return lambda p, x: self.fn.fn(p, jax.tree.unflatten(self.state_def, zeros()), x)
 
     def params_tree(self) -> PyTree:
         return jax.tree.unflatten(self.params_def, self.params)
@@ -314,7 +391,7 @@ class _Model:
 @functools.lru_cache(maxsize=256)
 def _output_shape(model: _Model) -> tuple[tuple[int, ...], int]:
     """``(token shape S, classes C)`` of the logits ``[B, *S, C]`` ``apply_fn`` returns."""
-    out = jax.eval_shape(model.fn.fn, model.params_tree(), model.example_tree(batch=2))
+    out = jax.eval_shape(model.shape_fn(), model.params_tree(), model.example_tree(batch=2))
     shape = getattr(out, "shape", None)
     if shape is None or len(shape) < 2 or shape[0] != 2:
         raise ValueError(
@@ -333,13 +410,14 @@ def _checked_labels(labels: Any, shape: tuple[int, ...], num_classes: int) -> ja
         raise ValueError(f"labels must have shape {what} = {shape}, got {np.shape(labels)}.")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
-    value = concrete_or_none(labels)
-    if value is not None and ((value < 0).any() or (value >= num_classes).any()):
-        bad = value[(value < 0) | (value >= num_classes)]
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) for the model's {num_classes} logits; "
-            f"found {bad[:5].tolist()}."
-        )
+    out_of_range = lambda y: jnp.any((y < 0) | (y >= num_classes))
+
+    def found() -> str:
+        value = np.asarray(labels)
+        return f"; found {value[(value < 0) | (value >= num_classes)][:5].tolist()}."
+
+    message = f"labels must lie in [0, {num_classes}) for the model's {num_classes} logits"
+    labels = fail_if(labels, [(holds(out_of_range, labels), message, found)])
     return jnp.asarray(labels, jnp.int32)
 
 
@@ -390,6 +468,7 @@ class _Policy:
     to_general: tuple[int, ...] = ()
     bytes_per_example: int = 1
     max_chunk: int = _MAX_GENERAL_CHUNK
+    check_logits: bool = True  # fail on NaN/Inf logits (see ewc_jax.checks_enabled)
 
 
 @functools.lru_cache(maxsize=256)
@@ -403,7 +482,7 @@ def _policy(
     general_bytes = _general_bytes_per_example(model.params, selected)
     if method == "general":
         return _Policy(general=True, selected=selected, bytes_per_example=general_bytes)
-    plan = _fast_fisher.make_plan(model.fn.fn, model.params_tree(), model.example_tree())
+    plan = _fast_fisher.make_plan(model.shape_fn(), model.params_tree(), model.example_tree())
     plan = _restrict(plan, selected)
     choice: tuple[int, ...] = ()
     if method == "auto":
@@ -569,6 +648,7 @@ def _chunk_sums(
     leaves, _ = jax.tree.flatten(params)
 
     def targets(logits):
+        logits = _checked_logits(logits, policy.check_logits)
         return _targets(logits, estimator, labels, keys, mask, weight)
 
     if policy.general:
@@ -837,9 +917,12 @@ def _chunked_fisher(
     out_dtypes: tuple[np.dtype, ...],
     mesh: jax.sharding.Mesh | None,
     layout: _Layout,
+    model_state: PyTree = None,
 ) -> list[jax.Array]:
     """The Fisher of the selected leaves (``policy.selected``), in leaf order."""
     n = jax.tree.leaves(inputs)[0].shape[0]
+    # model_state is traced here: a new state gives a new Fisher, without a recompile.
+    apply_fn = _Static(_with_state(apply_fn.fn, model_state))
     static = dict(apply_fn=apply_fn.fn, estimator=estimator, chunk_size=chunk_size, policy=policy)
     if layout.shardings:
         total = _partitioned_sums(params, inputs, labels, keys, mask, layout=layout, **static)
@@ -895,7 +978,10 @@ def _sharded_sums(params, inputs, labels, keys, mask, *, mesh, **static) -> list
     )(params, inputs, labels, keys, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "out_dtypes", "selected"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "batch_size", "out_dtypes", "selected", "check_logits"),
+)
 def _batched_fisher(
     params: Params,
     inputs: PyTree,
@@ -906,7 +992,10 @@ def _batched_fisher(
     batch_size: int,
     out_dtypes: tuple[np.dtype, ...],
     selected: tuple[int, ...],
+    check_logits: bool,
+    model_state: PyTree = None,
 ) -> list[jax.Array]:
+    apply_fn = _Static(_with_state(apply_fn.fn, model_state))
     n = labels.shape[0]
     size = min(batch_size, n)
     num_batches = -(-n // batch_size)
@@ -916,7 +1005,7 @@ def _batched_fisher(
         full = list(leaves)
         for i, value in zip(selected, chosen, strict=True):
             full[i] = value
-        logits = apply_fn.fn(jax.tree.unflatten(treedef, full), x)
+        logits = _checked_logits(apply_fn.fn(jax.tree.unflatten(treedef, full), x), check_logits)
         log_lik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
         if tokens is not None:
             log_lik = jnp.where(tokens, log_lik, 0)

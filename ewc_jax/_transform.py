@@ -10,7 +10,7 @@ import optax
 
 from ewc_jax import _kfac
 from ewc_jax._consolidation import EWCState, _wide, empty_state
-from ewc_jax._validation import check_nonnegative_scalar, check_same_structure
+from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
 from ewc_jax._where import Where, merge, select
 
 
@@ -52,7 +52,8 @@ def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.Gra
     References:
       Kirkpatrick et al., PNAS 2017.
     """
-    check_nonnegative_scalar(strength, "strength")
+    failures = negative_or_non_finite(strength, "strength")
+    fail_if(strength, failures)  # a concrete strength: raises now
 
     def init_fn(params):
         return AddEWCPenaltyState(ewc=empty_state(params, where=where))
@@ -67,7 +68,8 @@ def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.Gra
             if where is not None:
                 raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
             grads = _kfac.kfac_penalty_gradient(params, ewc, strength)
-            return jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, grads), state
+            updates = jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, grads)
+            return fail_if(updates, failures), state
         # λ F (θ - θ̄) in float32 at least (bfloat16 params, anchors or precisions are
         # widened), then added to the gradient in its own dtype.
         selected = jax.tree.map(
@@ -84,7 +86,7 @@ def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.Gra
             ewc.anchor,
             ewc.precision,
         )
-        return merge(updates, params, where, selected), state
+        return fail_if(merge(updates, params, where, selected), failures), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

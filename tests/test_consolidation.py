@@ -235,7 +235,7 @@ def test_bad_strength_gamma_mode():
     for gamma in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"gamma must be a scalar in \[0, 1\]"):
             ewc_jax.consolidate(None, params, fisher, mode="online", gamma=gamma)
-    with pytest.raises(ValueError, match=r"gamma=0.5 has no meaning in mode='separate'"):
+    with pytest.raises(ValueError, match=r"gamma must be 1 in mode='separate'.*got 0.5"):
         ewc_jax.consolidate(None, params, fisher, mode="separate", gamma=0.5)
     with pytest.raises(ValueError, match=r"Unknown consolidation mode 'sum'.*'separate', 'online'"):
         ewc_jax.consolidate(None, params, fisher, mode="sum")
@@ -245,11 +245,11 @@ def test_non_finite_values_are_refused_with_their_path():
     params, fisher = _random_tree(0), _positive_tree(1)
     nan_fisher = jax.tree.map(lambda a: a, fisher)
     nan_fisher["dense"]["kernel"] = fisher["dense"]["kernel"].at[0, 0].set(jnp.nan)
-    with pytest.raises(ValueError, match=r"fisher has 1 non-finite.*\['dense'\]\['kernel'\]"):
+    with pytest.raises(ValueError, match=r"fisher\['dense'\]\['kernel'\] has non-finite.*\(1 of"):
         ewc_jax.consolidate(None, params, nan_fisher)
     inf_params = jax.tree.map(lambda a: a, params)
     inf_params["dense"]["bias"] = params["dense"]["bias"].at[1].set(jnp.inf)
-    with pytest.raises(ValueError, match=r"params has 1 non-finite.*\['dense'\]\['bias'\]"):
+    with pytest.raises(ValueError, match=r"params\['dense'\]\['bias'\] has non-finite.*\(1 of"):
         ewc_jax.consolidate(None, inf_params, fisher)
     neg = jax.tree.map(lambda a: -a, fisher)
     with pytest.raises(ValueError, match=r"fisher has negative values"):
