@@ -48,8 +48,14 @@ from ml_collections import config_dict
 import ewc_jax
 from experiments.models import MODELS
 
-METHODS = ("finetune", "l2", "ewc", "online_ewc", "joint")
-REGULARIZED_METHODS = ("l2", "ewc", "online_ewc")
+METHODS = ("finetune", "l2", "ewc", "online_ewc", "si", "mas", "kfac", "joint")
+REGULARIZED_METHODS = ("l2", "ewc", "online_ewc", "si", "mas", "kfac")
+ONLINE_METHODS = ("online_ewc", "si", "mas", "kfac")
+"""Methods that sum precisions and anchor at the latest parameters (``mode="online"``)."""
+KRONECKER_METHODS = ("kfac",)
+"""Methods whose EWC state is a Kronecker-factored :class:`ewc_jax.KFACState`."""
+EXAMPLE_METHODS = ("ewc", "online_ewc", "mas", "kfac")
+"""Methods whose importance is computed on examples of the finished task."""
 OPTIMIZERS = ("sgd", "adam")
 SCENARIOS = ("sequence", "permuted", "split", "rotated")
 SPLIT_MODES = ("task", "domain", "class")
@@ -125,6 +131,7 @@ class MethodSpec:
         fisher_samples: examples of the finished task the Fisher is averaged over.
         fisher_batch_size: mini-batch size of the ``"batched"`` estimator.
         gamma: decay of old precision for online EWC (1 for the others).
+        damping: SI's ``ξ`` in ``Ω = ω / (Δθ² + ξ)`` (Zenke et al.'s 0.1 for MNIST).
     """
 
     name: str
@@ -133,6 +140,7 @@ class MethodSpec:
     fisher_samples: int = 512
     fisher_batch_size: int | None = None
     gamma: float = 1.0
+    damping: float = 0.1
 
     @property
     def regularized(self) -> bool:
@@ -141,8 +149,11 @@ class MethodSpec:
 
     @property
     def needs_fisher(self) -> bool:
-        """Whether the method estimates a Fisher (L2 uses precision 1 instead)."""
-        return self.name in ("ewc", "online_ewc")
+        """Whether consolidation needs examples of the finished task (Fisher, MAS, K-FAC).
+
+        L2 uses precision 1 and SI its path integral instead.
+        """
+        return self.name in EXAMPLE_METHODS
 
 
 def method_strength(config: ml_collections.ConfigDict, name: str) -> float:
@@ -359,3 +370,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "optimizer", OPTIMIZERS)
     _check_numbers(config)
     _check_sweep(config)
+    _check_kronecker_estimator(config)
+
+
+def _check_kronecker_estimator(config: ml_collections.ConfigDict) -> None:
+    if set(config.methods) & set(KRONECKER_METHODS) and (
+        config.estimator not in ewc_jax.KFAC_ESTIMATORS
+    ):
+        raise ConfigError(
+            f"estimator {config.estimator!r} has no Kronecker-factored version; K-FAC takes "
+            f"{', '.join(ewc_jax.KFAC_ESTIMATORS)}"
+        )
