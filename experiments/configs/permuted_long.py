@@ -8,7 +8,7 @@ without it the seeds run one after the other, with the same results to float rou
 
 Offline: 20 permutations (the first the identity) of the embedded 4,000 MNIST training digits
 (1,000 test digits), one shared 10-way head, an MLP 784-100-100-10, Adam lr 1e-3 (fresh state
-per task), 250 steps of 64 per task (4 epochs), importances on 1,000 examples of the finished
+per task), 200 steps of 128 per task (6.4 epochs), importances on 1,000 examples of the finished
 task (exact Fisher for EWC and K-FAC). Methods: finetune, L2, EWC (one quadratic per task),
 online EWC (γ = 1), SI, MAS and K-FAC Laplace (Ritter et al. 2018, online, its Kronecker terms
 merged into one per layer so that the penalty costs the same after 20 tasks as after one).
@@ -36,8 +36,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.hidden_sizes = (100, 100)
     config.optimizer = "adam"
     config.learning_rate = 1e-3
-    config.batch_size = 64
-    config.steps_per_task = 250
+    config.batch_size = 128
+    config.steps_per_task = 200
     config.methods = ("finetune", "l2", "ewc", "online_ewc", "si", "mas", "kfac")
     config.estimator = "exact"
     config.fisher_samples = 1000
