@@ -252,6 +252,8 @@ def plot_average_accuracy_over_tasks(
         std = values.std(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
         ax.plot(tasks, mean, color=f"C{k}", marker=".", label=label)
         ax.fill_between(tasks, mean - std, mean + std, color=f"C{k}", alpha=0.2, linewidth=0)
+    num_tasks = max(np.shape(values)[-1] for values in curves.values())
+    ax.set_xticks(np.arange(1, num_tasks + 1, max(1, num_tasks // 10)))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("average accuracy on the tasks so far")
     ax.set_title(title or "average accuracy (mean ± std over seeds)", fontsize=10)

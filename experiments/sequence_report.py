@@ -43,7 +43,8 @@ def backward_transfer_after(accuracy_matrix: Any, num_tasks: int) -> float:
 
 
 def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
-    """Accuracy matrices by label (``method``, or ``method λ=<strength>`` in a sweep)."""
+    """Accuracy matrices by label (``method λ=<strength>``, or ``method`` unregularised), in
+    the order of :data:`experiments.config.METHODS`."""
     runs: dict[str, list[np.ndarray]] = {}
     for path in paths:
         document = json.loads(Path(path).read_text())
@@ -56,7 +57,14 @@ def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
             strength = run.get("strength", strength_of.get(method, 0.0))
             label = method if not strength else f"{method} λ={strength:g}"
             runs.setdefault(label, []).append(np.asarray(run["accuracy_matrix"], np.float64))
-    return runs
+    return dict(sorted(runs.items(), key=lambda item: _method_order(item[0])))
+
+
+def _method_order(label: str) -> tuple[int, str]:
+    from experiments.config import METHODS
+
+    method = label.split(" ")[0]
+    return (METHODS.index(method) if method in METHODS else len(METHODS), label)
 
 
 def _single_run_strength(config: dict[str, Any], name: str) -> float:
