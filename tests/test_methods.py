@@ -14,7 +14,7 @@ import pytest
 
 import ewc_jax
 from experiments import config as config_lib
-from experiments import device_data, models, steps, train
+from experiments import device_data, models, plots, sequence_report, steps, train
 from experiments.configs import permuted_long
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,3 +182,37 @@ def test_kfac_refuses_an_estimator_without_kronecker_factors():
     config.estimator = "argmax"
     with pytest.raises(config_lib.ConfigError, match="K-FAC"):
         config_lib.validate(config)
+
+
+def test_sequence_report_table_from_single_and_sweep_results(tmp_path):
+    """Average accuracy after task t is the mean of row t's first t entries; BWT over the first
+    t tasks; a single run's strength comes from its config; seeds of one label are pooled."""
+    first = [[0.9, 0.1, 0.0], [0.7, 0.8, 0.1], [0.5, 0.6, 0.9]]
+    second = [[0.8, 0.1, 0.0], [0.8, 0.9, 0.1], [0.7, 0.8, 0.7]]
+    config = {"methods": ["finetune", "kfac"], "strength": 5.0, "strengths": {"kfac": 2.0}}
+    single = {"config": config, "runs": [{"method": "kfac", "accuracy_matrix": first}]}
+    swept = {
+        "sweep": True,
+        "config": config,
+        "runs": [
+            {"method": "kfac", "strength": 2.0, "accuracy_matrix": second},
+            {"method": "finetune", "strength": 0.0, "accuracy_matrix": first},
+        ],
+    }
+    paths = [tmp_path / "single.json", tmp_path / "sweep.json"]
+    for path, document in zip(paths, (single, swept), strict=True):
+        path.write_text(json.dumps(document))
+    runs = sequence_report.collect_runs(paths)
+    assert list(runs) == ["finetune", "kfac λ=2"] and len(runs["kfac λ=2"]) == 2
+    np.testing.assert_allclose(sequence_report.average_accuracy_curve(first), [0.9, 0.75, 2 / 3])
+    # BWT after 3 tasks: ((0.5 - 0.9) + (0.6 - 0.8)) / 2 = -0.3; after 2: 0.7 - 0.9 = -0.2.
+    np.testing.assert_allclose(sequence_report.backward_transfer_after(first, 3), -0.3)
+    table = sequence_report.markdown_table(runs, every=2).splitlines()
+    assert table[0].split(" | ")[2:] == ["avg acc @2", "BWT @2 |"]
+    # kfac after 2 tasks: avg acc (0.75, 0.85) -> 0.800 ± 0.071; BWT (-0.2, 0.0) -> -0.100 ± 0.141.
+    assert table[3] == "| kfac λ=2 | 2 | 0.800 ± 0.071 | -0.100 ± 0.141 |"
+    figure = tmp_path / "curves.png"
+    curves = {
+        k: np.stack([sequence_report.average_accuracy_curve(m) for m in v]) for k, v in runs.items()
+    }
+    assert plots.plot_average_accuracy_over_tasks(curves, figure).stat().st_size > 1000
