@@ -216,3 +216,25 @@ def test_sequence_report_table_from_single_and_sweep_results(tmp_path):
         k: np.stack([sequence_report.average_accuracy_curve(m) for m in v]) for k, v in runs.items()
     }
     assert plots.plot_average_accuracy_over_tasks(curves, figure).stat().st_size > 1000
+
+
+def test_reset_optimizer_keeps_the_si_path_integral():
+    """A fresh Adam state between tasks, but SI's ω and θ_start survive until si_importance."""
+    method = config_lib.MethodSpec(name="si", strength=1.0)
+    setup = steps.method_setup(tiny_setup(optax.adam(0.1), batch_size=8), method)
+    data = task_data(0)
+    state = steps.init_state(jax.random.key(0), data.images[:1], 1.0, setup=setup)
+    state, _ = steps.train_epoch(state, data, jnp.int32(1), setup=setup)
+    reset = steps.reset_optimizer(state, setup=setup)
+    before, after = state.opt_state, reset.opt_state
+    assert any(float(jnp.max(jnp.abs(w))) > 0 for w in jax.tree.leaves(before.path_integral))
+    for got, want in zip(
+        jax.tree.leaves((after.path_integral, after.start)),
+        jax.tree.leaves((before.path_integral, before.start)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    fresh = setup.tx.init(state.params).inner
+    for got, want in zip(jax.tree.leaves(after.inner), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(before.inner[0].count) == 1  # the inner state had moved before the reset
