@@ -48,10 +48,11 @@ from ewc_jax._fisher import (
 )
 from ewc_jax._types import ApplyFn, Params, PyTree
 from ewc_jax._validation import (
-    check_finite,
-    check_nonnegative_scalar,
-    check_unit_interval,
     concrete_or_none,
+    fail_if,
+    negative_or_non_finite,
+    non_finite,
+    outside_unit_interval,
 )
 
 KFAC_ESTIMATORS = ("exact", "sampled", "empirical")
@@ -458,7 +459,7 @@ def consolidate_kfac(
         )
     if not isinstance(fisher, KFACFisher):
         raise ValueError("a KFACState is consolidated with a KFACFisher (from kfac_fisher).")
-    check_unit_interval(gamma, "gamma")
+    gamma = fail_if(gamma, outside_unit_interval(gamma, "gamma"))
     diagonal = _consolidation.consolidate(
         None if state is None else state.diagonal,
         params,
@@ -467,8 +468,14 @@ def consolidate_kfac(
         gamma=gamma,
     )
     leaves = jax.tree.leaves(params)
+    why = "consolidating them would make every later penalty non-finite"
+    checked = []
     for layer in fisher.layers:
-        check_finite((layer.a, layer.g), "the Kronecker factors")
+        a, g = fail_if(
+            (layer.a, layer.g), non_finite((layer.a, layer.g), "the Kronecker factors", why)
+        )
+        checked.append(dataclasses.replace(layer, a=a, g=g))
+    fisher = fisher._replace(layers=tuple(checked))
     old = tuple(_empty_terms(leaves, f) for f in fisher.layers) if state is None else state.layers
     if [(t.kernel, t.bias) for t in old] != [(f.kernel, f.bias) for f in fisher.layers]:
         raise ValueError(
@@ -564,14 +571,14 @@ def kfac_penalty(params: Params, state: KFACState, strength: Any) -> jax.Array:
     :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
     ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
     """
-    check_nonnegative_scalar(strength, "strength")
+    failures = negative_or_non_finite(strength, "strength")
     total = _consolidation.penalty(params, state.diagonal, strength)
     leaves = jax.tree.leaves(params)
     for terms in state.layers:
         x = _deviation(leaves, terms)
         quad = jnp.sum(x * (terms.a @ x @ terms.g))
         total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
-    return total
+    return fail_if(total, failures)
 
 
 def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:

@@ -10,7 +10,7 @@ import optax
 
 from ewc_jax._consolidation import _wide
 from ewc_jax._types import Params
-from ewc_jax._validation import check_nonnegative_scalar, check_same_structure
+from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
 
 
 class SIState(NamedTuple):
@@ -120,7 +120,7 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
     References:
       Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017.
     """
-    check_nonnegative_scalar(damping, "damping")
+    damping = fail_if(damping, negative_or_non_finite(damping, "damping"))
     found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SIState))
     found = [leaf for leaf in found if isinstance(leaf, SIState)]
     if len(found) != 1:

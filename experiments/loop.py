@@ -255,6 +255,7 @@ def single_run_fns(
     setup: steps.StepSetup, method: MethodSpec, seed: int, data: DeviceScenario
 ) -> StepFns:
     """The :class:`StepFns` of one run: the jitted steps as they are."""
+    setup = steps.method_setup(setup, method)
     return StepFns(
         init=lambda: steps.init_state(
             jax.random.key(seed), data.test[0].images[:1], method.strength, setup=setup
@@ -445,7 +446,14 @@ def divergence_message(plan: Plan, arrays: steps.TrainState, task: int) -> str:
     method = plan.method
     message = f"{method.name}: the training loss became non-finite on task {task + 1}"
     if method.regularized and int(arrays.ewc_state.num_tasks) > 0:
-        top = max(float(jnp.max(p)) for p in jax.tree.leaves(arrays.ewc_state.precision))
+        ewc = arrays.ewc_state
+        # K-FAC: the diagonal of each layer's A ⊗ G besides the uncovered parameters' precision.
+        diagonals = [
+            jnp.diagonal(t.a[-1])[:, None] * jnp.diagonal(t.g[-1])[None]
+            for t in getattr(ewc, "layers", ())
+        ]
+        ewc = getattr(ewc, "diagonal", ewc)
+        top = max(float(jnp.max(p)) for p in jax.tree.leaves(ewc.precision) + diagonals)
         # Plain gradient descent on λ/2·Λ·θ² is stable only while lr·λ·Λ < 2.
         product = plan.learning_rate * method.strength * top
         message += (

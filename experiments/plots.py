@@ -263,3 +263,40 @@ def plot_strength_sensitivity(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(figure, path)
+
+
+def plot_average_accuracy_over_tasks(
+    curves: dict[str, np.ndarray], path: Path, *, title: str = ""
+) -> Path:
+    """Average accuracy on the tasks seen so far against their number, one line per method.
+
+    ``curves[label][s, t]`` is seed ``s``'s mean accuracy over tasks ``1 .. t+1`` after training
+    task ``t+1`` (:func:`experiments.sequence_report.average_accuracy_curve`); the line is the
+    mean over seeds, the band ± one standard deviation.
+
+    Args:
+        curves: ``{label: [S, T] array}``.
+        path: output PNG.
+        title: the figure's title.
+
+    Returns:
+        ``path``.
+    """
+    figure = _new_figure(6.0, 4.0)
+    ax = figure.subplots()
+    for k, (label, values) in enumerate(curves.items()):
+        values = np.asarray(values, np.float64).reshape(-1, np.shape(values)[-1])
+        tasks = np.arange(1, values.shape[1] + 1)
+        mean = values.mean(axis=0)
+        std = values.std(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+        ax.plot(tasks, mean, color=f"C{k}", marker=".", label=label)
+        ax.fill_between(tasks, mean - std, mean + std, color=f"C{k}", alpha=0.2, linewidth=0)
+    num_tasks = max(np.shape(values)[-1] for values in curves.values())
+    ax.set_xticks(np.arange(1, num_tasks + 1, max(1, num_tasks // 10)))
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("average accuracy on the tasks so far")
+    ax.set_title(title or "average accuracy (mean ± std over seeds)", fontsize=10)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    return _save(figure, path)

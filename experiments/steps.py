@@ -36,7 +36,7 @@ import optax
 
 import ewc_jax
 from experiments import lm_models, models, scenarios
-from experiments.config import MethodSpec
+from experiments.config import KRONECKER_METHODS, ONLINE_METHODS, MethodSpec
 from experiments.device_data import TaskData, data_sharding, replicated
 
 
@@ -53,6 +53,8 @@ class StepSetup:
         init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
             PyTorch state_dict (:func:`experiments.models.init_params`).
         metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
+        kronecker: whether the EWC state is a (merged) :class:`ewc_jax.KFACState` instead of
+            an :class:`ewc_jax.EWCState` (see :func:`method_setup`).
     """
 
     model: nn.Module
@@ -62,6 +64,7 @@ class StepSetup:
     mesh: jax.sharding.Mesh | None = None
     init: str = "flax"
     metric: str = "accuracy"
+    kronecker: bool = False
 
     @property
     def num_devices(self) -> int:
@@ -83,14 +86,14 @@ class TrainState(NamedTuple):
     Attributes:
         params: model parameters.
         opt_state: optimiser state.
-        ewc_state: the consolidated tasks' anchor and precision.
+        ewc_state: the consolidated tasks' anchor and precision (a K-FAC state for ``kfac``).
         key: the PRNG key the next epoch and Fisher split from.
         strength: the penalty strength λ, float32.
     """
 
     params: Any
     opt_state: Any
-    ewc_state: ewc_jax.EWCState
+    ewc_state: ewc_jax.EWCState | ewc_jax.KFACState
     key: jax.Array
     strength: jax.Array
 
@@ -136,6 +139,38 @@ def build_setup(
     )
 
 
+@functools.cache
+def method_setup(setup: StepSetup, method: MethodSpec) -> StepSetup:
+    """The setup ``method`` trains with: the shared one, adapted for SI and K-FAC.
+
+    * ``si``: the optimiser becomes ``si_path_integral(inner)``, ``inner`` adding the penalty's
+      gradient (an extra argument of ``update``) before the optimiser: the path integral
+      ``ω += -g·Δθ`` integrates the gradient ``g`` of the task loss alone against the actual
+      step, penalty included, as Zenke et al. do.
+    * ``kfac``: the EWC state is a :class:`ewc_jax.KFACState` of one merged Kronecker term per
+      layer (:func:`consolidate_task`), so its shapes, and the compiled steps, are those of the
+      first task.
+
+    Cached, so equal arguments give the same (equal-hashing) setup and jit compiles once.
+    """
+    if method.name == "si":
+        return dataclasses.replace(setup, tx=ewc_jax.si_path_integral(_plus_penalty(setup.tx)))
+    if method.name in KRONECKER_METHODS:
+        return dataclasses.replace(setup, kronecker=True)
+    return setup
+
+
+def _plus_penalty(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner`` applied to ``updates + penalty_gradient`` (a keyword argument of ``update``)."""
+
+    def update_fn(updates, state, params=None, *, penalty_gradient, **extra_args):
+        del extra_args
+        total = jax.tree.map(jnp.add, updates, penalty_gradient)
+        return inner.update(total, state, params)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
 def scan_length(steps_per_epoch: int, capacity: int, batch_size: int) -> int:
     """Iterations of the epoch scan: ``steps_per_epoch`` rounded up to a power of two.
 
@@ -170,18 +205,39 @@ def init_state(
     params = models.init_params(setup.model, init_key, example_images, heads, setup.init)
     if setup.mesh is not None:
         params = jax.device_put(params, replicated(setup.mesh))
+    if setup.kronecker:
+        ewc_state = _empty_kronecker_state(params, (example_images, heads), setup)
+    else:
+        ewc_state = ewc_jax.empty_state(params)
     return TrainState(
         params=params,
         opt_state=setup.tx.init(params),
-        ewc_state=ewc_jax.empty_state(params),
+        ewc_state=ewc_state,
         key=key,
         strength=jnp.asarray(strength, jnp.float32),
     )
 
 
+def _empty_kronecker_state(
+    params: Any, inputs: tuple[jax.Array, jax.Array], setup: StepSetup
+) -> ewc_jax.KFACState:
+    """A K-FAC state of zero factors and precision (penalty 0) with one term per layer."""
+    shapes = jax.eval_shape(lambda p: ewc_jax.kfac_fisher(setup.logits, p, inputs), params)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    state = ewc_jax.consolidate(None, params, zero, mode="online")
+    return state._replace(diagonal=state.diagonal._replace(num_tasks=jnp.zeros((), jnp.int32)))
+
+
 def reset_optimizer(state: TrainState, *, setup: StepSetup) -> TrainState:
-    """The state with a fresh optimiser state (before a new task)."""
-    return state._replace(opt_state=setup.tx.init(state.params))
+    """The state with a fresh optimiser state (before a new task).
+
+    SI's path integral and start parameters are kept: only :func:`ewc_jax.si_importance`
+    (at the end of a task) resets them.
+    """
+    fresh = setup.tx.init(state.params)
+    if isinstance(state.opt_state, ewc_jax.SIState):
+        fresh = state.opt_state._replace(inner=fresh.inner)
+    return state._replace(opt_state=fresh)
 
 
 def _shard_batch(tree: Any, setup: StepSetup) -> Any:
@@ -229,12 +285,24 @@ def _train_epoch(
     scores = jnp.where(jnp.arange(capacity) < data.num_valid, scores, 2.0)
     order = jnp.argsort(scores)
 
-    def loss_fn(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
+    def task_loss(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
         logits = setup.model.apply({"params": p}, images, heads)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         ce = jnp.mean(ce.reshape(ce.shape[0], -1), axis=1)  # a sequence's mean over positions
-        ce = jnp.sum(weights * ce) / jnp.float32(batch_size)
+        return jnp.sum(weights * ce) / jnp.float32(batch_size)
+
+    def loss_fn(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
+        ce = task_loss(p, images, labels, heads)
         return ce + ewc_jax.penalty(p, state.ewc_state, state.strength), ce
+
+    def gradients(params: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
+        """``(gradient, ce, extra update arguments)``; SI's gradient is the task loss's."""
+        if not isinstance(state.opt_state, ewc_jax.SIState):
+            grads, ce = jax.grad(loss_fn, has_aux=True)(params, images, labels, heads)
+            return grads, ce, {}
+        ce, grads = jax.value_and_grad(task_loss)(params, images, labels, heads)
+        penalty_gradient = jax.grad(ewc_jax.penalty)(params, state.ewc_state, state.strength)
+        return grads, ce, {"penalty_gradient": penalty_gradient}
 
     def train_step(carry: tuple[Any, Any], index: jax.Array):
         params, opt_state = carry
@@ -243,11 +311,11 @@ def _train_epoch(
         images, labels, heads = _shard_batch(
             (data.images[batch], data.labels[batch], data.heads[batch]), setup
         )
-        grads, ce = jax.grad(loss_fn, has_aux=True)(params, images, labels, heads)
+        grads, ce, extra = gradients(params, images, labels, heads)
         # optax.adam's bias correction computes `b1 ** count` (float ** int32), which
         # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = setup.tx.update(grads, opt_state, params)
+            updates, opt_state = setup.tx.update(grads, opt_state, params, **extra)
         return (optax.apply_updates(params, updates), opt_state), ce
 
     def skip_step(carry: tuple[Any, Any], index: jax.Array):
@@ -353,30 +421,79 @@ def consolidate_task(
     setup: StepSetup,
     method: MethodSpec,
 ) -> TrainState:
-    """Folds the finished task into the EWC state (L2: precision 1, no examples needed).
+    r"""Folds the finished task into the EWC state with the method's importance.
+
+    * ``l2``: precision 1; ``ewc`` / ``online_ewc``: the diagonal Fisher (:func:`fisher`);
+    * ``mas``: :func:`ewc_jax.mas_importance` of the logits on the examples (labels unused);
+    * ``si``: :func:`ewc_jax.si_importance` of the path integral in the optimiser state (no
+      examples), which it resets for the next task;
+    * ``kfac``: :func:`ewc_jax.kfac_fisher`, with the Kronecker terms of all tasks merged
+      into one per layer, :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)`
+      (:func:`ewc_jax.merge_kronecker_terms`, kept as a running mean of ``G``).
+
+    ``online_ewc``, ``si``, ``mas`` and ``kfac`` consolidate online (precisions summed, with
+    decay ``gamma`` for ``online_ewc``, anchored at the latest parameters), as their authors
+    do; ``l2`` and ``ewc`` keep one quadratic per task (``mode="separate"``).
 
     Args:
         state: the state at the end of the task.
-        images: the Fisher's examples of the finished task (None for L2), with their
-            ``labels`` and ``heads``.
-        setup: model and optimiser.
+        images: the examples of the finished task the importance is averaged over (None for
+            L2 and SI), with their ``labels`` and ``heads``.
+        setup: model and optimiser (:func:`method_setup` of ``method``).
         method: a regularised method.
 
     Returns:
-        The state with the new EWC state and the PRNG key split once for the Fisher.
+        The state with the new EWC state (and, for SI, the reset path integral) and the PRNG
+        key split once for the Fisher.
     """
     key, fisher_key = jax.random.split(state.key)
-    if method.needs_fisher:
-        precision = fisher(
-            state.params, images, labels, heads, fisher_key, setup=setup, method=method
+    params, opt_state = state.params, state.opt_state
+    if method.name in ("ewc", "online_ewc"):
+        precision = fisher(params, images, labels, heads, fisher_key, setup=setup, method=method)
+    elif method.name == "mas":
+        precision = ewc_jax.mas_importance(setup.logits, params, (images, heads))
+    elif method.name == "si":
+        precision, opt_state = ewc_jax.si_importance(opt_state, params, damping=method.damping)
+    elif method.name in KRONECKER_METHODS:
+        precision = ewc_jax.kfac_fisher(
+            setup.logits,
+            params,
+            (images, heads),
+            labels if method.estimator == "empirical" else None,
+            estimator=method.estimator,
+            key=fisher_key if method.estimator == "sampled" else None,
         )
     else:
-        precision = jax.tree.map(jnp.ones_like, state.params)
-    mode = "online" if method.name == "online_ewc" else "separate"
+        precision = jax.tree.map(jnp.ones_like, params)
+    mode = "online" if method.name in ONLINE_METHODS else "separate"
     ewc_state = ewc_jax.consolidate(
-        state.ewc_state, state.params, precision, mode=mode, gamma=method.gamma
+        state.ewc_state, params, precision, mode=mode, gamma=method.gamma
     )
-    return state._replace(ewc_state=ewc_state, key=key)
+    if method.name in KRONECKER_METHODS:
+        ewc_state = _merge_running(state.ewc_state, ewc_state)
+    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
+
+
+def _merge_running(previous: ewc_jax.KFACState, state: ewc_jax.KFACState) -> ewc_jax.KFACState:
+    """One term per layer again: ``A`` summed, ``G`` the mean over the tasks so far.
+
+    ``state`` holds ``previous``'s one merged term (the mean ``G`` of its ``n`` tasks) and the
+    new task's. :func:`ewc_jax.merge_kronecker_terms` would average the two ``G`` equally;
+    weighting them ``n : 1`` gives the mean over all tasks, i.e. exactly what merging every
+    task's own term would give (and the zero placeholder of :func:`init_state`, ``n = 0``,
+    drops out).
+    """
+    merged = ewc_jax.merge_kronecker_terms(state)
+
+    def mean_g(g: jax.Array) -> jax.Array:
+        n = previous.num_tasks.astype(g.dtype)
+        return ((n * g[0] + g[1]) / (n + 1))[None]
+
+    layers = tuple(
+        dataclasses.replace(layer, g=mean_g(terms.g))
+        for layer, terms in zip(merged.layers, state.layers, strict=True)
+    )
+    return merged._replace(layers=layers)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))

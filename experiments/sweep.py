@@ -104,6 +104,8 @@ def sweep_fns(
     multiple of the device count, and :attr:`~experiments.loop.StepFns.unpad` drops them.
     """
 
+    setup = steps.method_setup(setup, method)
+
     def place(tree: Any) -> Any:
         return tree if mesh is None else jax.device_put(tree, data_sharding(mesh))
 
