@@ -115,7 +115,9 @@ def interrupted_message(signum: int, workdir_path: str, overwrite: bool) -> str:
 
 def _load_config():
     """The parsed ``--config``, or one line on why its file cannot be loaded."""
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    # ``file.py:variant``: the file is what precedes the first ':' (as ml_collections splits it).
+    path = spec if os.path.isfile(spec) else spec.split(":", 1)[0]
     if not os.path.isfile(path):
         available = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if p.stem != "__init__"))
         where = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"

@@ -70,15 +70,41 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
         assert "ewc-jax-experiment" in done.stdout  # the module docstring
 
 
-def bad_config_path(tmp_path):
+def _shipped() -> str:
     shipped = sorted(p.name for p in (REPO / "experiments/configs").glob("*.py"))
-    shipped = ", ".join(name for name in shipped if name != "__init__.py")
+    return ", ".join(name for name in shipped if name != "__init__.py")
+
+
+def bad_config_path(tmp_path):
+    shipped = _shipped()
     return (
         ["--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'w'}"],
         tmp_path,
         f"--config file experiments/configs/demo.py does not exist (relative to {tmp_path}); "
         f"did you mean {REPO / 'experiments/configs/demo.py'}? the configs shipped are "
         f"{shipped} in {REPO / 'experiments/configs'}",
+    )
+
+
+def missing_config_with_a_variant(tmp_path):
+    return (
+        ["--config=experiments/configs/nothere.py:small", f"--workdir={tmp_path / 'w'}"],
+        REPO,
+        f"--config file experiments/configs/nothere.py does not exist (relative to {REPO}); the "
+        f"configs shipped are {_shipped()} in {REPO / 'experiments/configs'}",
+    )
+
+
+def bad_value_in_a_variant(tmp_path):
+    # A `file.py:variant` spec reaches the config's own checks (the file part is found).
+    return (
+        [
+            "--config=experiments/configs/permuted_mnist.py:small",
+            "--config.learning_rate=inf",
+            f"--workdir={tmp_path / 'w'}",
+        ],
+        REPO,
+        "learning_rate must be a finite number > 0, got inf",
     )
 
 
@@ -140,6 +166,8 @@ def overwrite_with_infinite_learning_rate(tmp_path):
 
 CASES = [
     bad_config_path,
+    missing_config_with_a_variant,
+    bad_value_in_a_variant,
     unknown_variant,
     float_for_an_int_field,
     hidden_size_zero,
