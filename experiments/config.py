@@ -55,7 +55,8 @@ single run and a sweep read the same object. Fields (override any with ``--confi
 
 List-valued fields are tuples. On the command line give one element per flag or a Python tuple:
 ``--config.methods=finetune --config.methods=ewc``, ``--config.methods="('finetune', 'ewc')"``;
-numbers may be comma-separated: ``--config.seeds=0,1,2``, ``--config.hidden_sizes=100,100``.
+numbers may be comma-separated: ``--config.seeds=0,1,2``, ``--config.hidden_sizes=100,100``,
+and so may the methods on the command line: ``--config.methods=finetune,si,mas,kfac``.
 
 A seed fixes everything random: the data subset, the permutations, the initial parameters (the
 same for every method), the shuffling and the Fisher's examples.

@@ -84,6 +84,14 @@ def main(argv: list[str]) -> None:
     # what failed. Keep the terminal for progress.
     logging.set_verbosity(logging.FATAL)
     config_value = _load_config()
+    # Method names hold no commas, so `--config.methods=finetune,ewc` can only mean a list.
+    if isinstance(config_value.methods, tuple | list):
+        config_value.methods = tuple(
+            name.strip()
+            for value in config_value.methods
+            for name in (value.split(",") if isinstance(value, str) else [value])
+            if not isinstance(name, str) or name.strip()
+        )
     try:
         with loop.stop_on_signals():
             train.train_and_evaluate(config_value, _WORKDIR.value, overwrite=_OVERWRITE.value)

@@ -108,6 +108,15 @@ def bad_value_in_a_variant(tmp_path):
     )
 
 
+def comma_separated_methods(tmp_path):
+    # Split into names (the comma form of the issue), then checked like any list of methods.
+    return (
+        [*TINY, "--config.methods=finetune,si,nope", f"--workdir={tmp_path / 'w'}"],
+        REPO,
+        "unknown method 'nope'; valid methods: finetune, l2, ewc, online_ewc, si, mas, kfac, joint",
+    )
+
+
 def unknown_variant(tmp_path):
     return (
         ["--config=experiments/configs/tutorial.py:big", f"--workdir={tmp_path / 'w'}"],
@@ -168,6 +177,7 @@ CASES = [
     bad_config_path,
     missing_config_with_a_variant,
     bad_value_in_a_variant,
+    comma_separated_methods,
     unknown_variant,
     float_for_an_int_field,
     hidden_size_zero,
