@@ -226,7 +226,7 @@ def init_state(
 
 
 def _keep_layout(tree: Any, setup: StepSetup) -> Any:
-    """FSDP: every leaf put (or, under jit, constrained) to its layout of
+    """FSDP: every leaf constrained (under jit) or moved (eagerly) to its layout of
     :func:`experiments.device_data.param_shardings`; otherwise ``tree`` as it is.
 
     Constraining what a step returns keeps the state split from step to step, instead of
@@ -234,10 +234,7 @@ def _keep_layout(tree: Any, setup: StepSetup) -> Any:
     """
     if setup.param_sharding != "fsdp":
         return tree
-    shardings = param_shardings(tree, setup.mesh)
-    if isinstance(jax.tree.leaves(tree)[0], jax.core.Tracer):
-        return jax.lax.with_sharding_constraint(tree, shardings)
-    return jax.device_put(tree, shardings)
+    return jax.lax.with_sharding_constraint(tree, param_shardings(tree, setup.mesh))
 
 
 def _empty_kronecker_state(
