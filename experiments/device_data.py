@@ -67,7 +67,7 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
     precision and SI's path integral, shaped like the params, get the params' layout, and
     scalars (step counts, the PRNG key, the strength) stay replicated. Each device then holds
     ``1/D`` of every split leaf; a jitted step all-gathers a leaf where the model needs it
-    whole and reduce-scatters its gradient (GSPMD).
+    whole and reduces its gradient onto the shards (GSPMD).
 
     Args:
         params: a pytree of arrays (or anything with ``.shape``).

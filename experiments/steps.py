@@ -277,8 +277,8 @@ def _train_epoch(
     """At most one pass over ``data`` in ``num_steps`` shuffled mini-batches.
 
     With a mesh, each mini-batch is split over the devices (replicated params: XLA adds the
-    all-reduce of the gradients; FSDP: the all-gather of each split leaf and the
-    reduce-scatter of its gradient, and the carry keeps the state's layout). A ``batch_size``
+    all-reduce of the gradients; FSDP: also the all-gather of each split leaf, each device
+    updating its own shards, and the carry keeps the state's layout). A ``batch_size``
     not divisible by the device count is padded up to the next multiple with further examples
     of the shuffled order whose cross-entropy weight is 0, and the loss is the weighted sum
     divided by ``batch_size``: every example of the batch counts once, the padding not at
