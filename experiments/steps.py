@@ -210,7 +210,9 @@ def init_state(
     heads = jnp.zeros((example_images.shape[0],), jnp.int32)
     params = models.init_params(setup.model, init_key, example_images, heads, setup.init)
     if setup.mesh is not None:
-        params = jax.device_put(params, replicated(setup.mesh))
+        fsdp = setup.param_sharding == "fsdp"
+        layout = param_shardings(params, setup.mesh) if fsdp else replicated(setup.mesh)
+        params = jax.device_put(params, layout)
     if setup.kronecker:
         ewc_state = _empty_kronecker_state(params, (example_images, heads), setup)
     else:
