@@ -51,7 +51,7 @@ def fsdp_spec(shape: tuple[int, ...], devices: int) -> jax.sharding.PartitionSpe
 
     Example:
         >>> fsdp_spec((32, 128), 8), fsdp_spec((3, 5), 8), fsdp_spec((), 8)
-        (PartitionSpec(None, 'data'), PartitionSpec(), PartitionSpec())
+        (P(None, 'data'), P(), P())
     """
     divisible = [axis for axis, size in enumerate(shape) if size and size % devices == 0]
     if not divisible:
