@@ -49,7 +49,10 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   and MAS's ``c`` of their papers is ``strength = 2c``.
 * seeds: ``seeds`` (results report mean ± std over them).
 * devices: ``data_parallel`` (split every mini-batch, evaluation chunk and Fisher sample over a
-  1-D mesh of devices; params replicated), ``mesh_devices`` (how many; 0: all).
+  1-D mesh of devices), ``mesh_devices`` (how many; 0: all), ``param_sharding`` (``replicated``:
+  a copy of the params on every device; ``fsdp``: params, optimiser and EWC state split over the
+  mesh, each leaf along its largest axis the device count divides; needs ``data_parallel``, not
+  for sweeps).
 * sweep (``experiments/sweep.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from the first
   seed; 0: ``seeds``) and ``sweep.strengths`` (λ values; empty: each method's strength).
 
@@ -89,6 +92,8 @@ EXAMPLE_METHODS = ("ewc", "online_ewc", "mas", "kfac")
 OPTIMIZERS = ("sgd", "adam")
 SCENARIOS = ("sequence", "permuted", "split", "rotated")
 SPLIT_MODES = ("task", "domain", "class")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+"""Layouts of the params on the data mesh (:func:`experiments.device_data.param_shardings`)."""
 RENAMED = {
     "method": "methods",
     "seed": "seeds",
@@ -153,6 +158,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     config.data_parallel = False
     config.mesh_devices = 0
+    config.param_sharding = "replicated"
     config.sweep = ml_collections.ConfigDict(dict(seeds=0, strengths=()))
     return config
 
@@ -531,7 +537,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     finite angles, seeds in [0, 2^31)); the booleans; at least one method and seed; at least 2
     permuted tasks (the task count of the other scenarios is checked once their data is loaded,
     by :func:`experiments.scenarios.check_scenario`, and ``batch_size`` against the smallest
-    task by :func:`check_task_sizes`); the sweep.
+    task by :func:`check_task_sizes`); the sweep; ``param_sharding`` (``fsdp`` needs
+    ``data_parallel`` and a single run, not a sweep).
 
     Args:
         config: the experiment config.
@@ -551,6 +558,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_sweep(config)
     _check_reproduction(config)
     _check_kronecker_estimator(config)
+    _check_param_sharding(config)
+
+
+def _check_param_sharding(config: ml_collections.ConfigDict) -> None:
+    _choice(config, "param_sharding", PARAM_SHARDINGS)
+    if config.param_sharding == "fsdp" and not config.data_parallel:
+        raise ConfigError(
+            "param_sharding 'fsdp' splits params over the data mesh: set data_parallel"
+        )
+    if config.param_sharding == "fsdp" and sweep_requested(config):
+        raise ConfigError(
+            "param_sharding 'fsdp' is for single runs; a sweep splits its runs over the devices "
+            "(use param_sharding 'replicated')"
+        )
 
 
 def _check_kronecker_estimator(config: ml_collections.ConfigDict) -> None:

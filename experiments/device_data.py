@@ -1,15 +1,16 @@
 """A scenario's data on device: padded to fixed capacities, placed on one device or a mesh.
 
-Owns the data-parallel mesh (:func:`data_mesh`, its shardings) and :class:`TaskData`, the
-padded arrays every step reads. Padding every task to one capacity makes a new task change
-values only, never shapes, so the jitted steps compile once per run.
+Owns the data-parallel mesh (:func:`data_mesh`, its shardings, and the FSDP layout of the
+parameters, :func:`param_shardings`) and :class:`TaskData`, the padded arrays every step reads.
+Padding every task to one capacity makes a new task change values only, never shapes, so the
+jitted steps compile once per run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -42,6 +43,44 @@ def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     """A full copy on every device of the mesh."""
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def fsdp_spec(shape: tuple[int, ...], devices: int) -> jax.sharding.PartitionSpec:
+    """The FSDP layout of an array of ``shape``: its largest axis divisible by ``devices`` split
+    over the data axis (the first such axis on a tie); replicated when no axis divides.
+
+    Example:
+        >>> fsdp_spec((32, 128), 8), fsdp_spec((3, 5), 8), fsdp_spec((), 8)
+        (P(None, 'data'), P(), P())
+    """
+    divisible = [axis for axis, size in enumerate(shape) if size and size % devices == 0]
+    if not divisible:
+        return jax.sharding.PartitionSpec()
+    axis = max(divisible, key=lambda a: shape[a])
+    return jax.sharding.PartitionSpec(*(None,) * axis, DATA_AXIS)
+
+
+def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """FSDP over the data axis: the ``NamedSharding`` of :func:`fsdp_spec` for every leaf.
+
+    The layout depends on a leaf's shape only, so the optimiser moments, the EWC anchor and
+    precision and SI's path integral, shaped like the params, get the params' layout, and
+    scalars (step counts, the PRNG key, the strength) stay replicated. Each device then holds
+    ``1/D`` of every split leaf; a jitted step all-gathers a leaf where the model needs it
+    whole and reduces its gradient onto the shards (GSPMD).
+
+    Args:
+        params: a pytree of arrays (or anything with ``.shape``).
+        mesh: the data mesh of :func:`data_mesh`.
+
+    Returns:
+        A pytree of ``NamedSharding`` of the same structure.
+    """
+    devices = mesh.devices.size
+    return jax.tree.map(
+        lambda leaf: jax.sharding.NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), devices)),
+        params,
+    )
 
 
 class TaskData(NamedTuple):

@@ -37,7 +37,7 @@ import optax
 import ewc_jax
 from experiments import lm_models, models, scenarios
 from experiments.config import KRONECKER_METHODS, ONLINE_METHODS, MethodSpec
-from experiments.device_data import TaskData, data_sharding, replicated
+from experiments.device_data import TaskData, data_sharding, param_shardings, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,9 @@ class StepSetup:
         metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
         kronecker: whether the EWC state is a (merged) :class:`ewc_jax.KFACState` instead of
             an :class:`ewc_jax.EWCState` (see :func:`method_setup`).
+        param_sharding: ``"replicated"`` (every device holds the whole state) or ``"fsdp"``:
+            params, optimiser and EWC state split over the mesh's data axis
+            (:func:`experiments.device_data.param_shardings`); needs a mesh.
     """
 
     model: nn.Module
@@ -65,6 +68,7 @@ class StepSetup:
     init: str = "flax"
     metric: str = "accuracy"
     kronecker: bool = False
+    param_sharding: str = "replicated"
 
     @property
     def num_devices(self) -> int:
@@ -136,6 +140,7 @@ def build_setup(
         mesh=mesh,
         init=str(config.init),
         metric=scenario.metric,
+        param_sharding=str(config.param_sharding),
     )
 
 
@@ -189,7 +194,8 @@ def init_state(
     key: jax.Array, example_images: jax.Array, strength: float | jax.Array, *, setup: StepSetup
 ) -> TrainState:
     """A fresh run: parameters from ``key``'s first split (or ``setup.init``'s file), replicated
-    on the mesh if any.
+    on the mesh if any, or split over it (``setup.param_sharding == "fsdp"``) with the optimiser
+    and EWC state laid out like them.
 
     Args:
         key: the run's seed key, e.g. ``jax.random.key(seed)``.
@@ -204,18 +210,33 @@ def init_state(
     heads = jnp.zeros((example_images.shape[0],), jnp.int32)
     params = models.init_params(setup.model, init_key, example_images, heads, setup.init)
     if setup.mesh is not None:
-        params = jax.device_put(params, replicated(setup.mesh))
+        fsdp = setup.param_sharding == "fsdp"
+        layout = param_shardings(params, setup.mesh) if fsdp else replicated(setup.mesh)
+        params = jax.device_put(params, layout)
     if setup.kronecker:
         ewc_state = _empty_kronecker_state(params, (example_images, heads), setup)
     else:
         ewc_state = ewc_jax.empty_state(params)
-    return TrainState(
+    state = TrainState(
         params=params,
         opt_state=setup.tx.init(params),
         ewc_state=ewc_state,
         key=key,
         strength=jnp.asarray(strength, jnp.float32),
     )
+    return _keep_layout(state, setup)
+
+
+def _keep_layout(tree: Any, setup: StepSetup) -> Any:
+    """FSDP: every leaf constrained (under jit) or moved (eagerly) to its layout of
+    :func:`experiments.device_data.param_shardings`; otherwise ``tree`` as it is.
+
+    Constraining what a step returns keeps the state split from step to step, instead of
+    leaving the output layout to XLA's sharding propagation.
+    """
+    if setup.param_sharding != "fsdp":
+        return tree
+    return jax.lax.with_sharding_constraint(tree, param_shardings(tree, setup.mesh))
 
 
 def _empty_kronecker_state(
@@ -237,7 +258,7 @@ def reset_optimizer(state: TrainState, *, setup: StepSetup) -> TrainState:
     fresh = setup.tx.init(state.params)
     if isinstance(state.opt_state, ewc_jax.SIState):
         fresh = state.opt_state._replace(inner=fresh.inner)
-    return state._replace(opt_state=fresh)
+    return state._replace(opt_state=_keep_layout(fresh, setup))
 
 
 def _shard_batch(tree: Any, setup: StepSetup) -> Any:
@@ -257,12 +278,13 @@ def _train_epoch(
 ) -> tuple[TrainState, jax.Array]:
     """At most one pass over ``data`` in ``num_steps`` shuffled mini-batches.
 
-    With a mesh, each mini-batch is split over the devices (params stay replicated; XLA adds
-    the all-reduce of the gradients). A ``batch_size`` not divisible by the device count is
-    padded up to the next multiple with further examples of the shuffled order whose
-    cross-entropy weight is 0, and the loss is the weighted sum divided by ``batch_size``:
-    every example of the batch counts once, the padding not at all. Without a mesh the
-    padding is empty and the same code runs.
+    With a mesh, each mini-batch is split over the devices (replicated params: XLA adds the
+    all-reduce of the gradients; FSDP: also the all-gather of each split leaf, each device
+    updating its own shards, and the carry keeps the state's layout). A ``batch_size``
+    not divisible by the device count is padded up to the next multiple with further examples
+    of the shuffled order whose cross-entropy weight is 0, and the loss is the weighted sum
+    divided by ``batch_size``: every example of the batch counts once, the padding not at
+    all. Without a mesh the padding is empty and the same code runs.
 
     The scan has ``num_batches`` iterations (default ``ceil(capacity / batch_size)``); those
     at or past ``num_steps`` are skipped by ``lax.cond``, so the last, partial epoch of a
@@ -316,7 +338,7 @@ def _train_epoch(
         # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = setup.tx.update(grads, opt_state, params, **extra)
-        return (optax.apply_updates(params, updates), opt_state), ce
+        return _keep_layout((optax.apply_updates(params, updates), opt_state), setup), ce
 
     def skip_step(carry: tuple[Any, Any], index: jax.Array):
         del index
@@ -471,6 +493,7 @@ def consolidate_task(
     )
     if method.name in KRONECKER_METHODS:
         ewc_state = _merge_running(state.ewc_state, ewc_state)
+    ewc_state, opt_state = _keep_layout((ewc_state, opt_state), setup)
     return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
 
 
