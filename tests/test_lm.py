@@ -127,6 +127,7 @@ def test_first_task_steps_sets_the_first_tasks_length_only():
     )
     config = fortunes_lm.get_config()
     config.batch_size, config.steps_per_task, config.epochs = 10, 0, 2
+    config.first_task_steps = 0
     method = config_lib.MethodSpec("finetune")
 
     def steps_of():
