@@ -22,6 +22,8 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   :func:`experiments.models.init_params`; the transformer takes ``flax`` only).
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
+  ``first_task_steps`` (SGD steps of the first task only, e.g. a long "pretraining" language
+  before short fine-tunes; 0: as every task),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
   epoch), ``eval_batch_size``, ``checkpoint_every_steps`` (0: checkpoint after every task only;
   else also within a task, rounded up to whole epochs; see ``experiments/checkpoint.py``).
@@ -135,6 +137,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.epochs = 1
     config.steps_per_task = 0
+    config.first_task_steps = 0
     config.reset_optimizer = True
     config.eval_every_steps = 0
     config.eval_batch_size = 1000
@@ -346,6 +349,7 @@ _INT_MINIMUMS = {
     "batch_size": 1,
     "epochs": 0,
     "steps_per_task": 0,
+    "first_task_steps": 0,
     "eval_every_steps": 0,
     "eval_batch_size": 1,
     "checkpoint_every_steps": 0,

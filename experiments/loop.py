@@ -235,7 +235,12 @@ def make_plan(
         method=method,
         seeds=seeds,
         task_names=tuple(data.scenario.task_names),
-        total_steps=tuple(int(config.steps_per_task) or int(config.epochs) * n for n in per_epoch),
+        total_steps=tuple(
+            (i == 0 and int(config.first_task_steps))
+            or int(config.steps_per_task)
+            or int(config.epochs) * n
+            for i, n in enumerate(per_epoch)
+        ),
         steps_per_epoch=tuple(per_epoch),
         num_batches=tuple(
             steps.scan_length(n, d.labels.shape[0], batch_size)

@@ -1,6 +1,7 @@
 """Continual language modelling: the fortunes reader, bits per character, the LM config."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from test_multidevice import run_on_8_devices
 
 from experiments import config as config_lib
-from experiments import device_data, metrics, steps, text
+from experiments import device_data, loop, metrics, steps, text
 from experiments.configs import fortunes_lm
 from experiments.data import load_dataset, validate_dataset
 from experiments.lm_models import CausalTransformer
@@ -111,6 +112,36 @@ def test_transformer_config_is_validated():
     config = fortunes_lm.get_config()
     config.transformer.depth = 2
     with pytest.raises(config_lib.ConfigError, match=r"transformer\.depth"):
+        config_lib.validate(config)
+
+
+def test_first_task_steps_sets_the_first_tasks_length_only():
+    # Three tasks of 100, 50 and 70 training examples at batch 10: 10, 5, 7 steps an epoch.
+    def task(n):
+        return SimpleNamespace(num_valid=n, labels=np.zeros((n, 1), np.int32))
+
+    sets = [task(100), task(50), task(70)]
+    data = SimpleNamespace(
+        training_sets=lambda name: sets,
+        scenario=SimpleNamespace(task_names=("a", "b", "c"), metric="accuracy"),
+    )
+    config = fortunes_lm.get_config()
+    config.batch_size, config.steps_per_task, config.epochs = 10, 0, 2
+    config.first_task_steps = 0
+    method = config_lib.MethodSpec("finetune")
+
+    def steps_of():
+        return loop.make_plan(config, data, method, (0,), label="x").total_steps
+
+    assert steps_of() == (20, 10, 14)  # epochs x steps an epoch
+    config.first_task_steps = 33
+    assert steps_of() == (33, 10, 14)
+    config.steps_per_task = 4
+    assert steps_of() == (33, 4, 4)
+    config.first_task_steps = 0
+    assert steps_of() == (4, 4, 4)
+    config.first_task_steps = -1
+    with pytest.raises(config_lib.ConfigError, match="first_task_steps"):
         config_lib.validate(config)
 
 
