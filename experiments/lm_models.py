@@ -7,8 +7,8 @@ Called like the image models, ``model.apply({"params": p}, tokens, heads)`` with
 a final LayerNorm and an untied output layer. Positions are learned embeddings sized by the
 context length of the first batch (so the data fixes ``T``).
 
-Params are replicated on a data-parallel mesh like every model's; sharding them (FSDP) is a
-matter of placing each leaf with a ``NamedSharding`` in :func:`experiments.steps.init_state`.
+On a data-parallel mesh params are replicated like every model's, or split over the mesh with
+``param_sharding="fsdp"`` (:func:`experiments.device_data.param_shardings`).
 
 Example:
     >>> import jax, jax.numpy as jnp
