@@ -263,10 +263,7 @@ def fisher_diagonal(
         _chunked_fisher,
         traced,
         layout.enter(params),
-        inputs,
-        labels,
-        keys,
-        mask,
+        *layout.enter_examples((inputs, labels, keys, mask)),
         apply_fn=static_fn,
         estimator=estimator,
         chunk_size=min(int(chunk_size), n),
@@ -817,6 +814,20 @@ class _Layout:
             return jax.device_put(leaf, jax.NamedSharding(self.mesh, sharding.spec))
 
         return jax.tree.map(auto, params)
+
+    def enter_examples(self, tree: PyTree) -> PyTree:
+        """Example arrays already placed on a mesh, moved to the Auto-axes mesh (no data moves);
+        others are left for the computation to place. One program sees one mesh."""
+        if not self.shardings:
+            return tree
+
+        def auto(leaf):
+            sharding = getattr(leaf, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh != self.mesh:
+                return jax.device_put(leaf, jax.NamedSharding(self.mesh, sharding.spec))
+            return leaf
+
+        return jax.tree.map(auto, tree)
 
     def restore(self, selected: tuple[int, ...], results: list[jax.Array]) -> list[jax.Array]:
         """The selected leaves' results on their params' own shardings (no data moves)."""
