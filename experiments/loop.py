@@ -507,15 +507,9 @@ def run_with_checkpoints(
     if restored is not None:
         arrays, progress = restored
         state = RunState(_from_storable(arrays), Progress(**progress))
-        position = state.progress
-        if position.task == plan.num_tasks:
+        if state.progress.task == plan.num_tasks:
             print(f"{plan.label} finished earlier: results from {checkpoints.latest()}", flush=True)
-            return position
-        print(
-            f"{plan.label} resuming task {position.task + 1}/{plan.num_tasks} at step "
-            f"{position.steps_done} from {checkpoints.latest()}",
-            flush=True,
-        )
+            return state.progress
 
     def save(state: RunState) -> None:
         progress = dataclasses.asdict(state.progress)
@@ -528,7 +522,17 @@ def run_with_checkpoints(
         )
         print(f"{plan.label} checkpoint {path} ({where})", flush=True)
 
-    return run(state, plan, fns, data, save).progress
+    # The resume line is printed inside the safe points, so that a signal sent on reading it stops
+    # at the next epoch end with a checkpoint rather than at once (as one before the loop does).
+    with _safe_points():
+        if restored is not None:
+            position = state.progress
+            print(
+                f"{plan.label} resuming task {position.task + 1}/{plan.num_tasks} at step "
+                f"{position.steps_done} from {checkpoints.latest()}",
+                flush=True,
+            )
+        return run(state, plan, fns, data, save).progress
 
 
 def _storable(arrays: steps.TrainState) -> steps.TrainState:
