@@ -15,6 +15,8 @@ References:
   Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
 """
 
+from ewc_jax import importance as importance
+from ewc_jax import kfac as kfac
 from ewc_jax._consolidation import CONSOLIDATION_MODES as CONSOLIDATION_MODES
 from ewc_jax._consolidation import EWCState as EWCState
 from ewc_jax._consolidation import consolidate as consolidate

@@ -216,7 +216,7 @@ def kfac_fisher(
 
     Example::
 
-        fisher = ewc_jax.kfac_fisher(model.apply, params, x_task[:1024], estimator="exact")
+        fisher = ewc_jax.kfac.kfac_fisher(model.apply, params, x_task[:1024], estimator="exact")
         state = ewc_jax.consolidate(state, params, fisher, mode="online")
         loss = task_loss(params) + ewc_jax.penalty(params, state, strength=1.0)
 
@@ -518,7 +518,7 @@ def merge_kronecker_terms(state: KFACState) -> KFACState:
     whose terms share one anchor, i.e. ``mode="online"`` (the separate mode's per-task
     anchors cannot be merged). Apply it after every :func:`consolidate`::
 
-        state = ewc_jax.merge_kronecker_terms(
+        state = ewc_jax.kfac.merge_kronecker_terms(
             ewc_jax.consolidate(state, params, fisher, mode="online", gamma=gamma)
         )
 

@@ -76,7 +76,7 @@ def mas_importance(
 
     Example::
 
-        omega = ewc_jax.mas_importance(model.apply, params, x_task[:1024])
+        omega = ewc_jax.importance.mas_importance(model.apply, params, x_task[:1024])
         state = ewc_jax.consolidate(state, params, omega)
 
     References:

@@ -42,7 +42,7 @@ def si_path_integral(inner: optax.GradientTransformation) -> optax.GradientTrans
     penalty together with the optimiser, and make this the outermost transformation (nothing
     after it may change the updates)::
 
-        tx = ewc_jax.si_path_integral(
+        tx = ewc_jax.importance.si_path_integral(
             optax.chain(ewc_jax.add_ewc_penalty(strength), optax.adam(1e-3))
         )
         updates, opt_state = tx.update(grad_of_task_loss, opt_state, params)
@@ -98,7 +98,7 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
     The returned state has ``ω = 0`` and ``θ_start = params``, ready for the next task.
     Consolidate as the authors do, summing importances and anchoring at the latest parameters::
 
-        omega, opt_state = ewc_jax.si_importance(opt_state, params, damping=0.1)
+        omega, opt_state = ewc_jax.importance.si_importance(opt_state, params, damping=0.1)
         ewc = ewc_jax.consolidate(ewc, params, omega, mode="online", gamma=1.0)
         opt_state = ewc_jax.set_ewc_state(opt_state, ewc)
 
@@ -126,7 +126,7 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
     if len(found) != 1:
         raise ValueError(
             f"state must contain exactly one si_path_integral state, found {len(found)}; "
-            "build the optimiser as ewc_jax.si_path_integral(inner)."
+            "build the optimiser as ewc_jax.importance.si_path_integral(inner)."
         )
     (si,) = found
     check_same_structure(si.start, params, "the SI state's start parameters", "params")

@@ -88,7 +88,7 @@ REGULARIZED_METHODS = ("l2", "ewc", "online_ewc", "si", "mas", "kfac")
 ONLINE_METHODS = ("online_ewc", "si", "mas", "kfac")
 """Methods that sum precisions and anchor at the latest parameters (``mode="online"``)."""
 KRONECKER_METHODS = ("kfac",)
-"""Methods whose EWC state is a Kronecker-factored :class:`ewc_jax.KFACState`."""
+"""Methods whose EWC state is a Kronecker-factored :class:`ewc_jax.kfac.KFACState`."""
 EXAMPLE_METHODS = ("ewc", "online_ewc", "mas", "kfac")
 """Methods whose importance is computed on examples of the finished task."""
 OPTIMIZERS = ("sgd", "adam")
@@ -586,9 +586,9 @@ def _check_kronecker_estimator(config: ml_collections.ConfigDict) -> None:
             "use ewc or online_ewc"
         )
     if set(config.methods) & set(KRONECKER_METHODS) and (
-        config.estimator not in ewc_jax.KFAC_ESTIMATORS
+        config.estimator not in ewc_jax.kfac.KFAC_ESTIMATORS
     ):
         raise ConfigError(
             f"estimator {config.estimator!r} has no Kronecker-factored version; K-FAC takes "
-            f"{', '.join(ewc_jax.KFAC_ESTIMATORS)}"
+            f"{', '.join(ewc_jax.kfac.KFAC_ESTIMATORS)}"
         )

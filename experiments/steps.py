@@ -53,7 +53,7 @@ class StepSetup:
         init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
             PyTorch state_dict (:func:`experiments.models.init_params`).
         metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
-        kronecker: whether the EWC state is a (merged) :class:`ewc_jax.KFACState` instead of
+        kronecker: whether the EWC state is a (merged) :class:`ewc_jax.kfac.KFACState` instead of
             an :class:`ewc_jax.EWCState` (see :func:`method_setup`).
         param_sharding: ``"replicated"`` (every device holds the whole state) or ``"fsdp"``:
             params, optimiser and EWC state split over the mesh's data axis
@@ -97,7 +97,7 @@ class TrainState(NamedTuple):
 
     params: Any
     opt_state: Any
-    ewc_state: ewc_jax.EWCState | ewc_jax.KFACState
+    ewc_state: ewc_jax.EWCState | ewc_jax.kfac.KFACState
     key: jax.Array
     strength: jax.Array
 
@@ -152,14 +152,16 @@ def method_setup(setup: StepSetup, method: MethodSpec) -> StepSetup:
       gradient (an extra argument of ``update``) before the optimiser: the path integral
       ``ω += -g·Δθ`` integrates the gradient ``g`` of the task loss alone against the actual
       step, penalty included, as Zenke et al. do.
-    * ``kfac``: the EWC state is a :class:`ewc_jax.KFACState` of one merged Kronecker term per
+    * ``kfac``: the EWC state is a :class:`ewc_jax.kfac.KFACState` of one merged Kronecker term per
       layer (:func:`consolidate_task`), so its shapes, and the compiled steps, are those of the
       first task.
 
     Cached, so equal arguments give the same (equal-hashing) setup and jit compiles once.
     """
     if method.name == "si":
-        return dataclasses.replace(setup, tx=ewc_jax.si_path_integral(_plus_penalty(setup.tx)))
+        return dataclasses.replace(
+            setup, tx=ewc_jax.importance.si_path_integral(_plus_penalty(setup.tx))
+        )
     if method.name in KRONECKER_METHODS:
         return dataclasses.replace(setup, kronecker=True)
     return setup
@@ -241,9 +243,9 @@ def _keep_layout(tree: Any, setup: StepSetup) -> Any:
 
 def _empty_kronecker_state(
     params: Any, inputs: tuple[jax.Array, jax.Array], setup: StepSetup
-) -> ewc_jax.KFACState:
+) -> ewc_jax.kfac.KFACState:
     """A K-FAC state of zero factors and precision (penalty 0) with one term per layer."""
-    shapes = jax.eval_shape(lambda p: ewc_jax.kfac_fisher(setup.logits, p, inputs), params)
+    shapes = jax.eval_shape(lambda p: ewc_jax.kfac.kfac_fisher(setup.logits, p, inputs), params)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     state = ewc_jax.consolidate(None, params, zero, mode="online")
     return state._replace(diagonal=state.diagonal._replace(num_tasks=jnp.zeros((), jnp.int32)))
@@ -252,11 +254,11 @@ def _empty_kronecker_state(
 def reset_optimizer(state: TrainState, *, setup: StepSetup) -> TrainState:
     """The state with a fresh optimiser state (before a new task).
 
-    SI's path integral and start parameters are kept: only :func:`ewc_jax.si_importance`
+    SI's path integral and start parameters are kept: only :func:`ewc_jax.importance.si_importance`
     (at the end of a task) resets them.
     """
     fresh = setup.tx.init(state.params)
-    if isinstance(state.opt_state, ewc_jax.SIState):
+    if isinstance(state.opt_state, ewc_jax.importance.SIState):
         fresh = state.opt_state._replace(inner=fresh.inner)
     return state._replace(opt_state=_keep_layout(fresh, setup))
 
@@ -319,7 +321,7 @@ def _train_epoch(
 
     def gradients(params: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
         """``(gradient, ce, extra update arguments)``; SI's gradient is the task loss's."""
-        if not isinstance(state.opt_state, ewc_jax.SIState):
+        if not isinstance(state.opt_state, ewc_jax.importance.SIState):
             grads, ce = jax.grad(loss_fn, has_aux=True)(params, images, labels, heads)
             return grads, ce, {}
         ce, grads = jax.value_and_grad(task_loss)(params, images, labels, heads)
@@ -446,12 +448,13 @@ def consolidate_task(
     r"""Folds the finished task into the EWC state with the method's importance.
 
     * ``l2``: precision 1; ``ewc`` / ``online_ewc``: the diagonal Fisher (:func:`fisher`);
-    * ``mas``: :func:`ewc_jax.mas_importance` of the logits on the examples (labels unused);
-    * ``si``: :func:`ewc_jax.si_importance` of the path integral in the optimiser state (no
-      examples), which it resets for the next task;
-    * ``kfac``: :func:`ewc_jax.kfac_fisher`, with the Kronecker terms of all tasks merged
+    * ``mas``: :func:`ewc_jax.importance.mas_importance` of the logits on the examples (labels
+      unused);
+    * ``si``: :func:`ewc_jax.importance.si_importance` of the path integral in the optimiser state
+      (no examples), which it resets for the next task;
+    * ``kfac``: :func:`ewc_jax.kfac.kfac_fisher`, with the Kronecker terms of all tasks merged
       into one per layer, :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)`
-      (:func:`ewc_jax.merge_kronecker_terms`, kept as a running mean of ``G``).
+      (:func:`ewc_jax.kfac.merge_kronecker_terms`, kept as a running mean of ``G``).
 
     ``online_ewc``, ``si``, ``mas`` and ``kfac`` consolidate online (precisions summed, with
     decay ``gamma`` for ``online_ewc``, anchored at the latest parameters), as their authors
@@ -473,11 +476,13 @@ def consolidate_task(
     if method.name in ("ewc", "online_ewc"):
         precision = fisher(params, images, labels, heads, fisher_key, setup=setup, method=method)
     elif method.name == "mas":
-        precision = ewc_jax.mas_importance(setup.logits, params, (images, heads))
+        precision = ewc_jax.importance.mas_importance(setup.logits, params, (images, heads))
     elif method.name == "si":
-        precision, opt_state = ewc_jax.si_importance(opt_state, params, damping=method.damping)
+        precision, opt_state = ewc_jax.importance.si_importance(
+            opt_state, params, damping=method.damping
+        )
     elif method.name in KRONECKER_METHODS:
-        precision = ewc_jax.kfac_fisher(
+        precision = ewc_jax.kfac.kfac_fisher(
             setup.logits,
             params,
             (images, heads),
@@ -497,16 +502,18 @@ def consolidate_task(
     return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
 
 
-def _merge_running(previous: ewc_jax.KFACState, state: ewc_jax.KFACState) -> ewc_jax.KFACState:
+def _merge_running(
+    previous: ewc_jax.kfac.KFACState, state: ewc_jax.kfac.KFACState
+) -> ewc_jax.kfac.KFACState:
     """One term per layer again: ``A`` summed, ``G`` the mean over the tasks so far.
 
     ``state`` holds ``previous``'s one merged term (the mean ``G`` of its ``n`` tasks) and the
-    new task's. :func:`ewc_jax.merge_kronecker_terms` would average the two ``G`` equally;
+    new task's. :func:`ewc_jax.kfac.merge_kronecker_terms` would average the two ``G`` equally;
     weighting them ``n : 1`` gives the mean over all tasks, i.e. exactly what merging every
     task's own term would give (and the zero placeholder of :func:`init_state`, ``n = 0``,
     drops out).
     """
-    merged = ewc_jax.merge_kronecker_terms(state)
+    merged = ewc_jax.kfac.merge_kronecker_terms(state)
 
     def mean_g(g: jax.Array) -> jax.Array:
         n = previous.num_tasks.astype(g.dtype)

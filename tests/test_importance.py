@@ -45,7 +45,7 @@ def test_mas_matches_jacrev_reference_mlp(method):
         params = init_plain_mlp(jax.random.key(0), (5, 7, 4), jnp.float64)
         x = jax.random.normal(jax.random.key(1), (11, 5), jnp.float64)
         # chunk_size=4: three chunks, the last overlapping the second.
-        got = ewc_jax.mas_importance(plain_mlp, params, x, chunk_size=4, method=method)
+        got = ewc_jax.importance.mas_importance(plain_mlp, params, x, chunk_size=4, method=method)
         _assert_trees_close(got, _mas_reference(plain_mlp, params, x), rtol=1e-10, atol=1e-14)
 
 
@@ -58,7 +58,9 @@ def test_mas_cnn_one_pass_matches_reference():
         x = jax.random.normal(jax.random.key(1), (3, 4, 4, 1), jnp.float64)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), x[:1]))
         ref = _mas_reference(model.apply, params, x)
-        got = ewc_jax.mas_importance(model.apply, params, x, method="one_pass", chunk_size=2)
+        got = ewc_jax.importance.mas_importance(
+            model.apply, params, x, method="one_pass", chunk_size=2
+        )
         _assert_trees_close(got, ref, rtol=1e-9, atol=1e-13)
 
 
@@ -72,7 +74,7 @@ def test_mas_is_per_example_abs_not_abs_of_mean():
     f = np.array([[1.5, -1.75], [-0.5, 2.25]])
     want_b = np.mean(np.abs(2 * f), axis=0)
     want_w = np.mean(np.abs(2 * np.array([[1.0], [-1.0]]) * f), axis=0)[None]
-    got = ewc_jax.mas_importance(apply, params, x)
+    got = ewc_jax.importance.mas_importance(apply, params, x)
     np.testing.assert_allclose(got["b"], want_b, rtol=1e-6)
     np.testing.assert_allclose(got["w"], want_w, rtol=1e-6)
 
@@ -80,7 +82,7 @@ def test_mas_is_per_example_abs_not_abs_of_mean():
 def test_mas_rejects_bad_method():
     params = init_plain_mlp(jax.random.key(0), (3, 2))
     with pytest.raises(ValueError, match="Unknown method"):
-        ewc_jax.mas_importance(plain_mlp, params, jnp.ones((2, 3)), method="fast")
+        ewc_jax.importance.mas_importance(plain_mlp, params, jnp.ones((2, 3)), method="fast")
 
 
 def _quadratic(h, c):
@@ -112,7 +114,9 @@ def test_si_matches_hand_computed_path_integral_with_sgd_and_penalty():
 
     to_f32 = lambda t: {k: jnp.asarray(v, jnp.float32) for k, v in t.items()}
     hj, cj = to_f32(h), to_f32(c)
-    tx = ewc_jax.si_path_integral(optax.chain(ewc_jax.add_ewc_penalty(lam), optax.sgd(lr)))
+    tx = ewc_jax.importance.si_path_integral(
+        optax.chain(ewc_jax.add_ewc_penalty(lam), optax.sgd(lr))
+    )
     params = to_f32(theta0)
     ewc = ewc_jax.EWCState(to_f32(anchor), to_f32(fisher), jnp.ones((), jnp.int32))
     opt_state = ewc_jax.set_ewc_state(tx.init(params), ewc)
@@ -126,12 +130,12 @@ def test_si_matches_hand_computed_path_integral_with_sgd_and_penalty():
     for _ in range(steps):
         params, opt_state = step(params, opt_state)
     _assert_trees_close(params, to_f32(theta), rtol=1e-5, atol=1e-6)
-    got, new_state = ewc_jax.si_importance(opt_state, params, damping=xi)
+    got, new_state = ewc_jax.importance.si_importance(opt_state, params, damping=xi)
     _assert_trees_close(got, to_f32(want), rtol=1e-5, atol=1e-6)
 
     # Reset for the next task: ω = 0 and θ_start = the current params; the inner state kept.
     si = new_state
-    assert isinstance(si, ewc_jax.SIState)
+    assert isinstance(si, ewc_jax.importance.SIState)
     _assert_trees_close(si.path_integral, jax.tree.map(jnp.zeros_like, params), rtol=0)
     _assert_trees_close(si.start, params, rtol=0)
     assert jax.tree.structure(new_state) == jax.tree.structure(opt_state)
@@ -141,7 +145,7 @@ def test_si_importance_finds_state_nested_in_a_chain_and_resets_it():
     # SI inside a chain after gradient clipping: ω integrates the clipped gradient it receives.
     h = {"a": jnp.array([2.0, 1.0]), "b": jnp.array([1.0])}
     c = {"a": jnp.array([1.0, -1.0]), "b": jnp.array([3.0])}
-    tx = optax.chain(optax.clip(0.5), ewc_jax.si_path_integral(optax.sgd(0.2)))
+    tx = optax.chain(optax.clip(0.5), ewc_jax.importance.si_path_integral(optax.sgd(0.2)))
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
     start = params
     opt_state = tx.init(params)
@@ -151,14 +155,14 @@ def test_si_importance_finds_state_nested_in_a_chain_and_resets_it():
         want = jax.tree.map(lambda w, gi: w + 0.2 * gi * gi, want, g)  # -g·(-lr g)
         updates, opt_state = tx.update(jax.grad(_quadratic(h, c))(params), opt_state, params)
         params = optax.apply_updates(params, updates)
-    got, new_state = ewc_jax.si_importance(opt_state, params, damping=0.5)
+    got, new_state = ewc_jax.importance.si_importance(opt_state, params, damping=0.5)
     expected = jax.tree.map(lambda w, p, s: w / ((p - s) ** 2 + 0.5), want, params, start)
     _assert_trees_close(got, expected, rtol=1e-6)
-    again, _ = ewc_jax.si_importance(new_state, params, damping=0.5)
+    again, _ = ewc_jax.importance.si_importance(new_state, params, damping=0.5)
     _assert_trees_close(again, jax.tree.map(jnp.zeros_like, params), rtol=0)
 
 
 def test_si_importance_needs_an_si_state():
     params = {"a": jnp.zeros(2)}
     with pytest.raises(ValueError, match="exactly one si_path_integral"):
-        ewc_jax.si_importance(optax.sgd(0.1).init(params), params)
+        ewc_jax.importance.si_importance(optax.sgd(0.1).init(params), params)

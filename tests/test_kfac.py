@@ -83,7 +83,9 @@ def test_factors_match_per_example_reference(estimator):
         x, y = _data(1)
         key = jax.random.key(5)
         # chunk_size=3: three chunks, the last overlapping the second.
-        got = ewc_jax.kfac_fisher(_model, params, x, y, estimator=estimator, key=key, chunk_size=3)
+        got = ewc_jax.kfac.kfac_fisher(
+            _model, params, x, y, estimator=estimator, key=key, chunk_size=3
+        )
         ref = _reference_factors(params, x, y, estimator, key)
         # Leaves in order: l0.b, l0.w, l1.w, s.
         assert [(f.kernel, f.bias) for f in got.layers] == [(1, 0), (2, None)]
@@ -109,7 +111,7 @@ def test_one_example_empirical_diagonal_equals_empirical_fisher():
         x = jax.random.normal(jax.random.key(1), (1, 5), jnp.float64)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), x))
         y = jnp.array([2])
-        kfac = ewc_jax.kfac_fisher(model.apply, params, x, y, estimator="empirical")
+        kfac = ewc_jax.kfac.kfac_fisher(model.apply, params, x, y, estimator="empirical")
         diag = ewc_jax.fisher_diagonal(model.apply, params, x, y, estimator="empirical")
         leaves = jax.tree.leaves(diag)
         assert len(kfac.layers) == 2
@@ -123,8 +125,8 @@ def _two_tasks(mode, gamma):
     params_1, params_2, now = (_init(jax.random.key(k)) for k in (0, 10, 20))
     x1, y1 = _data(1)
     x2, y2 = _data(3)
-    f1 = ewc_jax.kfac_fisher(_model, params_1, x1, y1, estimator="exact")
-    f2 = ewc_jax.kfac_fisher(_model, params_2, x2, y2, estimator="empirical")
+    f1 = ewc_jax.kfac.kfac_fisher(_model, params_1, x1, y1, estimator="exact")
+    f2 = ewc_jax.kfac.kfac_fisher(_model, params_2, x2, y2, estimator="empirical")
     state = ewc_jax.consolidate(None, params_1, f1, mode=mode)
     state = ewc_jax.consolidate(state, params_2, f2, mode=mode, gamma=gamma)
     return state, now, [(params_1, f1), (params_2, f2)]
@@ -148,7 +150,7 @@ def _augmented(params, layer):
 def test_penalty_equals_explicit_kronecker_quadratic(mode, gamma):
     with jax.enable_x64(True):
         state, now, tasks = _two_tasks(mode, gamma)
-        assert isinstance(state, ewc_jax.KFACState)
+        assert isinstance(state, ewc_jax.kfac.KFACState)
         assert int(state.diagonal.num_tasks) == 2
         lam = 3.0
         terms = _explicit_terms(mode, gamma, tasks)
@@ -217,15 +219,15 @@ def test_merged_terms_are_exact_for_a_shared_output_factor():
     with jax.enable_x64(True):
         params, now = _init(jax.random.key(0)), _init(jax.random.key(20))
         x, y = _data(1)
-        f1 = ewc_jax.kfac_fisher(_model, params, x, y, estimator="empirical")
+        f1 = ewc_jax.kfac.kfac_fisher(_model, params, x, y, estimator="empirical")
         # Task 2: other input factors, the same output factors: the merge is exact.
-        f2 = ewc_jax.KFACFisher(
+        f2 = ewc_jax.kfac.KFACFisher(
             jax.tree.map(lambda d: 2 * d, f1.diagonal),
             tuple(dataclasses.replace(f, a=f.a @ f.a + jnp.eye(f.a.shape[0])) for f in f1.layers),
         )
         state = ewc_jax.consolidate(None, params, f1, mode="online")
         state = ewc_jax.consolidate(state, params, f2, mode="online", gamma=0.5)
-        merged = ewc_jax.merge_kronecker_terms(state)
+        merged = ewc_jax.kfac.merge_kronecker_terms(state)
         assert all(t.a.shape[0] == 1 and t.anchor.shape[0] == 1 for t in merged.layers)
         np.testing.assert_allclose(
             ewc_jax.penalty(now, merged, 2.0), ewc_jax.penalty(now, state, 2.0), rtol=1e-12
@@ -233,7 +235,7 @@ def test_merged_terms_are_exact_for_a_shared_output_factor():
         separate = ewc_jax.consolidate(None, params, f1)
         separate = ewc_jax.consolidate(separate, now, f2)
         with pytest.raises(ValueError, match="one shared anchor"):
-            ewc_jax.merge_kronecker_terms(separate)
+            ewc_jax.kfac.merge_kronecker_terms(separate)
 
 
 class _GroupedCNN(nn.Module):
@@ -284,7 +286,7 @@ def test_conv_factors_penalty_and_gradient():
             "b": jnp.zeros(4, jnp.float64),
         }
         x = jax.random.normal(jax.random.key(1), (3, 4, 4, 2), jnp.float64)
-        got = ewc_jax.kfac_fisher(_conv_model, params, x, estimator="exact")
+        got = ewc_jax.kfac.kfac_fisher(_conv_model, params, x, estimator="exact")
         conv = [f for f in got.layers if f.a.shape[0] == 9]
         assert len(got.layers) == 2 and len(conv) == 1
         (conv,) = conv
@@ -348,10 +350,10 @@ def test_kfac_rejects_bad_inputs():
     params = _init(jax.random.key(0), jnp.float32)
     x = jnp.ones((3, 4))
     with pytest.raises(ValueError, match="Unknown estimator"):
-        ewc_jax.kfac_fisher(_model, params, x, estimator="argmax")
+        ewc_jax.kfac.kfac_fisher(_model, params, x, estimator="argmax")
     with pytest.raises(ValueError, match="needs labels"):
-        ewc_jax.kfac_fisher(_model, params, x, estimator="empirical")
-    fisher = ewc_jax.KFACFisher(diagonal=params, layers=())
+        ewc_jax.kfac.kfac_fisher(_model, params, x, estimator="empirical")
+    fisher = ewc_jax.kfac.KFACFisher(diagonal=params, layers=())
     ewc = ewc_jax.consolidate(None, params, jax.tree.map(jnp.ones_like, params))
     with pytest.raises(ValueError, match="start K-FAC consolidation"):
         ewc_jax.consolidate(ewc, params, fisher)

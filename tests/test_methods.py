@@ -130,7 +130,7 @@ def test_si_importance_in_the_loop_equals_the_path_integral_by_hand():
 
 def test_kfac_state_is_the_merge_of_every_tasks_terms_and_mas_the_library_importance():
     """Three consolidations keep one term per layer, equal to merging the three tasks' terms
-    (A summed, G averaged); MAS's precision is :func:`ewc_jax.mas_importance` summed."""
+    (A summed, G averaged); MAS's precision is :func:`ewc_jax.importance.mas_importance` summed."""
     setup = tiny_setup(optax.sgd(0.1), batch_size=4)
     kfac = config_lib.MethodSpec(name="kfac", strength=1.0)
     mas = config_lib.MethodSpec(name="mas", strength=1.0)
@@ -146,18 +146,20 @@ def test_kfac_state_is_the_merge_of_every_tasks_terms_and_mas_the_library_import
         state = steps.consolidate_task(
             state, data.images, data.labels, data.heads, setup=kfac_setup, method=kfac
         )
-        fisher = ewc_jax.kfac_fisher(setup.logits, params, inputs)
+        fisher = ewc_jax.kfac.kfac_fisher(setup.logits, params, inputs)
         unmerged = ewc_jax.consolidate(unmerged, params, fisher, mode="online")
 
         mas_state = mas_state._replace(params=params)
         mas_state = steps.consolidate_task(
             mas_state, data.images, data.labels, data.heads, setup=setup, method=mas
         )
-        importance = ewc_jax.mas_importance(setup.logits, params, inputs, method="general")
+        importance = ewc_jax.importance.mas_importance(
+            setup.logits, params, inputs, method="general"
+        )
         mas_total = (
             importance if mas_total is None else jax.tree.map(jnp.add, mas_total, importance)
         )
-    reference = ewc_jax.merge_kronecker_terms(unmerged)
+    reference = ewc_jax.kfac.merge_kronecker_terms(unmerged)
     assert [t.a.shape[0] for t in state.ewc_state.layers] == [1, 1]
     assert int(state.ewc_state.num_tasks) == 3
     for got, want in zip(state.ewc_state.layers, reference.layers, strict=True):
