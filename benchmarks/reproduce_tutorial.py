@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments import data, scenarios, train
+from experiments import data, scenarios
 from experiments.configs import tutorial
+from experiments.runs import experiment as train
 
 
 def tutorial_torch_mlp(seed: int) -> Any:

@@ -26,9 +26,13 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from experiments import checkpoint, config, data, loop, plots, train, workdir
-from experiments import workdir as workdir_lib
+from experiments import config, data
 from experiments.configs import default
+from experiments.reporting import plots
+from experiments.runs import experiment as train
+from experiments.storage import checkpoint, workdir
+from experiments.storage import workdir as workdir_lib
+from experiments.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
-from experiments import checkpoint, plots, train, workdir
+from experiments.reporting import plots
+from experiments.runs import experiment as train
+from experiments.storage import checkpoint, workdir
 
 TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
 
@@ -255,7 +257,7 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     # `make demo` passes a relative --workdir; Orbax itself only accepts absolute paths.
     import jax.numpy as jnp
 
-    from experiments.checkpoint import RunCheckpoints, checkpoints_root
+    from experiments.storage.checkpoint import RunCheckpoints, checkpoints_root
 
     monkeypatch.chdir(tmp_path)
     ckpts = RunCheckpoints(checkpoints_root("runs/demo") / "ewc-seed0", "f" * 64)

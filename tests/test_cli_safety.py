@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments import plots, train, workdir
+from experiments import config as config_lib
+from experiments.data import loading
+from experiments.reporting import plots
+from experiments.runs import experiment as train
+from experiments.storage import workdir
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -65,7 +69,7 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
     script = cli("--help", python=("-c", "from experiments.main import run; run()"))
     for done in (module, script):
         assert done.returncode == 0, done.stderr
-        for text in ("--config:", "--workdir:", "--[no]overwrite:", "experiments/config.py"):
+        for text in ("--config:", "--workdir:", "--[no]overwrite:", "experiments/config/defaults.py"):
             assert text in done.stdout
         assert "ewc-jax-experiment" in done.stdout  # the module docstring
 
@@ -203,7 +207,7 @@ def test_user_errors_are_one_line_on_stderr(tmp_path, case):
 
 def test_tfds_without_tensorflow_is_one_line_naming_what_to_install(tmp_path):
     pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
-    if train.data._tensorflow_installed():
+    if loading._tensorflow_installed():
         pytest.skip("TensorFlow is installed: TFDS would prepare the dataset")
     # TFDS's metadata look-up on GCS off, as in tests/test_data.py: no test reaches the network.
     program = textwrap.dedent(
@@ -290,7 +294,7 @@ def test_an_interrupted_promotion_is_completed_by_the_next_run(tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             workdir.promote(run_dir)
     assert moves == [workdir.MANIFEST, "config.json"] and not (run_dir / "results.json").exists()
-    config = train.config_lib.get_config()
+    config = config_lib.get_config()
     with (
         pytest.raises(workdir.WorkdirExistsError, match="already holds finished results"),
         workdir.locked(run_dir),
@@ -337,7 +341,7 @@ def test_sigterm_and_sigint_stop_at_a_safe_point_and_the_rerun_resumes(tmp_path,
     resumed = json.loads((run_dir / "results.json").read_text())
 
     monkeypatch.setattr(plots, "write_figures", lambda *args, **kwargs: [])
-    config = train.config_lib.get_config()
+    config = config_lib.get_config()
     config.datasets, config.num_tasks, config.hidden_sizes = ("embedded:digits",), 2, (16,)
     config.methods, config.fisher_samples, config.epochs = ("finetune",), 64, 3
     reference = train.train_and_evaluate(config, tmp_path / "reference")

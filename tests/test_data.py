@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import data, idx
-from experiments.data import Dataset
+from experiments.data import Dataset, idx
+from experiments.data import loading as data
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import loop, metrics, steps, train, workdir
-from experiments import results as results_lib
 from experiments.configs import default, tutorial
+from experiments.reporting import metrics
+from experiments.reporting import results as results_lib
+from experiments.runs import experiment as train
+from experiments.storage import workdir
+from experiments.training import loop, steps
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

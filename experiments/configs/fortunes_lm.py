@@ -29,7 +29,8 @@ LANGUAGES = ("en", "de", "es", "it")
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The four-language fortunes sequence; ``variant="small"`` for the tests."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "sequence"
     config.datasets = tuple(f"fortunes:{language}" for language in LANGUAGES)
     config.test_limit = 500

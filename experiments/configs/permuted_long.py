@@ -40,7 +40,8 @@ from experiments.configs import default
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Permuted embedded MNIST, 20 tasks; ``variant="small"``: 3 short tasks for tests."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "permuted"
     config.datasets = ("embedded:mnist",)
     config.num_tasks = 20

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments import metrics, plots
+from experiments.reporting import metrics, plots
+from experiments.training.methods import METHODS
 
 
 def average_accuracy_curve(accuracy_matrix: Any) -> np.ndarray:
@@ -44,7 +45,7 @@ def backward_transfer_after(accuracy_matrix: Any, num_tasks: int) -> float:
 
 def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
     """Accuracy matrices by label (``method λ=<strength>``, or ``method`` unregularised), in
-    the order of :data:`experiments.config.METHODS`."""
+    the order of :data:`experiments.training.methods.METHODS`."""
     runs: dict[str, list[np.ndarray]] = {}
     for path in paths:
         document = json.loads(Path(path).read_text())
@@ -61,16 +62,13 @@ def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
 
 
 def _method_order(label: str) -> tuple[int, str]:
-    from experiments.config import METHODS
-
+    names = list(METHODS)
     method = label.split(" ")[0]
-    return (METHODS.index(method) if method in METHODS else len(METHODS), label)
+    return (names.index(method) if method in names else len(names), label)
 
 
 def _single_run_strength(config: dict[str, Any], name: str) -> float:
-    from experiments.config import REGULARIZED_METHODS
-
-    if name not in REGULARIZED_METHODS:
+    if name not in METHODS or not METHODS[name].regularized:
         return 0.0
     specific = (config.get("strengths") or {}).get(name)
     return float(config["strength"] if specific is None else specific)

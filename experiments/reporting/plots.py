@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.metrics import METRICS
+from experiments.reporting.metrics import METRICS
+from experiments.storage.checkpoint import os_error_in
+from experiments.storage.workdir import WorkdirUnusableError, unusable_message
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from experiments.results import RunRecord
+    from experiments.reporting.results import RunRecord
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -33,9 +35,18 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> Path:
+    """Writes the PNG beside ``path``, then renames it; a failed write (a full disk) leaves
+    nothing behind and raises :class:`experiments.storage.workdir.WorkdirUnusableError`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except Exception as error:  # PIL and matplotlib wrap the OSError of a full disk
+        tmp.unlink(missing_ok=True)
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise WorkdirUnusableError(unusable_message(path, cause)) from None
     return path
 
 

@@ -46,11 +46,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from experiments import idx, text
+from experiments.data import idx, text
+from experiments.data.dataset import Dataset, MissingDependencyError
 
 _SPEC_FORMS = (
     '"embedded:mnist", "embedded:digits", "idx:<dir>" (or "idx" with data_dir=<dir>), '
@@ -62,30 +63,6 @@ _OFFLINE_ALTERNATIVES = (
     '"idx:/usr/share/datasets/fashion-mnist" (Debian package dataset-fashion-mnist)'
 )
 _PROBE_TIMEOUT_S = 2.0
-
-
-class MissingDependencyError(ImportError):
-    """A spec needs a package that is not installed; the message says what to install."""
-
-
-class Dataset(NamedTuple):
-    """A labelled image-classification dataset, split into train and test.
-
-    Attributes:
-        name: The spec it was loaded from, e.g. ``"embedded:mnist"``.
-        train_images: float32 [N, H, W, C], values in [0, 1].
-        train_labels: int32 [N], values in [0, num_classes).
-        test_images: float32 [M, H, W, C], values in [0, 1].
-        test_labels: int32 [M], values in [0, num_classes).
-        num_classes: The number of classes.
-    """
-
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
 
 
 def load_dataset(

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 
 import ewc_jax
-from experiments import metrics
-from experiments.loop import Progress
+from experiments.reporting import metrics
 from experiments.scenarios import Scenario
+from experiments.training.loop import Progress
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -139,7 +138,7 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 
 
 def results_document(
-    config: ml_collections.ConfigDict,
+    config: dict[str, Any],
     scenario: Scenario,
     seeds: list[int],
     runs: list[dict[str, Any]],
@@ -151,7 +150,7 @@ def results_document(
     """The content of ``results.json``; ``extra`` holds a sweep's own fields.
 
     Args:
-        config: the experiment config.
+        config: the resolved experiment config (as JSON).
         scenario: the task stream (of the first seed for a sweep).
         seeds: the seeds.
         runs: one entry per run (method, seed[, strength], accuracy matrix, metrics, ...).
@@ -163,12 +162,12 @@ def results_document(
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "finished": True,
-        "config": config.to_dict(),
+        "config": config,
         "scenario": scenario.name,
         "metric": scenario.metric,
         "higher_is_better": metrics.METRICS[scenario.metric].higher_is_better,
         "task_names": scenario.task_names,
-        "methods": list(config.methods),
+        "methods": list(config["methods"]),
         "seeds": seeds,
         "runs": runs,
         "summary": summary,
