@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from experiments import config as config_lib
-from experiments.data import loading
+from experiments.data import tfds_source
 from experiments.reporting import plots
 from experiments.runs import experiment as train
 from experiments.storage import workdir
@@ -69,7 +69,7 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
     script = cli("--help", python=("-c", "from experiments.main import run; run()"))
     for done in (module, script):
         assert done.returncode == 0, done.stderr
-        for text in ("--config:", "--workdir:", "--[no]overwrite:", "experiments/config/defaults.py"):
+        for text in ("--config:", "--workdir:", "--[no]overwrite:", "config/defaults.py"):
             assert text in done.stdout
         assert "ewc-jax-experiment" in done.stdout  # the module docstring
 
@@ -207,7 +207,7 @@ def test_user_errors_are_one_line_on_stderr(tmp_path, case):
 
 def test_tfds_without_tensorflow_is_one_line_naming_what_to_install(tmp_path):
     pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
-    if loading._tensorflow_installed():
+    if tfds_source._tensorflow_installed():
         pytest.skip("TensorFlow is installed: TFDS would prepare the dataset")
     # TFDS's metadata look-up on GCS off, as in tests/test_data.py: no test reaches the network.
     program = textwrap.dedent(

@@ -85,7 +85,9 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
         )
         data = device_data.put_for_methods(scenario, run_spec.methods, mesh)
         spec = run_spec.methods[0]
-        plan = loop.make_plan(run_spec.schedule, run_spec.optimizer, data, spec, (0,), label="[fsdp]")
+        plan = loop.make_plan(
+            run_spec.schedule, run_spec.optimizer, data, spec, (0,), label="[fsdp]"
+        )
         fns = runners.single_run_fns(setup, spec, 0, data)
         directory = Path(tempfile.mkdtemp()) / "ewc-seed0"
         saved = []

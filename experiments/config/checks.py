@@ -83,7 +83,8 @@ online_ewc, si, mas, kfac
         raise ConfigError(unknown_strength_message(rest))
     if rest not in group:
         raise ConfigError(
-            f"unknown config field '{field}.{rest}'; valid: {', '.join(f'{field}.{k}' for k in group)}"
+            f"unknown config field '{field}.{rest}'; valid: "
+            + ", ".join(f"{field}.{k}" for k in group)
         )
 
 

@@ -29,3 +29,10 @@ class Dataset(NamedTuple):
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int
+
+
+def bytes_to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 to float32 0..1, dividing in place to hold one float copy at a time."""
+    result = images.astype(np.float32)
+    result /= np.float32(255.0)
+    return result

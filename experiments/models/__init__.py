@@ -1,4 +1,5 @@
-"""The models: image classifiers (:mod:`.images`) and a byte-level language model (:mod:`.language`).
+"""The models: image classifiers (:mod:`.images`) and a byte-level language model
+(:mod:`.language`).
 
 :func:`build` turns a :class:`experiments.spec.ModelSpec` into a Flax module sized for a scenario.
 """

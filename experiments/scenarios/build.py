@@ -84,8 +84,9 @@ def build_scenario(spec: DataSpec, datasets: dict[str, LabeledImages], seed: int
 def check_scenario(scenario: Scenario) -> None:
     """Raises :class:`experiments.spec.ConfigError` for a task stream that cannot mean anything.
 
-    A stream needs at least two tasks, heads of at least two outputs (with one there is nothing to consolidate for and no
-    forgetting to measure) and every task needs training and test examples.
+    A stream needs at least two tasks (with one there is nothing to consolidate for and no
+    forgetting to measure), heads of at least two outputs (a one-class head is right whatever
+    the model does), and training and test examples in every task.
     """
     if scenario.num_tasks < 2:
         raise ConfigError(
