@@ -201,6 +201,26 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
     assert (path / checkpoint.MARKER).exists()  # a corrupt checkpoint is left for inspection
 
 
+def test_one_byte_edited_in_checkpoint_json_is_refused(tmp_path):
+    """The marker holds the progress the run resumes from: an edited ``steps_done`` (valid JSON,
+    a plausible value) would resume at another step; its own checksum refuses it."""
+    run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
+    path = run.save(small_arrays(), {"task": 1, "steps_done": 125})
+    assert run.restore(small_arrays())[1] == {"task": 1, "steps_done": 125}
+    text = (path / checkpoint.MARKER).read_text()
+    assert text.count('"steps_done": 125') == 1
+    (path / checkpoint.MARKER).write_text(text.replace('"steps_done": 125', '"steps_done": 124'))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"checkpoint {path} is damaged: checkpoint.json was changed since it was saved "
+        rf"\(checksum mismatch\); delete {path} to resume from the one before",
+    ):
+        run.restore(small_arrays())
+    # Restored byte for byte, it resumes again.
+    (path / checkpoint.MARKER).write_text(text)
+    assert run.restore(small_arrays())[1]["steps_done"] == 125
+
+
 def test_a_bit_flip_in_a_stored_array_is_refused_naming_what_to_delete(tmp_path):
     run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
     values = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
