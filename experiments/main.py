@@ -89,18 +89,9 @@ def main(argv: list[str]) -> None:
     # failed save's thread tracebacks at ERROR before it raises: the one-line error below says
     # what failed. Keep the terminal for progress.
     logging.set_verbosity(logging.FATAL)
-    config_value = _CONFIG.value
-    # Method names hold no commas, so `--config.methods=finetune,ewc` can only mean a list.
-    if isinstance(config_value.methods, tuple | list):
-        config_value.methods = tuple(
-            name.strip()
-            for value in config_value.methods
-            for name in (value.split(",") if isinstance(value, str) else [value])
-            if not isinstance(name, str) or name.strip()
-        )
     try:
         with stop_on_signals():
-            train_and_evaluate(config_value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+            train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except Interrupted as stop:
         print(interrupted_message(stop.signum, _WORKDIR.value, _OVERWRITE.value), file=sys.stderr)
         sys.exit(EXIT_STATUS[stop.signum])

@@ -60,8 +60,8 @@ def read_spec(config: ml_collections.ConfigDict) -> RunSpec:
     Raises:
         ConfigError: the first problem found (see :func:`validate`), in one line.
     """
-    validate(config)
-    c = config
+    c = _methods_split(config)
+    validate(c)
     seeds = tuple(int(seed) for seed in c.seeds)
     if c.sweep.seeds:
         seeds = tuple(range(seeds[0], seeds[0] + int(c.sweep.seeds)))
@@ -103,6 +103,23 @@ def read_spec(config: ml_collections.ConfigDict) -> RunSpec:
         sweep=SweepSpec(c.sweep.seeds, tuple(float(v) for v in c.sweep.strengths)),
         resolved=json.loads(c.to_json_best_effort()),
     )
+
+
+def _methods_split(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with comma-separated method names split: method names hold no commas, so
+    ``--config.methods=finetune,ewc`` can only mean a list (a copy; ``config`` is unchanged)."""
+    if not isinstance(config.methods, tuple | list) or not any(
+        isinstance(value, str) and "," in value for value in config.methods
+    ):
+        return config
+    split = config.copy_and_resolve_references()
+    split.methods = tuple(
+        name.strip()
+        for value in config.methods
+        for name in (value.split(",") if isinstance(value, str) else [value])
+        if not isinstance(name, str) or name.strip()
+    )
+    return split
 
 
 def _method_spec(config: ml_collections.ConfigDict, name: str) -> MethodSpec:
