@@ -9,7 +9,7 @@ ReLU after every Linear, the logits included) as ``torch.nn.Linear`` initialises
 every seed and for finetune and EWC:
 
 * JAX: ``experiments/configs/tutorial.py[:small]`` with ``--config.init=<workdir>/init.npz``,
-  run by :func:`experiments.train.train_and_evaluate` (shuffling with ``jax.random``).
+  run by :func:`experiments.runs.experiment.train_and_evaluate` (shuffling with ``jax.random``).
 * PyTorch: the tutorial's algorithm (:mod:`benchmarks.torch_tutorial`): plain SGD on
   ``cross_entropy + importance · Σ F (θ − θ*)²`` with importance = strength / 2, batches of a
   ``torch.randperm`` per epoch as ``DataLoader(shuffle=True)`` draws them (last partial batch

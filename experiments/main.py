@@ -12,7 +12,8 @@ keeps them until the new run has finished. Installed as the console script
 ``ewc-jax-experiment``.
 
 Resume is the default: run the same command again after a crash, pre-emption or Ctrl-C and it
-continues from the latest complete checkpoint in the workdir (see ``experiments/checkpoint.py``);
+continues from the latest complete checkpoint in the workdir (see
+``experiments/storage/checkpoint.py``);
 a workdir holding another config is refused, and ``--overwrite`` discards its checkpoints and
 starts afresh. One run at a time may use a workdir. SIGINT (Ctrl-C) and SIGTERM stop at the next
 safe point (the end of an epoch), save a checkpoint and exit with status 130 and 143.

@@ -1,7 +1,8 @@
 """Every bad input of the experiments gets a message that says what is wrong and what to do.
 
 One table, one row per bad input: each goes through the entry point a user calls
-(:func:`experiments.train.train_and_evaluate`, which the CLI wraps, or the ``ewc_jax`` call for
+(:func:`experiments.runs.experiment.train_and_evaluate`, which the CLI wraps, or the ``ewc_jax``
+call for
 library-level inputs), must raise with the expected message, and must leave no ``results.json``
 that would look like a finished run, or leave earlier finished results (``results.json`` beside
 its own ``config.json``, ``metrics.csv`` and figures) byte for byte as they were. The CLI's own

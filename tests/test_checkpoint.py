@@ -1,4 +1,4 @@
-"""Checkpoint, resume and determinism of the experiments (``experiments/checkpoint.py``).
+"""Checkpoint, resume and determinism of the experiments (``experiments/storage/checkpoint.py``).
 
 A run killed with SIGKILL and resumed must give the uninterrupted run's accuracy matrix bit for
 bit on CPU; an interrupted save is never taken for complete; a corrupt checkpoint or one of

@@ -14,7 +14,7 @@ single run and a sweep read the same object. Fields (override any with ``--confi
 * model: ``model`` (tutorial_mlp | mlp | multihead_mlp | cnn; the MLPs become multi-head for
   task-incremental scenarios; causal_transformer for text), ``hidden_sizes``,
   ``relu_on_logits``, ``transformer.num_layers`` / ``.width`` / ``.num_heads``
-  (``experiments/lm_models.py``), ``init`` (the initial
+  (``experiments/models/language.py``), ``init`` (the initial
   parameters: ``flax``, Flax's initialisers; ``torch``, ``U(±1/√fan_in)`` weights and biases as
   ``torch.nn.Linear`` and ``Conv2d`` draw them; or the path of an ``.npz`` holding a PyTorch
   ``state_dict``, ``fc1.weight`` ``[out, in]``, ``fc1.bias``, ..., whose weight/bias pairs, in the
@@ -26,7 +26,7 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   before short fine-tunes; 0: as every task),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
   epoch), ``eval_batch_size``, ``checkpoint_every_steps`` (0: checkpoint after every task only;
-  else also within a task, rounded up to whole epochs; see ``experiments/checkpoint.py``).
+  else also within a task, rounded up to whole epochs; see ``experiments/storage/checkpoint.py``).
 * methods: ``methods`` (finetune, l2, ewc, online_ewc, si, mas, kfac, joint), ``strength`` (λ
   of the penalty ``λ/2 Σ F (θ - θ*)²``) and ``strengths.<method>`` (a per-method override of
   it), ``estimator`` (exact | sampled | empirical | argmax | batched; K-FAC takes the first
@@ -55,7 +55,8 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   a copy of the params on every device; ``fsdp``: params, optimiser and EWC state split over the
   mesh, each leaf along its largest axis the device count divides; needs ``data_parallel``, not
   for sweeps).
-* sweep (``experiments/sweep.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from the first
+* sweep (``experiments/runs/experiment.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from
+  the first
   seed; 0: ``seeds``) and ``sweep.strengths`` (λ values; empty: each method's strength).
 
 List-valued fields are tuples. On the command line give one element per flag or a Python tuple:

@@ -16,7 +16,7 @@
   ``"idx:/usr/share/datasets/fashion-mnist"``. Assumes 10 classes; call `load_idx` for others.
 * ``"fortunes:<language>[:<context_length>]"``: real text, not images: Debian's fortunes in
   ``en``, ``de``, ``es`` or ``it`` as byte windows for a language model (int32 inputs and
-  next-byte targets ``[N, T]``, ``num_classes=256``; see :mod:`experiments.text`), read from
+  next-byte targets ``[N, T]``, ``num_classes=256``; see :mod:`experiments.data.text`), read from
   ``data_dir`` or ``/usr/share/games/fortunes``.
 * ``"tfds:<name>"``: a TensorFlow Datasets image dataset with ``train`` and ``test`` splits, e.g.
   ``"tfds:mnist"``, ``"tfds:fashion_mnist"``, ``"tfds:kmnist"``, ``"tfds:cifar10"``, read from
@@ -143,7 +143,7 @@ def validate_dataset(dataset: Dataset) -> None:
     Args:
         dataset: The dataset to check.
 
-    A text dataset (integer inputs) is checked by :func:`experiments.text.validate_text`.
+    A text dataset (integer inputs) is checked by :func:`experiments.data.text.validate_text`.
 
     Raises:
         ValueError: Naming the dataset, the split and what is wrong: an empty split, NaN or Inf
@@ -229,7 +229,7 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
 
     Raises:
         FileNotFoundError: The directory or one of the four files is missing.
-        ValueError: A malformed file (see `experiments.idx.read_idx`), an images file that is
+        ValueError: A malformed file (see `experiments.data.idx.read_idx`), an images file that is
             not 3-D or a labels file that is not 1-D, image and label counts that differ, train
             and test images of different sizes, or a label >= num_classes.
 

@@ -55,7 +55,8 @@ def plot_accuracy_curves(
 ) -> Path:
     """Test accuracy of each task over training, one panel per task, one line per method.
 
-    ``metric`` names what the curves hold (:data:`experiments.metrics.METRICS`), e.g. bits per
+    ``metric`` names what the curves hold (:data:`experiments.reporting.metrics.METRICS`), e.g.
+    bits per
     character on a language sequence.
 
     Dotted vertical lines mark task boundaries, as in the PyTorch EWC tutorial's plots. The
@@ -113,7 +114,7 @@ def plot_accuracy_matrices(
     of all panels, reversed so that better is brighter as for accuracy.
 
     Args:
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         task_names: names of the tasks.
         path: output PNG.
 
@@ -166,7 +167,7 @@ def plot_method_comparison(
     rise of bits per character (forgetting); lower is better for both.
 
     Args:
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         path: output PNG.
 
     Returns:
@@ -207,10 +208,10 @@ def write_figures(
 
     Args:
         runs: records of every method and seed.
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         task_names: names of the tasks.
         workdir: output directory.
-        metric: the scenario's metric (:data:`experiments.metrics.METRICS`).
+        metric: the scenario's metric (:data:`experiments.reporting.metrics.METRICS`).
 
     Returns:
         Paths of ``accuracy_curves.png``, ``accuracy_matrix.png`` and ``method_comparison.png``.
@@ -227,7 +228,8 @@ def plot_strength_sensitivity(
 ) -> Path:
     """Final average accuracy against the strength λ, one line per method, ± std band over seeds.
 
-    ``metric`` is the scenario's (:data:`experiments.metrics.METRICS`): for a language sequence
+    ``metric`` is the scenario's (:data:`experiments.reporting.metrics.METRICS`): for a language
+    sequence
     the line is the final average bits per character.
 
     A method with a single strength (finetune, joint, or a regularised method run at one λ) is
@@ -235,7 +237,7 @@ def plot_strength_sensitivity(
     logarithmic when every strength is positive and they span at least a factor of 10.
 
     Args:
-        summary: from :func:`experiments.sweep.summarize_sweep`.
+        summary: from :func:`experiments.reporting.sweeps.summarize_sweep`.
         path: output PNG.
 
     Returns:
@@ -282,7 +284,8 @@ def plot_average_accuracy_over_tasks(
     """Average accuracy on the tasks seen so far against their number, one line per method.
 
     ``curves[label][s, t]`` is seed ``s``'s mean accuracy over tasks ``1 .. t+1`` after training
-    task ``t+1`` (:func:`experiments.sequence_report.average_accuracy_curve`); the line is the
+    task ``t+1`` (:func:`experiments.reporting.sequence_report.average_accuracy_curve`); the line
+    is the
     mean over seeds, the band ± one standard deviation.
 
     Args:

@@ -1,13 +1,14 @@
 """Average accuracy and BWT every few tasks of a long sequence, from ``results.json`` files.
 
-    python -m experiments.sequence_report runs/permuted_long/results.json --every 5 \
+    python -m experiments.reporting.sequence_report runs/permuted_long/results.json --every 5 \
         --plot docs/permuted_long.png
 
 Prints a Markdown table, one row per method (and strength, where the files hold several):
 after every ``--every`` tasks ``t``, the average accuracy over tasks ``1 .. t`` and the backward
-transfer over the first ``t`` tasks (:mod:`experiments.metrics` on the ``t x t`` top-left block
+transfer over the first ``t`` tasks (:mod:`experiments.reporting.metrics` on the ``t x t`` top-left
+block
 of each run's accuracy matrix), mean ± std (ddof 1) over seeds. ``--plot`` draws the average
-accuracy after every task (:func:`experiments.plots.plot_average_accuracy_over_tasks`).
+accuracy after every task (:func:`experiments.reporting.plots.plot_average_accuracy_over_tasks`).
 Runs of single-run and sweep ``results.json`` files mix freely; a later file's runs of a
 (method, strength) already seen are added as further seeds.
 """

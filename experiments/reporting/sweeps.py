@@ -29,7 +29,7 @@ class SweepResult:
         seeds: seed of each run.
         strengths: strength of each run.
         accuracy_matrices: ``[R, T, T]``, ``R[r, i, j]`` as in
-            :attr:`experiments.results.RunRecord.accuracy_matrix`.
+            :attr:`experiments.reporting.results.RunRecord.accuracy_matrix`.
         diverged: per run, whether its training loss became non-finite.
         wall_time_s: seconds for all runs of the method together.
     """
@@ -47,7 +47,8 @@ def summarize_sweep(
 ) -> dict[str, list[dict[str, Any]]]:
     """Per method and strength, mean and standard deviation (ddof=1; 0 for one seed) over seeds.
 
-    ``metric`` is the scenario's (:data:`experiments.metrics.METRICS`); for bits per character
+    ``metric`` is the scenario's (:data:`experiments.reporting.metrics.METRICS`); for bits per
+    character
     ``average_accuracy`` below is ``average_bits_per_character``.
 
     Returns:

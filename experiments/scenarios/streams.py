@@ -39,7 +39,7 @@ LabeledImages = Dataset
 class Task:
     """One task of a stream.
 
-    For text (:mod:`experiments.text`) the "images" are int32 input bytes ``[N, T]`` and the
+    For text (:mod:`experiments.data.text`) the "images" are int32 input bytes ``[N, T]`` and the
     "labels" int32 next-byte targets ``[N, T]``.
 
     Attributes:
@@ -68,7 +68,8 @@ class Scenario:
         tasks: the tasks, in training order.
         num_heads: number of output heads (one per task for task-incremental, else 1).
         num_outputs: outputs of each head.
-        metric: what the evaluation measures, a key of :data:`experiments.metrics.METRICS`:
+        metric: what the evaluation measures, a key of
+        :data:`experiments.reporting.metrics.METRICS`:
             ``"accuracy"`` for images, ``"bits_per_character"`` for text.
     """
 

@@ -1,6 +1,7 @@
 """Checkpoints of a continual-learning run, so that a pre-empted run resumes where it stopped.
 
-Resume is the default: :func:`experiments.train.train_and_evaluate` (and the CLI) continue from
+Resume is the default: :func:`experiments.runs.experiment.train_and_evaluate` (and the CLI)
+continue from
 the latest complete checkpoint in the workdir when the workdir's ``config.json`` is the same
 resolved config (``checkpoint_every_steps`` may differ). A workdir with checkpoints of a
 different config is refused, and ``--overwrite`` deletes them and starts afresh; a workdir whose

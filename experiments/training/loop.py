@@ -1,11 +1,12 @@
 """The one training loop: for each task, train it, evaluate, estimate the Fisher, consolidate, save.
 
-A run's state is a :class:`RunState`: the arrays of :class:`experiments.steps.TrainState`
+A run's state is a :class:`RunState`: the arrays of :class:`experiments.training.steps.TrainState`
 (parameters, optimiser and EWC state, PRNG key, strength) and its :class:`Progress` (the
 position in the task stream, the NumPy generator state of the Fisher's example choice, and the
 results so far). Checkpoints save and restore it whole. :func:`run` threads it through the
 steps of a :class:`StepFns`: the single-run steps of :func:`single_run_fns`, or the same steps
-under ``jax.vmap`` over a leading run axis for a sweep (:func:`experiments.sweep.sweep_fns`).
+under ``jax.vmap`` over a leading run axis for a sweep
+(:func:`experiments.training.runners.sweep_fns`).
 The cadences (when to evaluate for the learning curves, when to checkpoint within a task) are
 fields of the :class:`Plan`.
 
@@ -90,7 +91,7 @@ class StepFns(NamedTuple):
     """The steps the loop calls, bound to one setup and method (single run or sweep).
 
     Attributes:
-        init: the fresh :class:`experiments.steps.TrainState`.
+        init: the fresh :class:`experiments.training.steps.TrainState`.
         train_epoch: ``(state, data, num_steps, *, num_batches) -> (state, loss)``.
         evaluate: ``(params, data) -> accuracy`` as float64 NumPy (``[R]`` in a sweep).
         consolidate: ``(state, images, labels, heads) -> state``.
@@ -120,7 +121,8 @@ class Plan:
         task_names: the tasks' names.
         total_steps: SGD steps of each task.
         steps_per_epoch: SGD steps of one pass over each task's training set.
-        num_batches: scan length of each task's epoch (:func:`experiments.steps.scan_length`).
+        num_batches: scan length of each task's epoch
+        (:func:`experiments.training.steps.scan_length`).
         eval_every: evaluate the curves at the first epoch end at or past every this many steps
             of a task (0: after every epoch; None: only the accuracy matrix, at task ends).
         checkpoint_every: checkpoint at the first epoch end at or past every this many steps of

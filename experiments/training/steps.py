@@ -53,12 +53,12 @@ class StepSetup:
         mesh: the data-parallel mesh that mini-batches are split over, or None.
         init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
             PyTorch state_dict (:func:`experiments.models.init_params`).
-        metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
+        metric: what :func:`evaluate` measures (:data:`experiments.reporting.metrics.METRICS`).
         kronecker: whether the EWC state is a (merged) :class:`ewc_jax.kfac.KFACState` instead of
             an :class:`ewc_jax.EWCState` (see :func:`method_setup`).
         param_sharding: ``"replicated"`` (every device holds the whole state) or ``"fsdp"``:
             params, optimiser and EWC state split over the mesh's data axis
-            (:func:`experiments.device_data.param_shardings`); needs a mesh.
+            (:func:`experiments.training.device.param_shardings`); needs a mesh.
     """
 
     model: nn.Module
@@ -199,7 +199,7 @@ def init_state(
 
 def keep_layout(tree: Any, setup: StepSetup) -> Any:
     """FSDP: every leaf constrained (under jit) or moved (eagerly) to its layout of
-    :func:`experiments.device_data.param_shardings`; otherwise ``tree`` as it is.
+    :func:`experiments.training.device.param_shardings`; otherwise ``tree`` as it is.
 
     Constraining what a step returns keeps the state split from step to step, instead of
     leaving the output layout to XLA's sharding propagation.
@@ -332,13 +332,13 @@ def evaluate_chunked(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Ar
 
     ``setup.metric`` ``"accuracy"``: the fraction of rows whose argmax is the label.
     ``"bits_per_character"``: the total code length of the target bytes over the number of
-    characters among them (:func:`experiments.text.bits_per_character`),
+    characters among them (:func:`experiments.data.text.bits_per_character`),
 
     .. math:: \frac{-\sum_{n,t} \log_2 p(y_{nt} \mid y_{n,<t})}{\#\{(n,t): y_{nt}
         \text{ is not a UTF-8 continuation byte}\}}.
 
     With a mesh, the chunk is rounded up to a multiple of the device count and split over the
-    devices when the capacity allows it (:func:`experiments.device_data.put_scenario` pads it
+    devices when the capacity allows it (:func:`experiments.training.device.put_scenario` pads it
     to a multiple).
     """
     capacity = data.labels.shape[0]
