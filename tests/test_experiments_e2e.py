@@ -220,7 +220,7 @@ def test_tutorial_config_on_real_fashion_mnist(tmp_path):
     results = train.train_and_evaluate(config, tmp_path)
     check_results_schema(results, methods=["finetune", "ewc"], seeds=[0], num_tasks=2)
     assert results["task_names"] == ["mnist", "fashion-mnist"]
-    assert results["config"]["datasets"] == ("embedded:mnist", f"idx:{FASHION_MNIST_DIR}")
+    assert results["config"]["datasets"] == ["embedded:mnist", f"idx:{FASHION_MNIST_DIR}"]
     for run in results["runs"]:
         assert run["steps_per_task"] == [40, 40]
         assert all(math.isfinite(v) for v in run["metrics"].values())

@@ -4,21 +4,21 @@ A run's state is a :class:`RunState`: the arrays of :class:`experiments.training
 (parameters, optimiser and EWC state, PRNG key, strength) and its :class:`Progress` (the
 position in the task stream, the NumPy generator state of the Fisher's example choice, and the
 results so far). Checkpoints save and restore it whole. :func:`run` threads it through the
-steps of a :class:`StepFns`: the single-run steps of :func:`single_run_fns`, or the same steps
-under ``jax.vmap`` over a leading run axis for a sweep
-(:func:`experiments.training.runners.sweep_fns`).
-The cadences (when to evaluate for the learning curves, when to checkpoint within a task) are
-fields of the :class:`Plan`.
+steps of a :class:`StepFns` (:mod:`experiments.training.runners`): a single run's jitted
+steps, or the same steps under ``jax.vmap`` over a leading run axis for a sweep. The cadences
+(when to evaluate for the learning curves, when to checkpoint within a task) are fields of the
+:class:`Plan`.
 
 After every task a row of the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training
 task ``i``) is recorded, then the method consolidates. The matrix holds the scenario's metric
 (:attr:`experiments.scenarios.Scenario.metric`): accuracy, or test bits per character on a
 language sequence; ``accuracy_rows`` and the curves' ``accuracy`` keep their names for both.
 
-Stopping: under :func:`stop_on_signals` (the CLI), SIGINT and SIGTERM do not kill the run where
-it stands: :func:`run` finishes the epoch it is in (its safe point), saves a checkpoint and
-raises :class:`Interrupted`. A signal outside the training loop (loading data, compiling,
-writing results), or a second one, raises :class:`Interrupted` at once.
+Stopping: under :func:`experiments.training.signals.stop_on_signals` (the CLI), SIGINT and
+SIGTERM do not kill the run where it stands: :func:`run` finishes the epoch it is in (its safe
+point), saves a checkpoint and raises :class:`~experiments.training.signals.Interrupted`. A
+signal outside the training loop (loading data, compiling, writing results), or a second one,
+raises it at once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The pure steps of a run: initialise, train one epoch, evaluate, estimate the Fisher, consolidate.
+"""The pure steps of a run: initialise, train one epoch, evaluate (the end of a task, importance
+and consolidation, is :mod:`experiments.training.consolidation`).
 
 Every step is a plain function of a :class:`TrainState` (or parameters) and data, returning new
 values; the model, optimiser and batch sizes travel in a hashable :class:`StepSetup` that jit
@@ -13,12 +14,12 @@ takes as a static argument, so nothing is captured from ``self`` or a closure:
   Fashion-MNIST's 60,000) gets its own instead of scanning over 14x more skipped batches.
 * :func:`evaluate` is a jitted, batched accuracy on a padded test set, or, for a language model
   on byte sequences (``setup.metric == "bits_per_character"``), the test bits per character.
-* :func:`fisher` is :func:`ewc_jax.fisher_diagonal` with inputs ``(images, heads)``, so a
-  multi-head model's logits are those of each example's own head; :func:`consolidate_task`
-  folds it into the EWC state.
+* :meth:`StepSetup.logits` is the model's ``apply_fn`` on inputs ``(images, heads)``, so a
+  multi-head model's logits are those of each example's own head; the importances of
+  :mod:`experiments.training.methods` take it.
 
 A sweep runs the same functions under ``jax.vmap`` over a leading run axis of the state
-(:func:`sweep_init`, :func:`sweep_train_epoch`, ...): seeds and strengths are data.
+(:mod:`experiments.training.consolidation`): seeds and strengths are data.
 """
 
 from __future__ import annotations
