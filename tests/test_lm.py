@@ -172,7 +172,8 @@ def test_small_lm_config_end_to_end_and_on_8_devices_equal_one_device():
         import tempfile
         from pathlib import Path
         import jax, numpy as np
-        from experiments import metrics, train
+        from experiments.reporting import metrics
+        from experiments.runs import experiment as train
         from experiments.configs import fortunes_lm
 
         jax.config.update("jax_numpy_dtype_promotion", "strict")
