@@ -13,10 +13,10 @@ keeps them until the new run has finished. Installed as the console script
 
 Resume is the default: run the same command again after a crash, pre-emption or Ctrl-C and it
 continues from the latest complete checkpoint in the workdir (see
-``experiments/storage/checkpoint.py``);
-a workdir holding another config is refused, and ``--overwrite`` discards its checkpoints and
-starts afresh. One run at a time may use a workdir. SIGINT (Ctrl-C) and SIGTERM stop at the next
-safe point (the end of an epoch), save a checkpoint and exit with status 130 and 143.
+``experiments/storage/checkpoint.py``); a workdir holding another config is refused, and
+``--overwrite`` discards its checkpoints and starts afresh. One run at a time may use a workdir.
+SIGINT (Ctrl-C) and SIGTERM stop at the next safe point (the end of an epoch), save a checkpoint
+and exit with status 130 and 143. The guide: ``docs/experiments.md``.
 
 Bad input (config, config file, data files, checkpoints, workdir, disk, missing TensorFlow)
 ends with one line ``error: <what is wrong and what to do>`` on stderr and exit status 1,

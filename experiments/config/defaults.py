@@ -56,8 +56,7 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   mesh, each leaf along its largest axis the device count divides; needs ``data_parallel``, not
   for sweeps).
 * sweep (``experiments/runs/experiment.py``): ``sweep.seeds`` (S > 0: seeds ``s0 .. s0+S-1`` from
-  the first
-  seed; 0: ``seeds``) and ``sweep.strengths`` (λ values; empty: each method's strength).
+  the first seed; 0: ``seeds``) and ``sweep.strengths`` (λ values; empty: each method's strength).
 
 List-valued fields are tuples. On the command line give one element per flag or a Python tuple:
 ``--config.methods=finetune --config.methods=ewc``, ``--config.methods="('finetune', 'ewc')"``;

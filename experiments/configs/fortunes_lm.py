@@ -5,12 +5,10 @@
         --workdir runs/lm_small
 
 A byte-level causal transformer (``experiments/models/language.py``: 2 pre-LayerNorm blocks, width
-64,
-4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
+64, 4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
 ``fortunes-de``, ``fortunes-es`` and ``fortunes-it`` packages one language after another
 (``experiments/data/text.py``: 64-byte windows of the UTF-8 text, records split into train and test
-by
-a hash). The matrix it reports is test bits per character (lower is better) on every language
+by a hash). The matrix it reports is test bits per character (lower is better) on every language
 after every task. English is the "pretraining": 1,500 Adam steps (``first_task_steps``), then
 300-step fine-tunes on German, Spanish and Italian (lr 2e-3, fresh Adam state per task,
 batch 32). The Fisher is the ``sampled`` estimator (one label per byte drawn from the model:

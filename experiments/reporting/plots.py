@@ -56,8 +56,7 @@ def plot_accuracy_curves(
     """Test accuracy of each task over training, one panel per task, one line per method.
 
     ``metric`` names what the curves hold (:data:`experiments.reporting.metrics.METRICS`), e.g.
-    bits per
-    character on a language sequence.
+    bits per character on a language sequence.
 
     Dotted vertical lines mark task boundaries, as in the PyTorch EWC tutorial's plots. The
     first run of each method is drawn.
@@ -229,8 +228,7 @@ def plot_strength_sensitivity(
     """Final average accuracy against the strength λ, one line per method, ± std band over seeds.
 
     ``metric`` is the scenario's (:data:`experiments.reporting.metrics.METRICS`): for a language
-    sequence
-    the line is the final average bits per character.
+    sequence the line is the final average bits per character.
 
     A method with a single strength (finetune, joint, or a regularised method run at one λ) is
     drawn as a horizontal dashed line with its band across the whole strength axis. The axis is
@@ -285,8 +283,7 @@ def plot_average_accuracy_over_tasks(
 
     ``curves[label][s, t]`` is seed ``s``'s mean accuracy over tasks ``1 .. t+1`` after training
     task ``t+1`` (:func:`experiments.reporting.sequence_report.average_accuracy_curve`); the line
-    is the
-    mean over seeds, the band ± one standard deviation.
+    is the mean over seeds, the band ± one standard deviation.
 
     Args:
         curves: ``{label: [S, T] array}``.
