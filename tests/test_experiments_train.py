@@ -193,7 +193,7 @@ def run_config(**overrides):
         ({"method": "ewc"}, "config field 'method' was replaced by 'methods', a tuple"),
         ({"seed": 3}, "config field 'seed' was replaced by 'seeds'"),
         ({"dataset": "embedded:mnist"}, "config field 'dataset' was replaced by 'datasets'"),
-        ({"methods": ("finetune,ewc",)}, "holds a comma-separated string"),
+        ({"datasets": ("embedded:mnist,embedded:digits",)}, "holds a comma-separated string"),
         ({"datasets": ("embedded:mnist", "embedded:digits")}, "needs one dataset"),
     ],
 )
@@ -228,6 +228,11 @@ def test_method_specs_resolve_strengths_and_gamma():
     assert specs["online_ewc"].gamma == 0.9 and specs["ewc"].gamma == 1.0
     config.methods = ("joint",)
     assert [spec.name for spec in config_lib.read_spec(config).methods] == ["joint"]
+    # Method names hold no commas: a comma-separated one is a list, in the API as on the CLI.
+    config.methods = ("finetune, si", "mas")
+    spec = config_lib.read_spec(config)
+    assert [m.name for m in spec.methods] == spec.resolved["methods"] == ["finetune", "si", "mas"]
+    assert config.methods == ("finetune, si", "mas")  # the config itself is left as it was
 
 
 @pytest.mark.slow
