@@ -268,6 +268,16 @@ def one_class_heads(tmp_path):
     )
 
 
+def missing_data_directory(tmp_path):
+    return (
+        [TINY[0], "--config.datasets=idx:/nonexistent/mnist", f"--workdir={tmp_path / 'w'}"],
+        REPO,
+        "IDX data directory /nonexistent/mnist does not exist. For Fashion-MNIST install "
+        "Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist; files in "
+        '/usr/share/datasets/fashion-mnist), or use "embedded:mnist", which needs no files.',
+    )
+
+
 def positional_argument(tmp_path):
     return (
         [*TINY, f"--workdir={tmp_path / 'w'}", "demo"],
@@ -327,6 +337,7 @@ CASES = [
     unknown_field_with_a_guess,
     renamed_field,
     one_class_heads,
+    missing_data_directory,
     positional_argument,
     full_disk_where_results_are_written,
     full_disk_during_overwrite,
