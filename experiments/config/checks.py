@@ -318,8 +318,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     finite angles, seeds in [0, 2^31)); the booleans; at least one method and seed; at least 2
     permuted tasks (the task count of the other scenarios is checked once their data is loaded,
     by :func:`experiments.scenarios.check_scenario`, and ``batch_size`` against the smallest
-    task by :func:`check_task_sizes`); the sweep; ``param_sharding`` (``fsdp`` needs
-    ``data_parallel`` and a single run, not a sweep).
+    task by :func:`experiments.runs.experiment.check_task_sizes`); the sweep;
+    ``param_sharding`` (``fsdp`` needs ``data_parallel`` and a single run, not a sweep); what
+    each method of the table refuses.
 
     Args:
         config: the experiment config.
