@@ -21,7 +21,7 @@ loop does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,75 @@ def _change(after: Sequence[LayerArrays], before: Sequence[LayerArrays]) -> list
     return [(ka - kb, ba - bb) for (ka, ba), (kb, bb) in zip(after, before, strict=True)]
 
 
+def _torch_model(
+    config: Config, start: list[LayerArrays], anchor: list[LayerArrays], fisher: list[LayerArrays]
+) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any], Any]:
+    """A fresh tutorial MLP at ``start``: ``(model, initial_state, precision, means, sgd)``."""
+    import torch
+
+    device = torch_tutorial.default_device()
+    model = torch_tutorial.build_mlp(start, device)
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    precision, means = (
+        {n: torch.from_numpy(a).to(device) for n, a in zip(names, torch_layout(t), strict=True)}
+        for t in (fisher, anchor)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    return model, initial_state, precision, means, optimizer
+
+
+def _torch_eager_epoch(
+    config: Config, parts: tuple, x: Any, y: Any, checks: Checks, jax_grads: list[LayerArrays]
+) -> tuple[Callable[[], float], float | None, str]:
+    """The tutorial's eager epoch, after checking its first batch's gradient against JAX's."""
+    model, _, precision, means, optimizer = parts
+    model.zero_grad()
+    b = config.batch_size
+    torch_tutorial.tutorial_loss(
+        model, x[:b], y[:b], precision, means, config.importance
+    ).backward()
+    torch_grads = {n: p.grad for n, p in model.named_parameters()}
+    examples = (len(x) // b) * b
+    checks(
+        "epoch: jax vs torch loss gradient, first batch",
+        examples,
+        jax_grads,
+        torch_tutorial.to_layer_arrays(torch_grads),
+        config.rtol,
+    )
+
+    def epoch() -> float:
+        return torch_tutorial.tutorial_train_epoch(
+            model,
+            optimizer,
+            x,
+            y,
+            precision,
+            means,
+            importance=config.importance,
+            batch_size=config.batch_size,
+        )
+
+    return epoch, None, "loss.item() every step (tutorial)"
+
+
+def _torch_compiled_epoch(
+    config: Config, parts: tuple, x: Any, y: Any
+) -> tuple[Callable[[], float], float | None, str]:
+    """The same step with the loss and the optimiser step under ``torch.compile``."""
+    model, _, precision, means, optimizer = parts
+    step = torch_tutorial.compiled_train_step(
+        model, optimizer, precision, means, importance=config.importance
+    )
+    compile_s, _ = harness.timed(lambda: step(x[: config.batch_size], y[: config.batch_size]))
+
+    def epoch() -> float:
+        return torch_tutorial.train_epoch(step, x, y, config.batch_size)
+
+    return epoch, compile_s, "torch.compile'd loss and optimizer step, loss read once"
+
+
 def _torch_runners(
     config: Config,
     start: list[LayerArrays],
@@ -122,60 +191,12 @@ def _torch_runners(
     runners: list[Runner] = []
     changes: dict[str, list[LayerArrays]] = {}
     for name in ("torch_eager", "torch_compile"):
-        model = torch_tutorial.build_mlp(start, device)
-        initial_state = {k: v.clone() for k, v in model.state_dict().items()}
-        names = [n for n, _ in model.named_parameters()]
-        precision, means = (
-            {n: torch.from_numpy(a).to(device) for n, a in zip(names, torch_layout(t), strict=True)}
-            for t in (fisher, anchor)
-        )
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-        compile_s = None
+        parts = _torch_model(config, start, anchor, fisher)
+        model, initial_state = parts[0], parts[1]
         if name == "torch_eager":
-            model.zero_grad()
-            b = config.batch_size
-            torch_tutorial.tutorial_loss(
-                model, x[:b], y[:b], precision, means, config.importance
-            ).backward()
-            torch_grads = {n: p.grad for n, p in model.named_parameters()}
-            checks(
-                "epoch: jax vs torch loss gradient, first batch",
-                examples,
-                jax_grads,
-                torch_tutorial.to_layer_arrays(torch_grads),
-                config.rtol,
-            )
-
-            def epoch(
-                model: torch.nn.Module = model,
-                optimizer: torch.optim.Optimizer = optimizer,
-                precision: dict[str, torch.Tensor] = precision,
-                means: dict[str, torch.Tensor] = means,
-            ) -> float:
-                return torch_tutorial.tutorial_train_epoch(
-                    model,
-                    optimizer,
-                    x,
-                    y,
-                    precision,
-                    means,
-                    importance=config.importance,
-                    batch_size=config.batch_size,
-                )
-
-            note = "loss.item() every step (tutorial)"
+            epoch, compile_s, note = _torch_eager_epoch(config, parts, x, y, checks, jax_grads)
         else:
-            step = torch_tutorial.compiled_train_step(
-                model, optimizer, precision, means, importance=config.importance
-            )
-            compile_s, _ = harness.timed(
-                lambda s=step: s(x[: config.batch_size], y[: config.batch_size])
-            )
-
-            def epoch(step: Callable[..., Any] = step) -> float:
-                return torch_tutorial.train_epoch(step, x, y, config.batch_size)
-
-            note = "torch.compile'd loss and optimizer step, loss read once"
+            epoch, compile_s, note = _torch_compiled_epoch(config, parts, x, y)
 
         def run(
             model: torch.nn.Module = model,
@@ -206,6 +227,106 @@ def _torch_runners(
     return runners
 
 
+class _Workload(NamedTuple):
+    """The epoch's data and EWC state, shared by every variant."""
+
+    steps: int
+    examples: int
+    strength: float
+    start: list[LayerArrays]
+    anchor: Any
+    fisher: Any
+    inputs: np.ndarray
+    labels: np.ndarray
+    xs: jax.Array
+    ys: jax.Array
+    params0: Any
+    ewc_state: Any
+
+
+def _workload(config: Config, weights: Sequence[LayerArrays]) -> _Workload:
+    """Start = anchor + N(0, 0.01²); the Fisher: argmax on 512 examples; the epoch's batches."""
+    steps = config.epoch_examples // config.batch_size
+    examples = steps * config.batch_size
+    rng = np.random.default_rng(config.seed + 2)
+    start = [
+        (
+            k + rng.normal(0.0, 0.01, k.shape).astype(np.float32),
+            b + rng.normal(0.0, 0.01, b.shape).astype(np.float32),
+        )
+        for k, b in weights
+    ]
+    fisher_inputs, _ = workload.make_data(512, weights, data=config.data, seed=config.seed + 3)
+    anchor = workload.flax_params(weights)
+    fisher = ewc_jax.fisher_diagonal(
+        workload.apply_fn(), anchor, jax.device_put(fisher_inputs), estimator="argmax"
+    )
+    inputs, labels = workload.make_data(examples, start, data=config.data, seed=config.seed + 4)
+    return _Workload(
+        steps=steps,
+        examples=examples,
+        strength=2.0 * config.importance,
+        start=start,
+        anchor=anchor,
+        fisher=fisher,
+        inputs=inputs,
+        labels=labels,
+        xs=jax.device_put(inputs.reshape(steps, config.batch_size, -1)),
+        ys=jax.device_put(labels.reshape(steps, config.batch_size)),
+        params0=workload.flax_params(start),
+        ewc_state=ewc_jax.consolidate(None, anchor, fisher),
+    )
+
+
+def _jax_runners(config: Config, w: _Workload, checks: Checks) -> list[Runner]:
+    """The scanned epoch and the jitted step loop, compiled, warmed up and checked alike."""
+    optimizer, train_step, scan_epoch = jax_train_fns(config.learning_rate, w.strength)
+    opt_state0 = optimizer.init(w.params0)
+    args = (w.params0, opt_state0, w.ewc_state, w.xs, w.ys)
+    step_compile_s, step = harness.compile_ahead(train_step, *args, 0)
+    scan_compile_s, epoch = harness.compile_ahead(scan_epoch, *args)
+
+    def jax_loop() -> Any:
+        params, opt_state, losses = w.params0, opt_state0, []
+        for i in range(w.steps):
+            params, opt_state, loss = step(params, opt_state, w.ewc_state, w.xs, w.ys, i)
+            losses.append(loss)
+        return jax.block_until_ready((params, jnp.mean(jnp.stack(losses))))
+
+    def jax_scan() -> Any:
+        params, _, loss = epoch(*args)
+        return jax.block_until_ready((params, loss))
+
+    scan_warmup_s, (scan_params, _) = harness.timed(jax_scan)
+    loop_warmup_s, (loop_params, _) = harness.timed(jax_loop)
+    checks(
+        "epoch: jax_scan_epoch vs jax_jit_step_loop, parameter change",
+        w.examples,
+        _change(workload.layer_arrays(scan_params), w.start),
+        _change(workload.layer_arrays(loop_params), w.start),
+        10 * config.rtol,
+    )
+    scan_entry = Entry(
+        "jax_scan_epoch",
+        "epoch",
+        "jax",
+        w.examples,
+        compile_s=scan_compile_s,
+        warmup_s=scan_warmup_s,
+        note="one jax.lax.scan over all batches",
+    )
+    loop_entry = Entry(
+        "jax_jit_step_loop",
+        "epoch",
+        "jax",
+        w.examples,
+        compile_s=step_compile_s,
+        warmup_s=loop_warmup_s,
+        note="jitted step called from a Python loop",
+    )
+    return [(scan_entry, jax_scan), (loop_entry, jax_loop)]
+
+
 def run_epoch(config: Config, weights: Sequence[LayerArrays], checks: Checks) -> list[Entry]:
     """Checks, then times, one EWC training epoch in PyTorch (eager, compiled) and JAX.
 
@@ -221,92 +342,23 @@ def run_epoch(config: Config, weights: Sequence[LayerArrays], checks: Checks) ->
       CheckFailed: the frameworks' loss gradients disagree, or a faster variant's epoch disagrees
         with its plain one (nothing has been timed).
     """
-    steps = config.epoch_examples // config.batch_size
-    examples = steps * config.batch_size
-    print(f"training epoch, {examples} examples", flush=True)
-    strength = 2.0 * config.importance
-    rng = np.random.default_rng(config.seed + 2)
-    start = [
-        (
-            k + rng.normal(0.0, 0.01, k.shape).astype(np.float32),
-            b + rng.normal(0.0, 0.01, b.shape).astype(np.float32),
-        )
-        for k, b in weights
-    ]
-    fisher_inputs, _ = workload.make_data(512, weights, data=config.data, seed=config.seed + 3)
-    anchor = workload.flax_params(weights)
-    fisher = ewc_jax.fisher_diagonal(
-        workload.apply_fn(), anchor, jax.device_put(fisher_inputs), estimator="argmax"
-    )
-    inputs, labels = workload.make_data(examples, start, data=config.data, seed=config.seed + 4)
-    xs = jax.device_put(inputs.reshape(steps, config.batch_size, -1))
-    ys = jax.device_put(labels.reshape(steps, config.batch_size))
-    params0 = workload.flax_params(start)
-    ewc_state = ewc_jax.consolidate(None, anchor, fisher)
-    optimizer, train_step, scan_epoch = jax_train_fns(config.learning_rate, strength)
-    opt_state0 = optimizer.init(params0)
-
-    step_compile_s, step = harness.compile_ahead(
-        train_step, params0, opt_state0, ewc_state, xs, ys, 0
-    )
-    scan_compile_s, epoch = harness.compile_ahead(
-        scan_epoch, params0, opt_state0, ewc_state, xs, ys
-    )
-
-    def jax_loop() -> Any:
-        params, opt_state, losses = params0, opt_state0, []
-        for i in range(steps):
-            params, opt_state, loss = step(params, opt_state, ewc_state, xs, ys, i)
-            losses.append(loss)
-        return jax.block_until_ready((params, jnp.mean(jnp.stack(losses))))
-
-    def jax_scan() -> Any:
-        params, _, loss = epoch(params0, opt_state0, ewc_state, xs, ys)
-        return jax.block_until_ready((params, loss))
-
-    scan_warmup_s, (scan_params, _) = harness.timed(jax_scan)
-    loop_warmup_s, (loop_params, _) = harness.timed(jax_loop)
-    checks(
-        "epoch: jax_scan_epoch vs jax_jit_step_loop, parameter change",
-        examples,
-        _change(workload.layer_arrays(scan_params), start),
-        _change(workload.layer_arrays(loop_params), start),
-        10 * config.rtol,
-    )
-    scan_entry = Entry(
-        "jax_scan_epoch",
-        "epoch",
-        "jax",
-        examples,
-        compile_s=scan_compile_s,
-        warmup_s=scan_warmup_s,
-        note="one jax.lax.scan over all batches",
-    )
-    loop_entry = Entry(
-        "jax_jit_step_loop",
-        "epoch",
-        "jax",
-        examples,
-        compile_s=step_compile_s,
-        warmup_s=loop_warmup_s,
-        note="jitted step called from a Python loop",
-    )
-    runners: list[Runner] = [(scan_entry, jax_scan), (loop_entry, jax_loop)]
-    entries = [scan_entry, loop_entry]
-
+    w = _workload(config, weights)
+    print(f"training epoch, {w.examples} examples", flush=True)
+    runners = _jax_runners(config, w, checks)
+    entries = [entry for entry, _ in runners]
     reason = None if config.use_torch else "disabled with --no-torch"
     if reason is None and not harness.installed("torch"):
         reason = "torch is not installed (pip install 'ewc-jax[bench]')"
     if reason is None:
-        grad_fn = jax.jit(jax.grad(loss_fn(strength)))
-        jax_grads = workload.layer_arrays(grad_fn(params0, ewc_state, xs[0], ys[0]))
+        grad_fn = jax.jit(jax.grad(loss_fn(w.strength)))
+        jax_grads = workload.layer_arrays(grad_fn(w.params0, w.ewc_state, w.xs[0], w.ys[0]))
         torch_runners = _torch_runners(
             config,
-            start,
-            workload.layer_arrays(anchor),
-            workload.layer_arrays(fisher),
-            inputs,
-            labels,
+            w.start,
+            workload.layer_arrays(w.anchor),
+            workload.layer_arrays(w.fisher),
+            w.inputs,
+            w.labels,
             checks,
             jax_grads,
         )
@@ -314,7 +366,7 @@ def run_epoch(config: Config, weights: Sequence[LayerArrays], checks: Checks) ->
         entries += [entry for entry, _ in torch_runners]
     else:
         entries += [
-            Entry(name, "epoch", "torch", examples, status="skipped", reason=reason)
+            Entry(name, "epoch", "torch", w.examples, status="skipped", reason=reason)
             for name in ("torch_compile", "torch_eager")
         ]
     harness.time_round_robin(runners, config)

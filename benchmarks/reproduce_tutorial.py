@@ -9,7 +9,7 @@ ReLU after every Linear, the logits included) as ``torch.nn.Linear`` initialises
 every seed and for finetune and EWC:
 
 * JAX: ``experiments/configs/tutorial.py[:small]`` with ``--config.init=<workdir>/init.npz``,
-  run by :func:`experiments.train.train_and_evaluate` (shuffling with ``jax.random``).
+  run by :func:`experiments.runs.experiment.train_and_evaluate` (shuffling with ``jax.random``).
 * PyTorch: the tutorial's algorithm (:mod:`benchmarks.torch_tutorial`): plain SGD on
   ``cross_entropy + importance · Σ F (θ − θ*)²`` with importance = strength / 2, batches of a
   ``torch.randperm`` per epoch as ``DataLoader(shuffle=True)`` draws them (last partial batch
@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments import data, scenarios, train
+from experiments import data, scenarios
+from experiments.config import RunSpec, read_spec
 from experiments.configs import tutorial
+from experiments.runs import experiment as train
 
 
 def tutorial_torch_mlp(seed: int) -> Any:
@@ -84,7 +86,7 @@ def dead_logits(model: Any, images: np.ndarray) -> int:
 
 
 def torch_run(
-    scenario: scenarios.Scenario, init: Path, seed: int, *, importance: float, config: Any
+    scenario: scenarios.Scenario, init: Path, seed: int, *, importance: float, spec: RunSpec
 ) -> tuple[list[list[float]], list[int]]:
     """One PyTorch run of the tutorial's algorithm.
 
@@ -98,19 +100,20 @@ def torch_run(
 
     generator = torch.Generator().manual_seed(seed)
     model = load_torch_mlp(init)
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(config.learning_rate))
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.learning_rate)
     penalties: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    batch_size, matrix, dead = int(config.batch_size), [], []
+    batch_size, matrix, dead = spec.schedule.batch_size, [], []
+    steps_per_task = spec.schedule.steps_per_task
     every_test = np.concatenate([t.test_images for t in scenario.tasks])
     for task in scenario.tasks:
         inputs = torch.from_numpy(task.train_images.reshape(len(task.train_images), -1))
         labels = torch.from_numpy(task.train_labels.astype(np.int64))
         steps = 0
         model.train()
-        while steps < int(config.steps_per_task):
+        while steps < steps_per_task:
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(labels), batch_size):
-                if steps == int(config.steps_per_task):
+                if steps == steps_per_task:
                     break
                 batch = order[start : start + batch_size]
                 optimizer.zero_grad()
@@ -125,7 +128,9 @@ def torch_run(
         matrix.append([torch_accuracy(model, t.test_images, t.test_labels) for t in scenario.tasks])
         dead.append(dead_logits(model, every_test))
         if importance > 0:
-            chosen = torch.randperm(len(labels), generator=generator)[: int(config.fisher_samples)]
+            chosen = torch.randperm(len(labels), generator=generator)[
+                : spec.methods[0].fisher_samples
+            ]
             precision = torch_tutorial.tutorial_fisher(model, inputs[chosen])
             means = {name: p.detach().clone() for name, p in model.named_parameters()}
             penalties.append((precision, means))
@@ -168,8 +173,7 @@ def compare(jax_runs: dict[tuple[str, int], list[list[float]]], torch_runs: dict
     return rows
 
 
-def main() -> None:
-    """Runs both pipelines and prints the comparison table."""
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--variant", choices=("small", "full"), default="small")
@@ -183,14 +187,11 @@ def main() -> None:
         default=1,
         help="torch.set_num_threads (several threads spin and crawl on a busy machine)",
     )
-    args = parser.parse_args()
-    import torch
+    return parser.parse_args()
 
-    torch.set_num_threads(args.torch_threads)
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    init = args.workdir / "init.npz"
-    save_state_dict(tutorial_torch_mlp(args.init_seed), init)
+def _config(args: argparse.Namespace, init: Path) -> Any:
+    """The tutorial config of ``args``, initialised from the PyTorch state_dict ``init``."""
     config = tutorial.get_config("small" if args.variant == "small" else "")
     config.init = str(init.resolve())
     config.seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -198,42 +199,35 @@ def main() -> None:
         config.steps_per_task = args.steps
     if args.train_limit >= 0:
         config.train_limit = args.train_limit
-    config.eval_every_steps = int(config.steps_per_task)
+    config.eval_every_steps = config.steps_per_task
+    return config
 
-    started = time.perf_counter()
-    document = train.train_and_evaluate(config, args.workdir / "jax", overwrite=True)
-    jax_s = time.perf_counter() - started
-    jax_runs = {(r["method"], r["seed"]): r["accuracy_matrix"] for r in document["runs"]}
 
-    started = time.perf_counter()
-    datasets = data.load_datasets(config.datasets, data_dir=config.data_dir)
+def _torch_runs(spec: RunSpec, init: Path) -> tuple[dict, dict, int]:
+    """Every method and seed of ``spec`` in PyTorch: matrices, dead logits, dead at init."""
+    datasets = data.load_datasets(spec.data.datasets, data_dir=spec.data.data_dir)
     torch_runs, torch_dead = {}, {}
+    first = scenarios.build_scenario(spec.data, datasets, spec.seeds[0])
     dead_at_init = dead_logits(
-        load_torch_mlp(init),
-        np.concatenate(
-            [
-                t.test_images
-                for t in scenarios.build_scenario(config, datasets, config.seeds[0]).tasks
-            ]
-        ),
+        load_torch_mlp(init), np.concatenate([t.test_images for t in first.tasks])
     )
     print(f"[torch] dead logit units at init: {dead_at_init} of 10", flush=True)
-    for seed in config.seeds:
-        scenario = scenarios.build_scenario(config, datasets, seed)
-        for method in config.methods:
-            importance = float(config.strength) / 2 if method == "ewc" else 0.0
-            matrix, dead = torch_run(scenario, init, seed, importance=importance, config=config)
-            torch_runs[method, seed], torch_dead[f"{method} {seed}"] = matrix, dead
+    for seed in spec.seeds:
+        scenario = scenarios.build_scenario(spec.data, datasets, seed)
+        for method in spec.methods:
+            # The tutorial's importance is λ/2: its penalty has no 1/2.
+            importance = method.strength / 2
+            matrix, dead = torch_run(scenario, init, seed, importance=importance, spec=spec)
+            torch_runs[method.name, seed], torch_dead[f"{method.name} {seed}"] = matrix, dead
             print(
-                f"[torch {method} seed {seed}] final accuracy {matrix[-1]}, dead logit units "
-                f"after each task {dead}",
+                f"[torch {method.name} seed {seed}] final accuracy {matrix[-1]}, dead logit "
+                f"units after each task {dead}",
                 flush=True,
             )
-    torch_s = time.perf_counter() - started
+    return torch_runs, torch_dead, dead_at_init
 
-    rows = compare(jax_runs, torch_runs)
-    names = document["task_names"]
-    print(f"\n{args.variant}: {config.steps_per_task} steps/task, seeds {list(config.seeds)}")
+
+def _print_table(rows: list[dict], names: list[str]) -> None:
     print(f"{'method':9} {'task':14} {'JAX mean±std [min, max]':28} {'PyTorch':28} diff")
     for row in rows:
         cells = [
@@ -244,12 +238,40 @@ def main() -> None:
             f"{row['method']:9} {names[row['task']]:14} {cells[0]:28} {cells[1]:28} "
             f"{row['difference']:+.3f}"
         )
+
+
+def main() -> None:
+    """Runs both pipelines and prints the comparison table."""
+    args = _arguments()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    init = args.workdir / "init.npz"
+    save_state_dict(tutorial_torch_mlp(args.init_seed), init)
+    config = _config(args, init)
+    spec = read_spec(config)
+
+    started = time.perf_counter()
+    document = train.train_and_evaluate(config, args.workdir / "jax", overwrite=True)
+    jax_s = time.perf_counter() - started
+    jax_runs = {(r["method"], r["seed"]): r["accuracy_matrix"] for r in document["runs"]}
+
+    started = time.perf_counter()
+    torch_runs, torch_dead, dead_at_init = _torch_runs(spec, init)
+    torch_s = time.perf_counter() - started
+
+    rows = compare(jax_runs, torch_runs)
+    names = document["task_names"]
+    steps = spec.schedule.steps_per_task
+    print(f"\n{args.variant}: {steps} steps/task, seeds {list(spec.seeds)}")
+    _print_table(rows, names)
     print(f"wall time: JAX {jax_s:.0f} s, PyTorch {torch_s:.0f} s")
     summary = {
         "variant": args.variant,
-        "steps_per_task": int(config.steps_per_task),
-        "train_limit": int(config.train_limit),
-        "seeds": list(config.seeds),
+        "steps_per_task": steps,
+        "train_limit": spec.data.train_limit,
+        "seeds": list(spec.seeds),
         "init_seed": args.init_seed,
         "task_names": names,
         "rows": rows,

@@ -6,32 +6,40 @@
         --config.strength=2000
 
 ``--config.<field>=<value>`` overrides any config field; every field, its meaning and its valid
-values are documented in ``experiments/config.py`` (the ready-made configs are in
+values are documented in ``experiments/config/defaults.py`` (the ready-made configs are in
 ``experiments/configs/``). ``--overwrite`` replaces finished results already in the workdir, and
 keeps them until the new run has finished. Installed as the console script
 ``ewc-jax-experiment``.
 
 Resume is the default: run the same command again after a crash, pre-emption or Ctrl-C and it
-continues from the latest complete checkpoint in the workdir (see ``experiments/checkpoint.py``);
-a workdir holding another config is refused, and ``--overwrite`` discards its checkpoints and
-starts afresh. One run at a time may use a workdir. SIGINT (Ctrl-C) and SIGTERM stop at the next
-safe point (the end of an epoch), save a checkpoint and exit with status 130 and 143.
+continues from the latest complete checkpoint in the workdir (see
+``experiments/storage/checkpoint.py``); a workdir holding another config is refused, and
+``--overwrite`` discards its checkpoints and starts afresh. One run at a time may use a workdir.
+SIGINT (Ctrl-C) and SIGTERM stop at the next safe point (the end of an epoch), save a checkpoint
+and exit with status 130 and 143. The guide: ``docs/experiments.md``.
 
 Bad input (config, config file, data files, checkpoints, workdir, disk, missing TensorFlow)
 ends with one line ``error: <what is wrong and what to do>`` on stderr and exit status 1,
 before any training where it can be detected; a traceback means a bug in this code.
 """
 
+import importlib.util
 import os
-import re
 import signal
 import sys
+import traceback
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import checkpoint, config, data, loop, train, workdir
+from experiments import config
+from experiments.data import MissingDependencyError
+from experiments.runs.experiment import train_and_evaluate
+from experiments.storage import checkpoint, workdir
+from experiments.training.loop import TrainingDivergedError
+from experiments.training.signals import Interrupted, stop_on_signals
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -40,7 +48,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     None,
     "Experiment config file, e.g. experiments/configs/demo.py[:small] (a path, absolute or "
     "relative to the current directory). Override its fields with --config.<field>=<value>; "
-    "every field is documented in experiments/config.py.",
+    "every field is documented in experiments/config/defaults.py.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
@@ -63,9 +71,9 @@ USER_ERRORS = (
     workdir.WorkdirExistsError,
     workdir.WorkdirBusyError,
     workdir.WorkdirUnusableError,
-    loop.TrainingDivergedError,
+    TrainingDivergedError,
     checkpoint.CheckpointError,
-    data.MissingDependencyError,
+    MissingDependencyError,
     # The data loaders' and scenarios' own errors name the file or dataset and the fix.
     ValueError,
     FileNotFoundError,
@@ -77,34 +85,36 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 def main(argv: list[str]) -> None:
     """Trains and evaluates the config given on the command line."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # parse_flags refused positional arguments
     # Orbax logs every save at INFO, TFDS its probes of a missing dataset at WARNING, and a
     # failed save's thread tracebacks at ERROR before it raises: the one-line error below says
     # what failed. Keep the terminal for progress.
     logging.set_verbosity(logging.FATAL)
-    config_value = _load_config()
-    # Method names hold no commas, so `--config.methods=finetune,ewc` can only mean a list.
-    if isinstance(config_value.methods, tuple | list):
-        config_value.methods = tuple(
-            name.strip()
-            for value in config_value.methods
-            for name in (value.split(",") if isinstance(value, str) else [value])
-            if not isinstance(name, str) or name.strip()
-        )
     try:
-        with loop.stop_on_signals():
-            train.train_and_evaluate(config_value, _WORKDIR.value, overwrite=_OVERWRITE.value)
-    except loop.Interrupted as stop:
+        with stop_on_signals():
+            train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except Interrupted as stop:
         print(interrupted_message(stop.signum, _WORKDIR.value, _OVERWRITE.value), file=sys.stderr)
         sys.exit(EXIT_STATUS[stop.signum])
     except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {resume_advice(str(error), _OVERWRITE.value)}")
     except OSError as error:
         if checkpoint.os_error_in(error) is None or error.filename is None:
             raise
         # A full or read-only disk where results, figures or data are written.
-        sys.exit(f"error: {workdir.unusable_message(error.filename, error)}")
+        message = workdir.unusable_message(error.filename, error)
+        sys.exit(f"error: {resume_advice(message, _OVERWRITE.value)}")
+
+
+def resume_advice(message: str, overwrite: bool) -> str:
+    """``message`` with its advice to rerun made true of an ``--overwrite`` run: rerunning with
+    ``--overwrite`` starts afresh from task 1; without it, the run resumes."""
+    if not overwrite or "rerun the same command" not in message:
+        return message
+    return message.replace(
+        "rerun the same command",
+        "rerun the command without --overwrite (with it, the run starts afresh from task 1)",
+    )
 
 
 def interrupted_message(signum: int, workdir_path: str, overwrite: bool) -> str:
@@ -121,11 +131,14 @@ def interrupted_message(signum: int, workdir_path: str, overwrite: bool) -> str:
     )
 
 
-def _load_config():
-    """The parsed ``--config``, or one line on why its file cannot be loaded."""
-    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+def check_config_file(spec: str) -> None:
+    """Loads ``--config``'s file as ml_collections will, and exits with one line if it cannot:
+    no such file, a syntax error, an exception on import or in ``get_config`` (an unknown
+    variant, say), or a ``get_config`` that returns no ``ConfigDict``."""
     # ``file.py:variant``: the file is what precedes the first ':' (as ml_collections splits it).
-    path = spec if os.path.isfile(spec) else spec.split(":", 1)[0]
+    path, _, variant = spec.partition(":")
+    if os.path.isfile(spec):
+        path, variant = spec, ""
     if not os.path.isfile(path):
         available = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if p.stem != "__init__"))
         where = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"
@@ -136,37 +149,56 @@ def _load_config():
             f"{available} in {CONFIGS}"
         )
     try:
-        return _CONFIG.value
-    except (ValueError, TypeError, OSError) as error:  # get_config's own refusal, e.g. a variant
-        cause = error.__cause__ or error
-        sys.exit(f"error: --config {path}: {cause}")
+        loader = importlib.util.spec_from_file_location("_checked_config", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        value = module.get_config(variant) if variant else module.get_config()
+    except SyntaxError as error:
+        sys.exit(f"error: --config {path}: syntax error on line {error.lineno}: {error.msg}")
+    except Exception as error:  # the config file's own code: name it and its line
+        frames = traceback.extract_tb(error.__traceback__)
+        lines = [f.lineno for f in frames if Path(f.filename).resolve() == Path(path).resolve()]
+        where = f" (line {lines[-1]})" if lines else ""
+        text = str(error) or type(error).__name__
+        if not isinstance(error, ValueError | TypeError):
+            text = f"{type(error).__name__}: {text}"
+        sys.exit(f"error: --config {path}{where}: {text}")
+    if not isinstance(value, ml_collections.ConfigDict):
+        sys.exit(
+            f"error: --config {path}: get_config() returned {type(value).__name__}, not an "
+            "ml_collections.ConfigDict (a missing return statement?)"
+        )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every bad flag (and an unknown ``--config.<field>``) reported
-    in one line: ``error: ...`` and exit status 1."""
+    """absl's flag parsing, with every bad flag, config file, ``--config.<field>`` and
+    positional argument reported in one line: ``error: ...`` and exit status 1."""
     if any(arg in ("-h", "-?", "--help", "-help", "--helpshort") for arg in argv[1:]):
         # absl's own --help lists the flags of sys.argv[0]'s module: none for the console script.
         print(f"{__doc__}\nflags:\n{flags.FLAGS.module_help(sys.modules[__name__])}")
         print("\nTry --helpfull to get a list of all flags.")
         sys.exit(0)
+    for index, arg in enumerate(argv[1:], start=1):
+        name, equals, value = arg.partition("=")
+        if name in ("--config", "-config"):
+            check_config_file(value if equals else (argv[index + 1 :] or [""])[0])
+        elif name.startswith(("--config.", "-config.")):
+            try:
+                config.check_override(name.split("config.", 1)[1])
+            except config.ConfigError as error:
+                sys.exit(f"error: {error}")
     try:
-        return flags.FLAGS(argv)
-    except AttributeError as error:  # ml_collections' "Did you mean ..." for a locked config
-        text = str(error)
-        guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-        if guess and guess[2] in config.RENAMED:
-            sys.exit(f"error: {config.renamed_message(guess[2])}")
-        what = f"{guess[2]!r} (did you mean {guess[1]!r}?)" if guess else f"({text})"
-        sys.exit(
-            f"error: unknown config field {what}; the fields are those of experiments/config.py"
-        )
+        remaining = flags.FLAGS(argv)
     except flags.Error as error:
-        # A config file whose get_config raised carries its traceback in the message: keep the
-        # flag and the exception's own line.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
         sys.exit(f"error: {text} (see --help)")
+    if len(remaining) > 1:
+        sys.exit(
+            f"error: unexpected argument(s) {' '.join(remaining[1:])}: every setting is a flag, "
+            "e.g. --config experiments/configs/demo.py --workdir runs/demo (see --help)"
+        )
+    return remaining
 
 
 def run() -> None:

@@ -1,4 +1,4 @@
-"""Checkpoint, resume and determinism of the experiments (``experiments/checkpoint.py``).
+"""Checkpoint, resume and determinism of the experiments (``experiments/storage/checkpoint.py``).
 
 A run killed with SIGKILL and resumed must give the uninterrupted run's accuracy matrix bit for
 bit on CPU; an interrupted save is never taken for complete; a corrupt checkpoint or one of
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
-from experiments import checkpoint, plots, train, workdir
+from experiments.reporting import plots
+from experiments.runs import experiment as train
+from experiments.storage import checkpoint, workdir
 
 TIMING_FIELDS = ("task_wall_time_s", "fisher_wall_time_s", "wall_time_s", "environment")
 
@@ -199,6 +201,26 @@ def test_corrupt_or_foreign_checkpoints_raise(tmp_path):
     assert (path / checkpoint.MARKER).exists()  # a corrupt checkpoint is left for inspection
 
 
+def test_one_byte_edited_in_checkpoint_json_is_refused(tmp_path):
+    """The marker holds the progress the run resumes from: an edited ``steps_done`` (valid JSON,
+    a plausible value) would resume at another step; its own checksum refuses it."""
+    run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
+    path = run.save(small_arrays(), {"task": 1, "steps_done": 125})
+    assert run.restore(small_arrays())[1] == {"task": 1, "steps_done": 125}
+    text = (path / checkpoint.MARKER).read_text()
+    assert text.count('"steps_done": 125') == 1
+    (path / checkpoint.MARKER).write_text(text.replace('"steps_done": 125', '"steps_done": 124'))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"checkpoint {path} is damaged: checkpoint.json was changed since it was saved "
+        rf"\(checksum mismatch\); delete {path} to resume from the one before",
+    ):
+        run.restore(small_arrays())
+    # Restored byte for byte, it resumes again.
+    (path / checkpoint.MARKER).write_text(text)
+    assert run.restore(small_arrays())[1]["steps_done"] == 125
+
+
 def test_a_bit_flip_in_a_stored_array_is_refused_naming_what_to_delete(tmp_path):
     run = checkpoint.RunCheckpoints(tmp_path / "run", "a" * 64)
     values = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64)}
@@ -255,7 +277,7 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     # `make demo` passes a relative --workdir; Orbax itself only accepts absolute paths.
     import jax.numpy as jnp
 
-    from experiments.checkpoint import RunCheckpoints, checkpoints_root
+    from experiments.storage.checkpoint import RunCheckpoints, checkpoints_root
 
     monkeypatch.chdir(tmp_path)
     ckpts = RunCheckpoints(checkpoints_root("runs/demo") / "ewc-seed0", "f" * 64)

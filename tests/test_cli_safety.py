@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments import plots, train, workdir
+from experiments import config as config_lib
+from experiments.data import tfds_source
+from experiments.reporting import plots
+from experiments.runs import experiment as train
+from experiments.storage import workdir
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -65,145 +69,14 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
     script = cli("--help", python=("-c", "from experiments.main import run; run()"))
     for done in (module, script):
         assert done.returncode == 0, done.stderr
-        for text in ("--config:", "--workdir:", "--[no]overwrite:", "experiments/config.py"):
+        for text in ("--config:", "--workdir:", "--[no]overwrite:", "config/defaults.py"):
             assert text in done.stdout
         assert "ewc-jax-experiment" in done.stdout  # the module docstring
 
 
-def _shipped() -> str:
-    shipped = sorted(p.name for p in (REPO / "experiments/configs").glob("*.py"))
-    return ", ".join(name for name in shipped if name != "__init__.py")
-
-
-def bad_config_path(tmp_path):
-    shipped = _shipped()
-    return (
-        ["--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'w'}"],
-        tmp_path,
-        f"--config file experiments/configs/demo.py does not exist (relative to {tmp_path}); "
-        f"did you mean {REPO / 'experiments/configs/demo.py'}? the configs shipped are "
-        f"{shipped} in {REPO / 'experiments/configs'}",
-    )
-
-
-def missing_config_with_a_variant(tmp_path):
-    return (
-        ["--config=experiments/configs/nothere.py:small", f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        f"--config file experiments/configs/nothere.py does not exist (relative to {REPO}); the "
-        f"configs shipped are {_shipped()} in {REPO / 'experiments/configs'}",
-    )
-
-
-def bad_value_in_a_variant(tmp_path):
-    # A `file.py:variant` spec reaches the config's own checks (the file part is found).
-    return (
-        [
-            "--config=experiments/configs/permuted_mnist.py:small",
-            "--config.learning_rate=inf",
-            f"--workdir={tmp_path / 'w'}",
-        ],
-        REPO,
-        "learning_rate must be a finite number > 0, got inf",
-    )
-
-
-def comma_separated_methods(tmp_path):
-    # Split into names (the comma form of the issue), then checked like any list of methods.
-    return (
-        [*TINY, "--config.methods=finetune,si,nope", f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        "unknown method 'nope'; valid methods: finetune, l2, ewc, online_ewc, si, mas, kfac, joint",
-    )
-
-
-def unknown_variant(tmp_path):
-    return (
-        ["--config=experiments/configs/tutorial.py:big", f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        "flag --config=experiments/configs/tutorial.py:big: Error whilst parsing config file: "
-        "ValueError: unknown variant 'big'; valid variants: 'small' (see --help)",
-    )
-
-
-def float_for_an_int_field(tmp_path):
-    return (
-        [*TINY, "--config.fisher_samples=1e8", f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        "flag --config.fisher_samples=1e8: invalid literal for int() with base 10: '1e8' "
-        "(see --help)",
-    )
-
-
-def hidden_size_zero(tmp_path):
-    return (
-        [
-            "--config=experiments/configs/default.py",
-            "--config.hidden_sizes=0",
-            f"--workdir={tmp_path / 'w'}",
-        ],
-        REPO,
-        "hidden_sizes must all be >= 1 (the width of each hidden layer), got (0,)",
-    )
-
-
-def workdir_is_a_file(tmp_path):
-    (tmp_path / "w").write_text("a file")
-    return (
-        [*TINY, f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        f"--workdir {tmp_path / 'w'} is a file, not a directory; choose another --workdir",
-    )
-
-
-def read_only_workdir(tmp_path):
-    directory = read_only_dir(tmp_path)
-    return (
-        [*TINY, f"--workdir={directory}"],
-        REPO,
-        f"cannot write to {directory} (Permission denied); choose a writable --workdir",
-    )
-
-
-def overwrite_with_infinite_learning_rate(tmp_path):
-    return (
-        [*TINY, "--config.learning_rate=inf", "--overwrite", f"--workdir={tmp_path / 'w'}"],
-        REPO,
-        "learning_rate must be a finite number > 0, got inf",
-    )
-
-
-CASES = [
-    bad_config_path,
-    missing_config_with_a_variant,
-    bad_value_in_a_variant,
-    comma_separated_methods,
-    unknown_variant,
-    float_for_an_int_field,
-    hidden_size_zero,
-    workdir_is_a_file,
-    read_only_workdir,
-    overwrite_with_infinite_learning_rate,
-]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
-def test_user_errors_are_one_line_on_stderr(tmp_path, case):
-    old = tmp_path / "w"
-    if case is overwrite_with_infinite_learning_rate:
-        old.mkdir()
-        for name, text in OLD_RESULTS.items():
-            (old / name).write_text(text)
-    args, cwd, message = case(tmp_path)
-    done = cli(*args, cwd=cwd)
-    assert (done.returncode, done.stderr) == (1, f"error: {message}\n")
-    if old.is_dir():
-        assert {p.name: p.read_text() for p in old.glob("[!.]*")} == OLD_RESULTS
-
-
 def test_tfds_without_tensorflow_is_one_line_naming_what_to_install(tmp_path):
     pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
-    if train.data._tensorflow_installed():
+    if tfds_source._tensorflow_installed():
         pytest.skip("TensorFlow is installed: TFDS would prepare the dataset")
     # TFDS's metadata look-up on GCS off, as in tests/test_data.py: no test reaches the network.
     program = textwrap.dedent(
@@ -290,7 +163,7 @@ def test_an_interrupted_promotion_is_completed_by_the_next_run(tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             workdir.promote(run_dir)
     assert moves == [workdir.MANIFEST, "config.json"] and not (run_dir / "results.json").exists()
-    config = train.config_lib.get_config()
+    config = config_lib.get_config()
     with (
         pytest.raises(workdir.WorkdirExistsError, match="already holds finished results"),
         workdir.locked(run_dir),
@@ -337,7 +210,7 @@ def test_sigterm_and_sigint_stop_at_a_safe_point_and_the_rerun_resumes(tmp_path,
     resumed = json.loads((run_dir / "results.json").read_text())
 
     monkeypatch.setattr(plots, "write_figures", lambda *args, **kwargs: [])
-    config = train.config_lib.get_config()
+    config = config_lib.get_config()
     config.datasets, config.num_tasks, config.hidden_sizes = ("embedded:digits",), 2, (16,)
     config.methods, config.fisher_samples, config.epochs = ("finetune",), 64, 3
     reference = train.train_and_evaluate(config, tmp_path / "reference")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import data, idx
-from experiments.data import Dataset
+from experiments.data import Dataset, idx, tfds_source
+from experiments.data import loading as data
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -408,14 +408,14 @@ def test_tfds_prepares_then_reads_without_network_or_tensorflow(
     tiny_tfds_name, tfds_unprepared, monkeypatch
 ):
     probed = []
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "_host_reachable", lambda host: probed.append(host) or True)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)
+    monkeypatch.setattr(tfds_source, "_host_reachable", lambda host: probed.append(host) or True)
     prepared_now = data.load_dataset(f"tfds:{tiny_tfds_name}", data_dir=tfds_unprepared, seed=2)
     assert probed == ["tiny.example.org"]  # no URL attribute: the homepage's host
     assert list((tfds_unprepared / tiny_tfds_name / "1.0.0").glob("*.array_record-*"))
 
-    monkeypatch.setattr(data, "_host_reachable", _forbid("_host_reachable"))
-    monkeypatch.setattr(data, "_tensorflow_installed", _forbid("_tensorflow_installed"))
+    monkeypatch.setattr(tfds_source, "_host_reachable", _forbid("_host_reachable"))
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", _forbid("_tensorflow_installed"))
     ds = data.load_dataset(f"tfds:{tiny_tfds_name}", data_dir=tfds_unprepared, seed=2)
     for field in Dataset._fields:
         np.testing.assert_array_equal(getattr(ds, field), getattr(prepared_now, field))
@@ -435,8 +435,8 @@ def test_tfds_prepares_then_reads_without_network_or_tensorflow(
 
 def test_tfds_offline_and_unprepared_fails_fast_naming_alternatives(tfds_unprepared, monkeypatch):
     probed = []
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
-    monkeypatch.setattr(data, "_host_reachable", lambda host: probed.append(host) or False)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)
+    monkeypatch.setattr(tfds_source, "_host_reachable", lambda host: probed.append(host) or False)
     with pytest.raises(
         ConnectionError,
         match=r"not prepared in .*mnist.* host storage.googleapis.com does not answer.*"
@@ -447,8 +447,8 @@ def test_tfds_offline_and_unprepared_fails_fast_naming_alternatives(tfds_unprepa
 
 
 def test_tfds_unprepared_without_tensorflow_fails_before_any_download(tfds_unprepared, monkeypatch):
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
-    monkeypatch.setattr(data, "_host_reachable", _forbid("_host_reachable"))
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(tfds_source, "_host_reachable", _forbid("_host_reachable"))
     with pytest.raises(ImportError, match=r"TFDS needs TensorFlow to prepare it.*embedded:mnist"):
         data.load_dataset("tfds:kmnist", data_dir=tfds_unprepared)
 

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import loop, metrics, steps, train, workdir
-from experiments import results as results_lib
 from experiments.configs import default, tutorial
+from experiments.reporting import metrics
+from experiments.reporting import results as results_lib
+from experiments.runs import experiment as train
+from experiments.storage import workdir
+from experiments.training import loop, steps
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -217,7 +220,96 @@ def test_tutorial_config_on_real_fashion_mnist(tmp_path):
     results = train.train_and_evaluate(config, tmp_path)
     check_results_schema(results, methods=["finetune", "ewc"], seeds=[0], num_tasks=2)
     assert results["task_names"] == ["mnist", "fashion-mnist"]
-    assert results["config"]["datasets"] == ("embedded:mnist", f"idx:{FASHION_MNIST_DIR}")
+    assert results["config"]["datasets"] == ["embedded:mnist", f"idx:{FASHION_MNIST_DIR}"]
     for run in results["runs"]:
         assert run["steps_per_task"] == [40, 40]
         assert all(math.isfinite(v) for v in run["metrics"].values())
+
+
+def test_a_full_disk_while_a_figure_is_written_is_one_line_and_leaves_no_temporary(
+    tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    from experiments.reporting import plots
+
+    def full_disk(self, path, **kwargs):
+        del self, kwargs
+        Path(path).write_bytes(b"\x89PNG partial")
+        # As PIL raises it: an OSError whose errno says why, without a file name.
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    stat = {"mean": 0.5, "std": 0.0}
+    summary = {"ewc": {"average_accuracy": stat, "average_forgetting": stat, "num_seeds": 1}}
+    with pytest.raises(workdir.WorkdirUnusableError) as error:
+        plots.plot_method_comparison(summary, tmp_path / "method_comparison.png")
+    assert str(error.value) == (
+        f"cannot write {tmp_path / 'method_comparison.png'}: no space left on device; free some "
+        "space (or choose a --workdir on another disk) and rerun the same command"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+SMALL_RUN = (
+    "--config.train_limit=120",
+    "--config.test_limit=60",
+    "--config.steps_per_task=4",
+    "--config.fisher_samples=16",
+    "--config.eval_batch_size=60",
+    "--config.batch_size=8",
+)
+"""Flags that make any image config a few seconds' run."""
+
+
+@pytest.mark.slow
+def test_every_config_and_path_runs_end_to_end(tmp_path):
+    """The configs and settings no other test runs, each a tiny CLI run (one driver process):
+    ``rotated_mnist.py`` with a CNN, the batched Fisher and the optimiser kept across tasks;
+    ``split_mnist.py`` (class-incremental); permuted with its first task permuted too; and a
+    successful ``--overwrite`` of finished results."""
+    from test_cli_errors import run_driver
+
+    configs = "experiments/configs"
+    runs = {
+        "rotated_cnn_batched": [
+            f"--config={configs}/rotated_mnist.py:small",
+            "--config.model=cnn",
+            "--config.methods=ewc",
+            "--config.estimator=batched",
+            "--config.fisher_batch_size=8",
+            "--config.reset_optimizer=False",
+        ],
+        "split_class": [f"--config={configs}/split_mnist.py:small,class", "--config.methods=l2"],
+        "permuted_first_permuted": [
+            f"--config={configs}/default.py",
+            "--config.first_task_unpermuted=False",
+            "--config.num_tasks=2",
+            "--config.methods=finetune",
+        ],
+    }
+    cases = [
+        {"name": name, "argv": [*argv, *SMALL_RUN, f"--workdir={tmp_path / name}"]}
+        for name, argv in runs.items()
+    ]
+    again = [*cases[-1]["argv"], "--overwrite", "--config.seeds=1"]
+    cases.append({"name": "overwrite", "argv": again})
+    for case in cases:
+        case.update(cwd=str(REPO), **{"raise": None})
+    results = run_driver(cases, tmp_path)
+    for name, result in results.items():
+        assert result["returncode"] == 0, (name, result["stderr"][-2000:])
+    documents = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
+    rotated = documents["rotated_cnn_batched"]
+    assert rotated["scenario"] == "rotated" and rotated["config"]["model"] == "cnn"
+    assert rotated["config"]["estimator"] == "batched" and not rotated["config"]["reset_optimizer"]
+    assert documents["split_class"]["scenario"] == "split-class"
+    assert documents["permuted_first_permuted"]["config"]["first_task_unpermuted"] is False
+    # The overwrite replaced the finished results (seed 1 now) and left no staging behind.
+    replaced = json.loads((tmp_path / "permuted_first_permuted" / "results.json").read_text())
+    assert replaced["seeds"] == [1]
+    assert not (tmp_path / "permuted_first_permuted" / workdir.STAGING).exists()
+    for document in documents.values():
+        for run in document["runs"]:
+            matrix = np.asarray(run["accuracy_matrix"])
+            assert np.all((matrix >= 0) & (matrix <= 1)) and matrix.shape[0] == matrix.shape[1]

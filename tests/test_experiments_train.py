@@ -8,9 +8,13 @@ import pytest
 
 import ewc_jax
 from experiments import config as config_lib
-from experiments import device_data, loop, models, scenarios, steps, train
+from experiments import models, scenarios
 from experiments.configs import default
 from experiments.data import Dataset
+from experiments.runs import experiment as train
+from experiments.training import consolidation, loop, steps
+from experiments.training import device as device_data
+from experiments.training.methods import MethodSpec
 
 
 def tiny_setup(tx=None, *, num_heads=1, num_outputs=3, batch_size=4, eval_batch_size=5):
@@ -143,8 +147,8 @@ def test_fisher_of_a_head_leaves_other_heads_at_zero():
     setup = tiny_setup(num_heads=3, num_outputs=2)
     data = random_task_data(num=8, capacity=8, num_outputs=2, head=1)
     params = fresh_state(setup, data).params
-    spec = config_lib.MethodSpec("ewc", strength=1.0, estimator="exact", fisher_samples=8)
-    fisher = steps.fisher(
+    spec = MethodSpec("ewc", strength=1.0, estimator="exact", fisher_samples=8)
+    fisher = consolidation.fisher(
         params, data.images, data.labels, data.heads, jax.random.key(0), setup=setup, method=spec
     )
     head_kernel = np.asarray(fisher["Dense_1"]["kernel"])  # columns: head 0 | head 1 | head 2
@@ -189,7 +193,7 @@ def run_config(**overrides):
         ({"method": "ewc"}, "config field 'method' was replaced by 'methods', a tuple"),
         ({"seed": 3}, "config field 'seed' was replaced by 'seeds'"),
         ({"dataset": "embedded:mnist"}, "config field 'dataset' was replaced by 'datasets'"),
-        ({"methods": ("finetune,ewc",)}, "holds a comma-separated string"),
+        ({"datasets": ("embedded:mnist,embedded:digits",)}, "holds a comma-separated string"),
         ({"datasets": ("embedded:mnist", "embedded:digits")}, "needs one dataset"),
     ],
 )
@@ -213,7 +217,7 @@ def test_method_specs_resolve_strengths_and_gamma():
     config.strength = 50.0
     config.strengths.l2 = 0.25
     config.gamma = 0.9
-    specs = {spec.name: spec for spec in config_lib.method_specs(config)}
+    specs = {spec.name: spec for spec in config_lib.read_spec(config).methods}
     assert {name: spec.strength for name, spec in specs.items()} == {
         "finetune": 0.0,
         "l2": 0.25,
@@ -223,7 +227,12 @@ def test_method_specs_resolve_strengths_and_gamma():
     }
     assert specs["online_ewc"].gamma == 0.9 and specs["ewc"].gamma == 1.0
     config.methods = ("joint",)
-    assert [spec.name for spec in config_lib.method_specs(config)] == ["joint"]
+    assert [spec.name for spec in config_lib.read_spec(config).methods] == ["joint"]
+    # Method names hold no commas: a comma-separated one is a list, in the API as on the CLI.
+    config.methods = ("finetune, si", "mas")
+    spec = config_lib.read_spec(config)
+    assert [m.name for m in spec.methods] == spec.resolved["methods"] == ["finetune", "si", "mas"]
+    assert config.methods == ("finetune, si", "mas")  # the config itself is left as it was
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from test_multidevice import run_on_8_devices
 
 from experiments import config as config_lib
 from experiments.configs import fortunes_lm
-from experiments.device_data import fsdp_spec
+from experiments.training.device import fsdp_spec
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():
@@ -48,8 +48,10 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
         from pathlib import Path
         import jax, numpy as np
         from jax.sharding import PartitionSpec as P
-        from experiments import checkpoint, config as config_lib, device_data, loop, scenarios
-        from experiments import steps, train
+        from experiments import config as config_lib, scenarios
+        from experiments.runs import experiment as train, resume
+        from experiments.storage import checkpoint
+        from experiments.training import device as device_data, loop, runners, steps
         from experiments.configs import fortunes_lm
         from experiments.data import load_datasets
 
@@ -74,21 +76,26 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
 
         # FSDP over 8: the loop of train.run_all, its state kept and checkpointed as there.
         config = small(data_parallel=True, param_sharding="fsdp")
-        config_lib.validate(config)
-        scenario = scenarios.build_scenario(config, load_datasets(config.datasets), 0)
-        mesh = device_data.data_mesh(config)
-        setup = steps.build_setup(config, scenario, mesh=mesh)
-        data = device_data.put_for_methods(scenario, config.methods, mesh)
-        spec = config_lib.method_specs(config)[0]
-        plan = loop.make_plan(config, data, spec, (0,), label="[fsdp]")
-        fns = loop.single_run_fns(setup, spec, 0, data)
+        run_spec = config_lib.read_spec(config)
+        scenario = scenarios.build_scenario(run_spec.data, load_datasets(config.datasets), 0)
+        mesh = device_data.data_mesh(run_spec.mesh)
+        setup = steps.build_setup(
+            run_spec.model, run_spec.optimizer, run_spec.schedule, scenario, mesh=mesh,
+            param_sharding="fsdp",
+        )
+        data = device_data.put_for_methods(scenario, run_spec.methods, mesh)
+        spec = run_spec.methods[0]
+        plan = loop.make_plan(
+            run_spec.schedule, run_spec.optimizer, data, spec, (0,), label="[fsdp]"
+        )
+        fns = runners.single_run_fns(setup, spec, 0, data)
         directory = Path(tempfile.mkdtemp()) / "ewc-seed0"
         saved = []
 
-        def save(state):  # as loop.run_with_checkpoints saves
+        def save(state):  # as resume.run_with_checkpoints saves
             ckpts = checkpoint.RunCheckpoints(directory, "f" * 64)
             progress = dataclasses.asdict(state.progress)
-            saved.append(ckpts.save(loop._storable(state.arrays), progress))
+            saved.append(ckpts.save(resume.storable(state.arrays), progress))
 
         final = loop.run(loop.start(plan, fns), plan, fns, data, save)
         matrix_8 = np.asarray(final.progress.accuracy_rows)
@@ -110,8 +117,8 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
 
         print("split leaves", check_split(final.arrays, "trained"))
         ckpts = checkpoint.RunCheckpoints(directory, "f" * 64)
-        restored, _ = ckpts.restore(loop._storable(loop.start(plan, fns).arrays))
-        restored = loop._from_storable(restored)
+        restored, _ = ckpts.restore(resume.storable(loop.start(plan, fns).arrays))
+        restored = resume.from_storable(restored)
         check_split(restored, "restored")
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(final.arrays), strict=True):
             if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -119,7 +126,7 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
 
         # Resume from the checkpoint after task 1: the same second row, bit for bit.
         shutil.rmtree(saved[-1])
-        progress = loop.run_with_checkpoints(
+        progress = resume.run_with_checkpoints(
             plan, fns, data, checkpoint.RunCheckpoints(directory, "f" * 64)
         )
         assert progress.task == 2

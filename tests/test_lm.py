@@ -10,10 +10,13 @@ import pytest
 from test_multidevice import run_on_8_devices
 
 from experiments import config as config_lib
-from experiments import device_data, loop, metrics, steps, text
 from experiments.configs import fortunes_lm
-from experiments.data import load_dataset, validate_dataset
-from experiments.lm_models import CausalTransformer
+from experiments.data import load_dataset, text, validate_dataset
+from experiments.models.language import CausalTransformer
+from experiments.reporting import metrics
+from experiments.training import device as device_data
+from experiments.training import loop, steps
+from experiments.training.methods import MethodSpec
 
 # "riddles" comes with the full English package (fortunes-min has only "fortunes").
 MARKERS = {"en": "riddles", "de": "de", "es": "es", "it": "it"}
@@ -128,10 +131,13 @@ def test_first_task_steps_sets_the_first_tasks_length_only():
     config = fortunes_lm.get_config()
     config.batch_size, config.steps_per_task, config.epochs = 10, 0, 2
     config.first_task_steps = 0
-    method = config_lib.MethodSpec("finetune")
+    method = MethodSpec("finetune")
 
     def steps_of():
-        return loop.make_plan(config, data, method, (0,), label="x").total_steps
+        spec = config_lib.read_spec(config)
+        return loop.make_plan(
+            spec.schedule, spec.optimizer, data, method, (0,), label="x"
+        ).total_steps
 
     assert steps_of() == (20, 10, 14)  # epochs x steps an epoch
     config.first_task_steps = 33
@@ -166,7 +172,8 @@ def test_small_lm_config_end_to_end_and_on_8_devices_equal_one_device():
         import tempfile
         from pathlib import Path
         import jax, numpy as np
-        from experiments import metrics, train
+        from experiments.reporting import metrics
+        from experiments.runs import experiment as train
         from experiments.configs import fortunes_lm
 
         jax.config.update("jax_numpy_dtype_promotion", "strict")

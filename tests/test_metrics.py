@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import metrics
+from experiments.reporting import metrics
 
 # R[i, j]: accuracy on task j after training task i. Entries above the diagonal (tasks not yet
 # trained) are filled with values that would change every answer if a metric read them.

@@ -17,8 +17,9 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
         import tempfile
         import jax, jax.numpy as jnp, numpy as np
         import ewc_jax
-        from experiments import config as config_lib
-        from experiments import device_data, scenarios, steps, train
+        from experiments import config as config_lib, scenarios
+        from experiments.runs import experiment as train
+        from experiments.training import consolidation, device as device_data, steps
         from experiments.configs import default
         from experiments.data import load_dataset
 
@@ -40,11 +41,14 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
         config.strength = 20.0
         config.fisher_samples = 37
         datasets = {"embedded:digits": load_dataset("embedded:digits")}
-        scenario = scenarios.build_scenario(config, datasets, 0)
-        spec = config_lib.method_specs(config)[0]
+        run_spec = config_lib.read_spec(config)
+        scenario = scenarios.build_scenario(run_spec.data, datasets, 0)
+        spec = run_spec.methods[0]
 
         def train_two_tasks(mesh):
-            setup = steps.build_setup(config, scenario, mesh=mesh)
+            setup = steps.build_setup(
+                run_spec.model, run_spec.optimizer, run_spec.schedule, scenario, mesh=mesh
+            )
             data = device_data.put_scenario(scenario, mesh=mesh)
             state = steps.init_state(
                 jax.random.key(0), data.test[0].images[:1], config.strength, setup=setup
@@ -58,7 +62,7 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
                 accuracy.append(
                     [float(steps.evaluate(state.params, t, setup=setup)) for t in data.test]
                 )
-                fisher = steps.fisher(
+                fisher = consolidation.fisher(
                     state.params, task.images[:37], task.labels[:37], task.heads[:37], None,
                     setup=setup, method=spec,
                 )
@@ -67,9 +71,9 @@ def test_training_and_sweep_on_8_devices_equal_one_device():
                 )
             return setup, data, state.params, np.asarray(accuracy), fisher
 
-        assert device_data.data_mesh(config) is None
+        assert device_data.data_mesh(run_spec.mesh) is None
         config.data_parallel = True
-        mesh = device_data.data_mesh(config)
+        mesh = device_data.data_mesh(config_lib.read_spec(config).mesh)
         assert mesh.devices.size == 8
         _, _, params_1, acc_1, fisher_1 = train_two_tasks(None)
         setup, data, params_8, acc_8, fisher_8 = train_two_tasks(mesh)

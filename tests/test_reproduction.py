@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import models, scenarios
+from experiments import scenarios
 from experiments.configs import default
+from experiments.models import images as models
 from tests.test_scenarios import make_dataset
 
 IMAGES = np.random.default_rng(0).random((6, 28, 28, 1)).astype(np.float32)

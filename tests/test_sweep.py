@@ -9,9 +9,15 @@ import pytest
 from _resume import TINY_ARGS, kill_after_line_then_resume, tiny_config
 
 from experiments import config as config_lib
-from experiments import device_data, loop, scenarios, steps, sweep, train
+from experiments import scenarios
 from experiments.configs import default
 from experiments.data import load_dataset
+from experiments.reporting import sweeps as sweep
+from experiments.runs import experiment as train
+from experiments.runs import jobs
+from experiments.training import device as device_data
+from experiments.training import loop, runners, steps
+from experiments.training.methods import MethodSpec
 
 
 def sweep_config(**overrides):
@@ -42,8 +48,9 @@ def test_vmapped_sweep_equals_sequential_runs(tmp_path):
     assert not any(run["diverged"] for run in results["runs"])
 
     datasets = {"embedded:digits": load_dataset("embedded:digits")}
-    scenario = scenarios.build_scenario(config, datasets, 0)
-    setup = steps.build_setup(config, scenario)
+    run_spec = config_lib.read_spec(config)
+    scenario = scenarios.build_scenario(run_spec.data, datasets, 0)
+    setup = steps.build_setup(run_spec.model, run_spec.optimizer, run_spec.schedule, scenario)
     data = device_data.put_scenario(scenario)
     by_run = {(r["method"], r["seed"], r["strength"]): r for r in results["runs"]}
     assert sorted(by_run) == [
@@ -56,14 +63,16 @@ def test_vmapped_sweep_equals_sequential_runs(tmp_path):
     ]
     matrices = {}
     for (method, seed, strength), run in by_run.items():
-        spec = config_lib.MethodSpec(
+        spec = MethodSpec(
             name=method,
             strength=strength,
             estimator="sampled",
             fisher_samples=60,
         )
-        plan = loop.make_plan(config, data, spec, (seed,), label=f"[{method} seed {seed}]")
-        fns = loop.single_run_fns(setup, spec, seed, data)
+        plan = loop.make_plan(
+            run_spec.schedule, run_spec.optimizer, data, spec, (seed,), label=f"[{method}]"
+        )
+        fns = runners.single_run_fns(setup, spec, seed, data)
         progress = loop.run(loop.start(plan, fns), plan, fns, data).progress
         np.testing.assert_allclose(run["accuracy_matrix"], progress.accuracy_rows, atol=1e-6)
         matrices[method, seed, strength] = np.asarray(progress.accuracy_rows)
@@ -115,17 +124,34 @@ def test_summary_of_hand_made_runs():
 
 def test_sweep_grid_from_config():
     config = sweep_config(seeds=(3, 7))
-    assert not config_lib.sweep_requested(config)
+    assert not config_lib.read_spec(config).sweep.requested
     config.sweep.strengths = (1, 10, 100)
-    assert config_lib.sweep_requested(config)
-    assert config_lib.run_seeds(config) == [3, 7]
+    assert config_lib.read_spec(config).sweep.requested
+    assert config_lib.read_spec(config).seeds == (3, 7)
     config.sweep.seeds = 4
-    assert config_lib.run_seeds(config) == [3, 4, 5, 6]
-    ewc, finetune = config_lib.MethodSpec("ewc", 5.0), config_lib.MethodSpec("finetune")
-    assert config_lib.sweep_strengths(config, ewc) == [1.0, 10.0, 100.0]
-    assert config_lib.sweep_strengths(config, finetune) == [0.0]
+    spec = config_lib.read_spec(config)
+    assert spec.seeds == (3, 4, 5, 6)
+    ewc, finetune = MethodSpec("ewc", 5.0), MethodSpec("finetune")
+    assert spec.sweep_strengths(ewc) == (1.0, 10.0, 100.0)
+    assert spec.sweep_strengths(finetune) == (0.0,)
     config.sweep.strengths = ()
-    assert config_lib.sweep_strengths(config, dataclasses.replace(ewc)) == [5.0]
+    assert config_lib.read_spec(config).sweep_strengths(dataclasses.replace(ewc)) == (5.0,)
+    # The jobs: one vmapped job per method on the first seed's scenario, seed-major runs.
+    config.sweep.strengths = (1, 10)
+    config.methods = ("finetune", "ewc")
+    finetune_job, ewc_job = jobs.jobs(config_lib.read_spec(config))
+    assert finetune_job.seeds == (3, 4, 5, 6) and finetune_job.strengths == (0.0,) * 4
+    assert ewc_job.seeds == (3, 3, 4, 4, 5, 5, 6, 6) and ewc_job.strengths == (1.0, 10.0) * 4
+    assert finetune_job.scenario_seed == ewc_job.scenario_seed == 3 and ewc_job.vmapped
+    # Single runs: one job per seed and method, seed-major, each on its own seed's scenario.
+    config.sweep.seeds, config.sweep.strengths = 0, ()
+    single = jobs.jobs(config_lib.read_spec(config))
+    assert [(j.method.name, j.scenario_seed) for j in single] == [
+        ("finetune", 3),
+        ("ewc", 3),
+        ("finetune", 7),
+        ("ewc", 7),
+    ]
 
 
 @pytest.mark.parametrize(

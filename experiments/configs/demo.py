@@ -16,8 +16,11 @@ from experiments.configs import default
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """Permuted embedded MNIST, 4 tasks, finetune vs L2 vs EWC (exact Fisher)."""
-    config = default.get_config(variant)
+    """Permuted embedded MNIST, 4 tasks, finetune vs L2 vs EWC (exact Fisher); no variants."""
+    if variant:
+        raise ValueError(f"unknown variant {variant!r}; the demo has no variants")
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "permuted"
     config.datasets = ("embedded:mnist",)
     config.num_tasks = 4

@@ -4,11 +4,11 @@
     python -m experiments.main --config experiments/configs/fortunes_lm.py:small \
         --workdir runs/lm_small
 
-A byte-level causal transformer (``experiments/lm_models.py``: 2 pre-LayerNorm blocks, width 64,
-4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
+A byte-level causal transformer (``experiments/models/language.py``: 2 pre-LayerNorm blocks, width
+64, 4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
 ``fortunes-de``, ``fortunes-es`` and ``fortunes-it`` packages one language after another
-(``experiments/text.py``: 64-byte windows of the UTF-8 text, records split into train and test by
-a hash). The matrix it reports is test bits per character (lower is better) on every language
+(``experiments/data/text.py``: 64-byte windows of the UTF-8 text, records split into train and test
+by a hash). The matrix it reports is test bits per character (lower is better) on every language
 after every task. English is the "pretraining": 1,500 Adam steps (``first_task_steps``), then
 300-step fine-tunes on German, Spanish and Italian (lr 2e-3, fresh Adam state per task,
 batch 32). The Fisher is the ``sampled`` estimator (one label per byte drawn from the model:
@@ -29,7 +29,8 @@ LANGUAGES = ("en", "de", "es", "it")
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The four-language fortunes sequence; ``variant="small"`` for the tests."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "sequence"
     config.datasets = tuple(f"fortunes:{language}" for language in LANGUAGES)
     config.test_limit = 500

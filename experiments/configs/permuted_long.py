@@ -26,7 +26,7 @@ the seeds, not on the other methods listed):
     python -m experiments.main --config experiments/configs/permuted_long.py \
         --workdir runs/permuted_long_b --config.sweep.seeds=3 \
         --config.methods=l2 --config.methods=si --config.methods=mas
-    python -m experiments.sequence_report runs/permuted_long_a/results.json \
+    python -m experiments.reporting.sequence_report runs/permuted_long_a/results.json \
         runs/permuted_long_b/results.json --every 5 \
         --plot docs/figures/permuted_long_average_accuracy.png
 
@@ -40,7 +40,8 @@ from experiments.configs import default
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Permuted embedded MNIST, 20 tasks; ``variant="small"``: 3 short tasks for tests."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "permuted"
     config.datasets = ("embedded:mnist",)
     config.num_tasks = 20

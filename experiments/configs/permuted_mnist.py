@@ -22,7 +22,8 @@ from experiments.configs import default
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Permuted MNIST; ``variant="small"`` for the offline laptop-sized version."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "permuted"
     config.datasets = ("tfds:mnist",)
     config.num_tasks = 10

@@ -19,7 +19,8 @@ from experiments.configs import default
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Rotated MNIST; ``variant="small"`` for the offline laptop-sized version."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "rotated"
     config.datasets = ("tfds:mnist",)
     config.angles = tuple(float(a) for a in range(0, 181, 20))

@@ -35,8 +35,8 @@ baseline, needs three settings that differ from this config's defaults:
 
 import ml_collections
 
-from experiments.config import SPLIT_MODES
 from experiments.configs import default
+from experiments.spec import SPLIT_MODES
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -47,7 +47,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         raise ValueError(
             f"unknown variant tokens {sorted(unknown)}; valid: small, task, domain, class"
         )
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "split"
     config.datasets = ("tfds:mnist",)
     modes = [t for t in tokens if t in SPLIT_MODES]

@@ -55,7 +55,8 @@ FASHION_MNIST = "idx:/usr/share/datasets/fashion-mnist"
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """MNIST -> Fashion-MNIST with the tutorial's model and hyperparameters."""
-    config = default.get_config(variant)
+    config = default.get_config()
+    config.variant = variant
     config.scenario = "sequence"
     config.datasets = ("embedded:mnist", FASHION_MNIST)
     config.model = "tutorial_mlp"

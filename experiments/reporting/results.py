@@ -1,7 +1,7 @@
 """What a finished run reports: its record, the summaries over seeds, tables, CSVs, environment.
 
 :class:`RunRecord` is one method and seed's accuracy matrix, curves and timings (made from the
-loop's :class:`experiments.loop.Progress`); :func:`summarize_runs` gives mean and standard
+loop's :class:`experiments.training.loop.Progress`); :func:`summarize_runs` gives mean and standard
 deviation over seeds; :func:`format_summary` the printed table; :func:`metrics_csv` the rows of
 ``metrics.csv``. :func:`stats`, :func:`final_accuracy`, :func:`table` and :func:`csv_text` are
 shared with the sweep's summaries.
@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 
 import ewc_jax
-from experiments import metrics
-from experiments.loop import Progress
+from experiments.reporting import metrics
 from experiments.scenarios import Scenario
+from experiments.training.loop import Progress
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -49,7 +48,7 @@ class RunRecord:
         task_wall_time_s: seconds per task (training, evaluation and consolidation).
         fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
         steps_per_task: SGD steps taken on each task.
-        metrics: :func:`experiments.metrics.summarize` of the matrix.
+        metrics: :func:`experiments.reporting.metrics.summarize` of the matrix.
     """
 
     method: str
@@ -65,8 +64,9 @@ class RunRecord:
     def from_progress(
         cls, method: str, seed: int, progress: Progress, metric: str = "accuracy"
     ) -> RunRecord:
-        """The record of a finished run's :class:`experiments.loop.Progress` (``metric``: its
-        scenario's, :data:`experiments.metrics.METRICS`)."""
+        """The record of a finished run's :class:`experiments.training.loop.Progress` (``metric``:
+        its
+        scenario's, :data:`experiments.reporting.metrics.METRICS`)."""
         matrix = np.asarray(progress.accuracy_rows, np.float64)
         return cls(
             method=method,
@@ -139,7 +139,7 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 
 
 def results_document(
-    config: ml_collections.ConfigDict,
+    config: dict[str, Any],
     scenario: Scenario,
     seeds: list[int],
     runs: list[dict[str, Any]],
@@ -151,7 +151,7 @@ def results_document(
     """The content of ``results.json``; ``extra`` holds a sweep's own fields.
 
     Args:
-        config: the experiment config.
+        config: the resolved experiment config (as JSON).
         scenario: the task stream (of the first seed for a sweep).
         seeds: the seeds.
         runs: one entry per run (method, seed[, strength], accuracy matrix, metrics, ...).
@@ -163,12 +163,12 @@ def results_document(
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "finished": True,
-        "config": config.to_dict(),
+        "config": config,
         "scenario": scenario.name,
         "metric": scenario.metric,
         "higher_is_better": metrics.METRICS[scenario.metric].higher_is_better,
         "task_names": scenario.task_names,
-        "methods": list(config.methods),
+        "methods": list(config["methods"]),
         "seeds": seeds,
         "runs": runs,
         "summary": summary,
@@ -223,7 +223,7 @@ def format_summary(
     Args:
         summary: from :func:`summarize_runs`.
         task_names: names of the tasks (for the final per-task accuracies).
-        metric: the scenario's metric (:data:`experiments.metrics.METRICS`).
+        metric: the scenario's metric (:data:`experiments.reporting.metrics.METRICS`).
 
     Returns:
         A plain-text table.

@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from experiments.config import SCENARIOS, SPLIT_MODES, ConfigError
-from experiments.data import Dataset
-
-if TYPE_CHECKING:
-    import ml_collections
-
+from experiments.data.dataset import Dataset
+from experiments.spec import SPLIT_MODES
 
 LabeledImages = Dataset
 """What the scenario builders read: ``experiments.data.Dataset``."""
@@ -43,7 +39,7 @@ LabeledImages = Dataset
 class Task:
     """One task of a stream.
 
-    For text (:mod:`experiments.text`) the "images" are int32 input bytes ``[N, T]`` and the
+    For text (:mod:`experiments.data.text`) the "images" are int32 input bytes ``[N, T]`` and the
     "labels" int32 next-byte targets ``[N, T]``.
 
     Attributes:
@@ -72,7 +68,8 @@ class Scenario:
         tasks: the tasks, in training order.
         num_heads: number of output heads (one per task for task-incremental, else 1).
         num_outputs: outputs of each head.
-        metric: what the evaluation measures, a key of :data:`experiments.metrics.METRICS`:
+        metric: what the evaluation measures, a key of
+        :data:`experiments.reporting.metrics.METRICS`:
             ``"accuracy"`` for images, ``"bits_per_character"`` for text.
     """
 
@@ -364,95 +361,3 @@ def rotated(dataset: LabeledImages, angles: Sequence[float]) -> Scenario:
         for angle in angles
     )
     return Scenario("rotated", tasks, num_heads=1, num_outputs=dataset.num_classes)
-
-
-def subsample(
-    dataset: LabeledImages, train_limit: int, test_limit: int, seed: int
-) -> LabeledImages:
-    """A random subset of at most ``train_limit`` / ``test_limit`` examples (0 keeps all).
-
-    Args:
-        dataset: the dataset.
-        train_limit: how many training examples to keep; 0 keeps all.
-        test_limit: how many test examples to keep; 0 keeps all.
-        seed: NumPy seed of the choice; examples keep their original order.
-
-    Returns:
-        The dataset itself when nothing is dropped, else a subset with the same fields.
-    """
-    num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
-    if (not train_limit or train_limit >= num_train) and (not test_limit or test_limit >= num_test):
-        return dataset
-    rng = np.random.default_rng(seed)
-
-    def choose(n: int, limit: int) -> np.ndarray:
-        if not limit or limit >= n:
-            return np.arange(n)
-        return np.sort(rng.choice(n, size=limit, replace=False))
-
-    train_idx, test_idx = choose(num_train, train_limit), choose(num_test, test_limit)
-    return Dataset(
-        name=dataset.name,
-        train_images=dataset.train_images[train_idx],
-        train_labels=dataset.train_labels[train_idx],
-        test_images=dataset.test_images[test_idx],
-        test_labels=dataset.test_labels[test_idx],
-        num_classes=dataset.num_classes,
-    )
-
-
-def build_scenario(
-    config: ml_collections.ConfigDict,
-    datasets: dict[str, LabeledImages],
-    seed: int,
-) -> Scenario:
-    """Builds the scenario a config describes from already loaded datasets.
-
-    Args:
-        config: needs ``scenario``, ``datasets``, ``train_limit``, ``test_limit`` and
-            the scenario's own fields (``num_tasks``, ``first_task_unpermuted``, ``split_mode``,
-            ``class_groups``, ``class_order``, ``angles``).
-        datasets: loaded datasets keyed by spec (``config.datasets``).
-        seed: seed of the subsets, of the permutations and of a permuted class order.
-
-    Returns:
-        The scenario.
-    """
-    chosen = [
-        subsample(datasets[spec], config.train_limit, config.test_limit, seed)
-        for spec in config.datasets
-    ]
-    if config.scenario == "sequence":
-        return task_sequence(chosen)
-    (base,) = chosen
-    if config.scenario == "permuted":
-        return permuted(base, config.num_tasks, seed, first_unpermuted=config.first_task_unpermuted)
-    if config.scenario == "split":
-        order = None
-        if config.class_order == "permuted":
-            order = class_permutation(base.num_classes, seed)
-        return split(base, config.split_mode, config.class_groups or None, order)
-    if config.scenario == "rotated":
-        return rotated(base, [float(angle) for angle in config.angles])
-    raise ValueError(f"unknown scenario {config.scenario!r}; valid scenarios: {SCENARIOS}")
-
-
-def check_scenario(scenario: Scenario) -> None:
-    """Raises :class:`experiments.config.ConfigError` for a task stream that cannot mean anything.
-
-    A stream needs at least two tasks (with one there is nothing to consolidate for and no
-    forgetting to measure) and every task needs training and test examples.
-    """
-    if scenario.num_tasks < 2:
-        raise ConfigError(
-            f"scenario {scenario.name!r} has {scenario.num_tasks} task; continual learning "
-            "needs at least 2 (set num_tasks, angles, datasets or class_groups accordingly)"
-        )
-    for task in scenario.tasks:
-        for split_name, labels in (("training", task.train_labels), ("test", task.test_labels)):
-            if len(labels) == 0:
-                raise ConfigError(
-                    f"task {task.name!r} of scenario {scenario.name!r} has no {split_name} "
-                    "examples; check class_groups against the dataset's labels, or "
-                    "train_limit/test_limit"
-                )

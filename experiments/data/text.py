@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.data.dataset import Dataset
+
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 """Where Debian's fortunes packages install their files."""
 
@@ -154,8 +156,6 @@ def load_fortunes(spec_arg: str, root: str | os.PathLike[str] | None = None):
         An :class:`experiments.data.Dataset` of byte windows (module docstring), named
         ``"fortunes:<language>"``.
     """
-    from experiments.data import Dataset
-
     language, _, length = spec_arg.partition(":")
     try:
         context_length = int(length) if length else DEFAULT_CONTEXT_LENGTH

@@ -1,13 +1,14 @@
 """Average accuracy and BWT every few tasks of a long sequence, from ``results.json`` files.
 
-    python -m experiments.sequence_report runs/permuted_long/results.json --every 5 \
+    python -m experiments.reporting.sequence_report runs/permuted_long/results.json --every 5 \
         --plot docs/permuted_long.png
 
 Prints a Markdown table, one row per method (and strength, where the files hold several):
 after every ``--every`` tasks ``t``, the average accuracy over tasks ``1 .. t`` and the backward
-transfer over the first ``t`` tasks (:mod:`experiments.metrics` on the ``t x t`` top-left block
+transfer over the first ``t`` tasks (:mod:`experiments.reporting.metrics` on the ``t x t`` top-left
+block
 of each run's accuracy matrix), mean ± std (ddof 1) over seeds. ``--plot`` draws the average
-accuracy after every task (:func:`experiments.plots.plot_average_accuracy_over_tasks`).
+accuracy after every task (:func:`experiments.reporting.plots.plot_average_accuracy_over_tasks`).
 Runs of single-run and sweep ``results.json`` files mix freely; a later file's runs of a
 (method, strength) already seen are added as further seeds.
 """
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments import metrics, plots
+from experiments.reporting import metrics, plots
+from experiments.training.methods import METHODS
 
 
 def average_accuracy_curve(accuracy_matrix: Any) -> np.ndarray:
@@ -44,7 +46,7 @@ def backward_transfer_after(accuracy_matrix: Any, num_tasks: int) -> float:
 
 def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
     """Accuracy matrices by label (``method λ=<strength>``, or ``method`` unregularised), in
-    the order of :data:`experiments.config.METHODS`."""
+    the order of :data:`experiments.training.methods.METHODS`."""
     runs: dict[str, list[np.ndarray]] = {}
     for path in paths:
         document = json.loads(Path(path).read_text())
@@ -61,16 +63,13 @@ def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
 
 
 def _method_order(label: str) -> tuple[int, str]:
-    from experiments.config import METHODS
-
+    names = list(METHODS)
     method = label.split(" ")[0]
-    return (METHODS.index(method) if method in METHODS else len(METHODS), label)
+    return (names.index(method) if method in names else len(names), label)
 
 
 def _single_run_strength(config: dict[str, Any], name: str) -> float:
-    from experiments.config import REGULARIZED_METHODS
-
-    if name not in REGULARIZED_METHODS:
+    if name not in METHODS or not METHODS[name].regularized:
         return 0.0
     specific = (config.get("strengths") or {}).get(name)
     return float(config["strength"] if specific is None else specific)

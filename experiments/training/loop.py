@@ -1,109 +1,47 @@
 """The one training loop: for each task, train it, evaluate, estimate the Fisher, consolidate, save.
 
-A run's state is a :class:`RunState`: the arrays of :class:`experiments.steps.TrainState`
+A run's state is a :class:`RunState`: the arrays of :class:`experiments.training.steps.TrainState`
 (parameters, optimiser and EWC state, PRNG key, strength) and its :class:`Progress` (the
 position in the task stream, the NumPy generator state of the Fisher's example choice, and the
 results so far). Checkpoints save and restore it whole. :func:`run` threads it through the
-steps of a :class:`StepFns`: the single-run steps of :func:`single_run_fns`, or the same steps
-under ``jax.vmap`` over a leading run axis for a sweep (:func:`experiments.sweep.sweep_fns`).
-The cadences (when to evaluate for the learning curves, when to checkpoint within a task) are
-fields of the :class:`Plan`.
+steps of a :class:`StepFns` (:mod:`experiments.training.runners`): a single run's jitted
+steps, or the same steps under ``jax.vmap`` over a leading run axis for a sweep. The cadences
+(when to evaluate for the learning curves, when to checkpoint within a task) are fields of the
+:class:`Plan`.
 
 After every task a row of the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training
 task ``i``) is recorded, then the method consolidates. The matrix holds the scenario's metric
 (:attr:`experiments.scenarios.Scenario.metric`): accuracy, or test bits per character on a
 language sequence; ``accuracy_rows`` and the curves' ``accuracy`` keep their names for both.
 
-Stopping: under :func:`stop_on_signals` (the CLI), SIGINT and SIGTERM do not kill the run where
-it stands: :func:`run` finishes the epoch it is in (its safe point), saves a checkpoint and
-raises :class:`Interrupted`. A signal outside the training loop (loading data, compiling,
-writing results), or a second one, raises :class:`Interrupted` at once.
+Stopping: under :func:`experiments.training.signals.stop_on_signals` (the CLI), SIGINT and
+SIGTERM do not kill the run where it stands: :func:`run` finishes the epoch it is in (its safe
+point), saves a checkpoint and raises :class:`~experiments.training.signals.Interrupted`. A
+signal outside the training loop (loading data, compiling, writing results), or a second one,
+raises it at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from experiments import checkpoint, steps
-from experiments.config import MethodSpec
-from experiments.device_data import DeviceScenario, TaskData
+from experiments.spec import OptimizerSpec, ScheduleSpec
+from experiments.training import steps
+from experiments.training.device import DeviceScenario, TaskData
+from experiments.training.methods import MethodSpec
+from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
 
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run (after saving a checkpoint at a safe point).
-
-    Attributes:
-        signum: the signal.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class _Stop:
-    """The signal handlers' state: inside the training loop, and the signal received."""
-
-    in_loop = False
-    signum: int | None = None
-
-
-def _handle(signum: int, frame: Any) -> None:
-    del frame
-    if _Stop.in_loop and _Stop.signum is None:
-        _Stop.signum = signum  # stop at the next safe point
-        return
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM stop training at the next safe point (module doc)."""
-    previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    _Stop.signum = None
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _Stop.signum = None
-
-
-@contextlib.contextmanager
-def _safe_points() -> Iterator[None]:
-    """Marks the training loop, where a signal waits for the next safe point."""
-    outer = _Stop.in_loop
-    _Stop.in_loop = True
-    try:
-        yield
-    finally:
-        _Stop.in_loop = outer
-    if _Stop.signum is not None:  # arrived after the last safe point
-        raise Interrupted(_Stop.signum)
-
-
-def _stop_requested() -> bool:
-    """At a safe point: whether a signal asked to stop; a second one now interrupts at once."""
-    if _Stop.signum is None:
-        return False
-    _Stop.in_loop = False
-    return True
 
 
 @dataclasses.dataclass
@@ -153,7 +91,7 @@ class StepFns(NamedTuple):
     """The steps the loop calls, bound to one setup and method (single run or sweep).
 
     Attributes:
-        init: the fresh :class:`experiments.steps.TrainState`.
+        init: the fresh :class:`experiments.training.steps.TrainState`.
         train_epoch: ``(state, data, num_steps, *, num_batches) -> (state, loss)``.
         evaluate: ``(params, data) -> accuracy`` as float64 NumPy (``[R]`` in a sweep).
         consolidate: ``(state, images, labels, heads) -> state``.
@@ -183,7 +121,8 @@ class Plan:
         task_names: the tasks' names.
         total_steps: SGD steps of each task.
         steps_per_epoch: SGD steps of one pass over each task's training set.
-        num_batches: scan length of each task's epoch (:func:`experiments.steps.scan_length`).
+        num_batches: scan length of each task's epoch
+        (:func:`experiments.training.steps.scan_length`).
         eval_every: evaluate the curves at the first epoch end at or past every this many steps
             of a task (0: after every epoch; None: only the accuracy matrix, at task ends).
         checkpoint_every: checkpoint at the first epoch end at or past every this many steps of
@@ -218,7 +157,8 @@ class Plan:
 
 
 def make_plan(
-    config: ml_collections.ConfigDict,
+    schedule: ScheduleSpec,
+    optimizer: OptimizerSpec,
     data: DeviceScenario,
     method: MethodSpec,
     seeds: tuple[int, ...],
@@ -226,53 +166,28 @@ def make_plan(
     label: str,
     sweep: bool = False,
 ) -> Plan:
-    """The :class:`Plan` of ``method`` on ``data`` as the config says (a sweep: no curves)."""
-    train_sets = data.training_sets(method.name)
-    batch_size = int(config.batch_size)
+    """The :class:`Plan` of ``method`` on ``data`` with ``schedule`` (a sweep: no curves)."""
+    train_sets = data.training_sets(method)
+    batch_size = schedule.batch_size
     per_epoch = [-(-int(d.num_valid) // batch_size) for d in train_sets]
     return Plan(
         label=label,
         method=method,
         seeds=seeds,
         task_names=tuple(data.scenario.task_names),
-        total_steps=tuple(
-            (i == 0 and int(config.first_task_steps))
-            or int(config.steps_per_task)
-            or int(config.epochs) * n
-            for i, n in enumerate(per_epoch)
-        ),
+        total_steps=tuple(schedule.task_steps(i, n) for i, n in enumerate(per_epoch)),
         steps_per_epoch=tuple(per_epoch),
         num_batches=tuple(
             steps.scan_length(n, d.labels.shape[0], batch_size)
             for n, d in zip(per_epoch, train_sets, strict=True)
         ),
-        eval_every=None if sweep else int(config.eval_every_steps),
-        checkpoint_every=int(config.checkpoint_every_steps),
-        reset_optimizer=bool(config.reset_optimizer),
+        eval_every=None if sweep else schedule.eval_every_steps,
+        checkpoint_every=schedule.checkpoint_every_steps,
+        reset_optimizer=optimizer.reset_per_task,
         raise_on_divergence=not sweep,
-        learning_rate=float(config.learning_rate),
-        optimizer=str(config.optimizer),
+        learning_rate=optimizer.learning_rate,
+        optimizer=optimizer.name,
         metric=data.scenario.metric,
-    )
-
-
-def single_run_fns(
-    setup: steps.StepSetup, method: MethodSpec, seed: int, data: DeviceScenario
-) -> StepFns:
-    """The :class:`StepFns` of one run: the jitted steps as they are."""
-    setup = steps.method_setup(setup, method)
-    return StepFns(
-        init=lambda: steps.init_state(
-            jax.random.key(seed), data.test[0].images[:1], method.strength, setup=setup
-        ),
-        train_epoch=functools.partial(steps.train_epoch, setup=setup),
-        evaluate=lambda params, task_data: np.float64(
-            float(steps.evaluate(params, task_data, setup=setup))
-        ),
-        consolidate=functools.partial(steps.consolidate_task, setup=setup, method=method),
-        reset_optimizer=functools.partial(steps.reset_optimizer, setup=setup),
-        select=lambda chosen: chosen[0],
-        unpad=lambda values: values,
     )
 
 
@@ -314,7 +229,7 @@ def run(
         Interrupted: SIGINT or SIGTERM under :func:`stop_on_signals`; the state at the safe
             point was saved first.
     """
-    with _safe_points():
+    with safe_points():
         return _run(state, plan, fns, data, save)
 
 
@@ -325,7 +240,7 @@ def _run(
     data: DeviceScenario,
     save: Callable[[RunState], None],
 ) -> RunState:
-    train_sets = data.training_sets(plan.method.name)
+    train_sets = data.training_sets(plan.method)
     progress = state.progress
     for task in range(progress.task, plan.num_tasks):
         start_time = time.perf_counter() - progress.task_elapsed_s
@@ -339,18 +254,18 @@ def _run(
             state = _train_epoch(state, plan, fns, train_sets[task], data, task)
             bar.update(progress.steps_done - before)
             if progress.steps_done < plan.total_steps[task]:
-                stop = _stop_requested()
+                stop = stop_requested()
                 if stop or _crossed(plan.checkpoint_every, before, progress.steps_done):
                     progress.task_elapsed_s = time.perf_counter() - start_time
                     save(state)
                 if stop:
                     bar.close()
-                    raise Interrupted(_Stop.signum)
+                    raise Interrupted(stop_signal())
         bar.close()
         state = _finish_task(state, plan, fns, data, task, start_time)
         save(state)
-        if _stop_requested():
-            raise Interrupted(_Stop.signum)
+        if stop_requested():
+            raise Interrupted(stop_signal())
     return state
 
 
@@ -481,64 +396,3 @@ def _progress_bar(plan: Plan, task: int, done: int) -> Any:
         leave=False,
         disable=not sys.stderr.isatty(),
     )
-
-
-def run_with_checkpoints(
-    plan: Plan, fns: StepFns, data: DeviceScenario, checkpoints: checkpoint.RunCheckpoints | None
-) -> Progress:
-    """Resumes ``plan`` from its latest checkpoint (or starts it) and runs it to the end.
-
-    Args:
-        plan: the run.
-        fns: its steps.
-        data: the scenario on device.
-        checkpoints: where this run checkpoints; None: no checkpoints.
-
-    Returns:
-        The finished run's progress (its results).
-
-    Raises:
-        checkpoint.CheckpointError: the latest checkpoint is corrupt or of another model.
-    """
-    state = start(plan, fns)
-    if checkpoints is None:
-        return run(state, plan, fns, data).progress
-    restored = checkpoints.restore(_storable(state.arrays))
-    if restored is not None:
-        arrays, progress = restored
-        state = RunState(_from_storable(arrays), Progress(**progress))
-        if state.progress.task == plan.num_tasks:
-            print(f"{plan.label} finished earlier: results from {checkpoints.latest()}", flush=True)
-            return state.progress
-
-    def save(state: RunState) -> None:
-        progress = dataclasses.asdict(state.progress)
-        path = checkpoints.save(_storable(state.arrays), progress)
-        position = state.progress
-        where = (
-            "finished"
-            if position.task == plan.num_tasks
-            else f"task {position.task + 1}, step {position.steps_done}"
-        )
-        print(f"{plan.label} checkpoint {path} ({where})", flush=True)
-
-    # The resume line is printed inside the safe points, so that a signal sent on reading it stops
-    # at the next epoch end with a checkpoint rather than at once (as one before the loop does).
-    with _safe_points():
-        if restored is not None:
-            position = state.progress
-            print(
-                f"{plan.label} resuming task {position.task + 1}/{plan.num_tasks} at step "
-                f"{position.steps_done} from {checkpoints.latest()}",
-                flush=True,
-            )
-        return run(state, plan, fns, data, save).progress
-
-
-def _storable(arrays: steps.TrainState) -> steps.TrainState:
-    """The arrays as Orbax stores them: the PRNG key as its raw ``key_data``."""
-    return arrays._replace(key=jax.random.key_data(arrays.key))
-
-
-def _from_storable(arrays: steps.TrainState) -> steps.TrainState:
-    return arrays._replace(key=jax.random.wrap_key_data(arrays.key))

@@ -16,7 +16,7 @@
   ``"idx:/usr/share/datasets/fashion-mnist"``. Assumes 10 classes; call `load_idx` for others.
 * ``"fortunes:<language>[:<context_length>]"``: real text, not images: Debian's fortunes in
   ``en``, ``de``, ``es`` or ``it`` as byte windows for a language model (int32 inputs and
-  next-byte targets ``[N, T]``, ``num_classes=256``; see :mod:`experiments.text`), read from
+  next-byte targets ``[N, T]``, ``num_classes=256``; see :mod:`experiments.data.text`), read from
   ``data_dir`` or ``/usr/share/games/fortunes``.
 * ``"tfds:<name>"``: a TensorFlow Datasets image dataset with ``train`` and ``test`` splits, e.g.
   ``"tfds:mnist"``, ``"tfds:fashion_mnist"``, ``"tfds:kmnist"``, ``"tfds:cifar10"``, read from
@@ -38,54 +38,18 @@ Example:
 """
 
 import functools
-import importlib.util
 import os
-import socket
 import sys
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import idx, text
+from experiments.data import idx, text, tfds_source
+from experiments.data.dataset import Dataset, bytes_to_unit_float
 
-_SPEC_FORMS = (
-    '"embedded:mnist", "embedded:digits", "idx:<dir>" (or "idx" with data_dir=<dir>), '
-    '"fortunes:<language>" (en, de, es, it), '
-    '"tfds:<name>" (e.g. "tfds:mnist", "tfds:fashion_mnist", "tfds:kmnist", "tfds:cifar10")'
-)
-_OFFLINE_ALTERNATIVES = (
-    'use a spec that needs no download: "embedded:mnist" (5,000 real MNIST digits) or '
-    '"idx:/usr/share/datasets/fashion-mnist" (Debian package dataset-fashion-mnist)'
-)
-_PROBE_TIMEOUT_S = 2.0
-
-
-class MissingDependencyError(ImportError):
-    """A spec needs a package that is not installed; the message says what to install."""
-
-
-class Dataset(NamedTuple):
-    """A labelled image-classification dataset, split into train and test.
-
-    Attributes:
-        name: The spec it was loaded from, e.g. ``"embedded:mnist"``.
-        train_images: float32 [N, H, W, C], values in [0, 1].
-        train_labels: int32 [N], values in [0, num_classes).
-        test_images: float32 [M, H, W, C], values in [0, 1].
-        test_labels: int32 [M], values in [0, num_classes).
-        num_classes: The number of classes.
-    """
-
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
+_SPEC_FORMS = tfds_source.SPEC_FORMS
+_OFFLINE_ALTERNATIVES = tfds_source.OFFLINE_ALTERNATIVES
 
 
 def load_dataset(
@@ -135,7 +99,7 @@ def load_dataset(
     elif source == "fortunes" and arg:
         dataset = text.load_fortunes(arg, data_dir)
     elif source == "tfds" and arg:
-        dataset = _load_tfds(arg, data_dir)
+        dataset = tfds_source.load_tfds(arg, data_dir)
     else:
         raise ValueError(f"Unknown dataset spec {spec!r}; valid forms are {_SPEC_FORMS}.")
     dataset = _shuffle_train(dataset, seed)
@@ -179,7 +143,7 @@ def validate_dataset(dataset: Dataset) -> None:
     Args:
         dataset: The dataset to check.
 
-    A text dataset (integer inputs) is checked by :func:`experiments.text.validate_text`.
+    A text dataset (integer inputs) is checked by :func:`experiments.data.text.validate_text`.
 
     Raises:
         ValueError: Naming the dataset, the split and what is wrong: an empty split, NaN or Inf
@@ -265,7 +229,7 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
 
     Raises:
         FileNotFoundError: The directory or one of the four files is missing.
-        ValueError: A malformed file (see `experiments.idx.read_idx`), an images file that is
+        ValueError: A malformed file (see `experiments.data.idx.read_idx`), an images file that is
             not 3-D or a labels file that is not 1-D, image and label counts that differ, train
             and test images of different sizes, or a label >= num_classes.
 
@@ -290,19 +254,12 @@ def load_idx(directory: str | os.PathLike[str], *, num_classes: int = 10) -> Dat
         )
     return Dataset(
         name=f"idx:{directory}",
-        train_images=_bytes_to_unit_float(train_images[..., None]),
+        train_images=bytes_to_unit_float(train_images[..., None]),
         train_labels=train_labels.astype(np.int32),
-        test_images=_bytes_to_unit_float(test_images[..., None]),
+        test_images=bytes_to_unit_float(test_images[..., None]),
         test_labels=test_labels.astype(np.int32),
         num_classes=num_classes,
     )
-
-
-def _bytes_to_unit_float(images: np.ndarray) -> np.ndarray:
-    """uint8 0..255 to float32 0..1, dividing in place to hold one float copy at a time."""
-    result = images.astype(np.float32)
-    result /= np.float32(255.0)
-    return result
 
 
 def _shuffle_train(dataset: Dataset, seed: int) -> Dataset:
@@ -354,120 +311,3 @@ def _load_embedded_digits() -> Dataset:
     digits = load_digits()
     images = (digits.images[..., None] / 16.0).astype(np.float32)
     return _split_by_class("embedded:digits", images, digits.target, num_classes=10)
-
-
-def _load_tfds(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
-    """Reads the train and test splits of a TFDS image dataset, preparing it first if needed."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as error:
-        raise MissingDependencyError(
-            f'Spec "tfds:{name}" needs tensorflow-datasets: pip install "ewc-jax[tfds]" '
-            f'(and "ewc-jax[tfds-online]" to download and prepare it). Or {_OFFLINE_ALTERNATIVES}.'
-        ) from error
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
-            f'Spec "tfds:{name}": TFDS has no dataset {name!r} (see tfds.list_builders()); '
-            f"valid spec forms are {_SPEC_FORMS}."
-        ) from error
-    if not builder.is_prepared():
-        _check_tfds_can_prepare(builder, name)
-        # ArrayRecord files can later be read without TensorFlow, through tfds data sources.
-        builder.download_and_prepare(file_format="array_record")
-    if builder.info.supervised_keys is None:
-        raise ValueError(f'"tfds:{name}" has no supervised (image, label) keys to read.')
-    image_key, label_key = builder.info.supervised_keys
-    missing = {"train", "test"} - set(builder.info.splits)
-    if missing:
-        raise ValueError(
-            f'"tfds:{name}" has splits {sorted(builder.info.splits)}; it needs train and test.'
-        )
-    arrays = {
-        split: _read_tfds_split(tfds, builder, split, image_key, label_key)
-        for split in ("train", "test")
-    }
-    return Dataset(
-        name=f"tfds:{name}",
-        train_images=arrays["train"][0],
-        train_labels=arrays["train"][1],
-        test_images=arrays["test"][0],
-        test_labels=arrays["test"][1],
-        num_classes=builder.info.features[label_key].num_classes,
-    )
-
-
-def _read_tfds_split(
-    tfds: Any, builder: Any, split: str, image_key: str, label_key: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """One split as (float32 images in [0, 1], int32 labels)."""
-    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-        source = builder.as_data_source(split=split)
-        examples = source.__getitems__(range(len(source)))
-        images = np.stack([example[image_key] for example in examples])
-        labels = np.array([example[label_key] for example in examples])
-    elif _tensorflow_installed():
-        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        images, labels = batch[image_key], batch[label_key]
-    else:
-        raise MissingDependencyError(
-            f'"tfds:{builder.name}" is prepared in {builder.data_path} in the '
-            f"{builder.info.file_format.value} format, which TFDS reads only with TensorFlow "
-            '(not installed). pip install "ewc-jax[tfds-online]" (tensorflow-cpu), or prepare '
-            "the dataset again with "
-            f'file_format="array_record", or {_OFFLINE_ALTERNATIVES}.'
-        )
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            f'"tfds:{builder.name}" {split} {image_key!r} is {images.dtype} '
-            f"{list(images.shape)}; expected uint8 images [N, H, W, C]."
-        )
-    return _bytes_to_unit_float(images), labels.astype(np.int32)
-
-
-def _check_tfds_can_prepare(builder: Any, name: str) -> None:
-    """Fails fast where TFDS would otherwise retry a download for minutes or fail after it."""
-    if not _tensorflow_installed():
-        raise MissingDependencyError(
-            f'"tfds:{name}" is not prepared in {builder.data_path}, and TFDS needs TensorFlow to '
-            "prepare it (it encodes the images with TensorFlow), which is not installed. "
-            'pip install "ewc-jax[tfds-online]" (tensorflow-cpu, ~1.6 GB); or prepare it elsewhere '
-            "with "
-            f'tfds.builder("{name}").download_and_prepare(file_format="array_record") and copy '
-            f"the data dir here; or {_OFFLINE_ALTERNATIVES}."
-        )
-    host = _download_host(builder)
-    if not _host_reachable(host):
-        raise ConnectionError(
-            f'"tfds:{name}" is not prepared in {builder.data_path} and its download host {host} '
-            f"does not answer (no internet?). Pass data_dir= where it is prepared, or "
-            f"{_OFFLINE_ALTERNATIVES}."
-        )
-
-
-def _tensorflow_installed() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _download_host(builder: Any) -> str:
-    """The host a builder downloads from: the MNIST family's ``URL``, else its homepage's host."""
-    url = getattr(builder, "URL", None)
-    if not isinstance(url, str):
-        url = builder.info.homepage or ""
-    return urllib.parse.urlparse(url).hostname or "storage.googleapis.com"
-
-
-def _host_reachable(host: str) -> bool:
-    """Whether a TCP connection to ``host`` (or the HTTPS proxy, if one is set) opens in 2 s."""
-    proxy = urllib.request.getproxies().get("https")
-    if proxy:
-        parsed = urllib.parse.urlparse(proxy)
-        address = (parsed.hostname or "", parsed.port or 80)
-    else:
-        address = (host, 443)
-    try:
-        with socket.create_connection(address, timeout=_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False

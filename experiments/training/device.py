@@ -13,25 +13,26 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from experiments import scenarios
+from experiments.spec import MeshSpec
+from experiments.training.methods import MethodSpec
 
 DATA_AXIS = "data"
 """Name of the mesh axis that examples (or, in a sweep, runs) are split over."""
 
 
-def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
-    """The 1-D ``("data",)`` mesh of ``config.data_parallel``, or None.
+def data_mesh(spec: MeshSpec) -> jax.sharding.Mesh | None:
+    """The 1-D ``("data",)`` mesh of ``spec.data_parallel``, or None.
 
-    ``mesh_devices`` devices (0: all of ``jax.devices()``, which after
+    ``spec.mesh_devices`` devices (0: all of ``jax.devices()``, which after
     ``jax.distributed.initialize`` are those of every host).
     """
-    if not config.get("data_parallel", False):
+    if not spec.data_parallel:
         return None
     devices = jax.devices()
-    count = int(config.get("mesh_devices", 0)) or len(devices)
+    count = spec.mesh_devices or len(devices)
     return jax.sharding.Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
 
 
@@ -144,8 +145,9 @@ class DeviceScenario:
 
     Attributes:
         scenario: the host-side scenario.
-        train: per task, its own training data (for all methods but joint); None if unused.
-        joint_train: per task, the union of tasks ``0..i`` (for joint); None if unused.
+        train: per task, its own training data; None if no method uses it.
+        joint_train: per task, the union of tasks ``0..i`` (for a method with
+            ``cumulative_data``, joint training); None if unused.
         test: per task, its test data.
     """
 
@@ -154,11 +156,11 @@ class DeviceScenario:
     joint_train: list[TaskData] | None
     test: list[TaskData]
 
-    def training_sets(self, method: str) -> list[TaskData]:
+    def training_sets(self, method: MethodSpec) -> list[TaskData]:
         """The training set of each task for ``method``: the cumulative ones for joint."""
-        sets = self.joint_train if method == "joint" else self.train
+        sets = self.joint_train if method.method.cumulative_data else self.train
         if sets is None:
-            raise ValueError(f"put_scenario was not asked for the training data of {method!r}")
+            raise ValueError(f"put_scenario was not asked for the training data of {method.name!r}")
         return sets
 
 
@@ -230,13 +232,13 @@ def put_scenario(
 
 def put_for_methods(
     scenario: scenarios.Scenario,
-    methods: Sequence[str],
+    methods: Sequence[MethodSpec],
     mesh: jax.sharding.Mesh | None = None,
 ) -> DeviceScenario:
     """:func:`put_scenario` with the training sets ``methods`` use (joint: the cumulative ones)."""
     return put_scenario(
         scenario,
-        need_train=any(name != "joint" for name in methods),
-        need_joint="joint" in methods,
+        need_train=any(not m.method.cumulative_data for m in methods),
+        need_joint=any(m.method.cumulative_data for m in methods),
         mesh=mesh,
     )

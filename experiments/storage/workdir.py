@@ -28,9 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ml_collections
-
-from experiments import checkpoint
+from experiments.storage import checkpoint
 
 LOCK = ".lock"
 STAGING = ".overwrite"
@@ -118,9 +116,10 @@ def locked(workdir: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def prepare(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *, overwrite: bool
+    resolved: dict[str, Any], workdir: str | os.PathLike[str], *, overwrite: bool
 ) -> tuple[str, Path]:
-    """Checks ``workdir`` for this config and writes ``config.json``.
+    """Checks ``workdir`` for this config (``resolved``: its JSON as a dict) and writes
+    ``config.json``.
 
     Resume is the default: a workdir whose ``config.json`` is this resolved config keeps its
     checkpoints; one with checkpoints of another config is refused unless ``overwrite``, which
@@ -141,7 +140,6 @@ def prepare(
     staging = workdir / STAGING
     if (staging / RESULTS).exists():  # a promotion that was cut short
         promote(workdir)
-    resolved = json.loads(config.to_json_best_effort())
     fingerprint = checkpoint.fingerprint(resolved)
     finished = (workdir / RESULTS).exists()
     if not finished or overwrite:
@@ -159,9 +157,7 @@ def prepare(
         checkpoint.verify_workdir(run_dir, fingerprint)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(
-            run_dir / "config.json", config.to_json_best_effort(indent=2) + "\n"
-        )
+        checkpoint.write_atomic(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
     except OSError as error:
         raise WorkdirUnusableError(unusable_message(run_dir / "config.json", error)) from None
     return fingerprint, run_dir

@@ -1,4 +1,5 @@
-"""The pure steps of a run: initialise, train one epoch, evaluate, estimate the Fisher, consolidate.
+"""The pure steps of a run: initialise, train one epoch, evaluate (the end of a task, importance
+and consolidation, is :mod:`experiments.training.consolidation`).
 
 Every step is a plain function of a :class:`TrainState` (or parameters) and data, returning new
 values; the model, optimiser and batch sizes travel in a hashable :class:`StepSetup` that jit
@@ -13,12 +14,12 @@ takes as a static argument, so nothing is captured from ``self`` or a closure:
   Fashion-MNIST's 60,000) gets its own instead of scanning over 14x more skipped batches.
 * :func:`evaluate` is a jitted, batched accuracy on a padded test set, or, for a language model
   on byte sequences (``setup.metric == "bits_per_character"``), the test bits per character.
-* :func:`fisher` is :func:`ewc_jax.fisher_diagonal` with inputs ``(images, heads)``, so a
-  multi-head model's logits are those of each example's own head; :func:`consolidate_task`
-  folds it into the EWC state.
+* :meth:`StepSetup.logits` is the model's ``apply_fn`` on inputs ``(images, heads)``, so a
+  multi-head model's logits are those of each example's own head; the importances of
+  :mod:`experiments.training.methods` take it.
 
 A sweep runs the same functions under ``jax.vmap`` over a leading run axis of the state
-(:func:`sweep_init`, :func:`sweep_train_epoch`, ...): seeds and strengths are data.
+(:mod:`experiments.training.consolidation`): seeds and strengths are data.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 import ewc_jax
-from experiments import lm_models, models, scenarios
-from experiments.config import KRONECKER_METHODS, ONLINE_METHODS, MethodSpec
-from experiments.device_data import TaskData, data_sharding, param_shardings, replicated
+from experiments import models
+from experiments.scenarios import Scenario
+from experiments.spec import ModelSpec, OptimizerSpec, ScheduleSpec
+from experiments.training.device import TaskData, data_sharding, param_shardings, replicated
+from experiments.training.methods import MethodSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +54,12 @@ class StepSetup:
         mesh: the data-parallel mesh that mini-batches are split over, or None.
         init: the initial parameters: ``"flax"``, ``"torch"`` or the path of an ``.npz``
             PyTorch state_dict (:func:`experiments.models.init_params`).
-        metric: what :func:`evaluate` measures (:data:`experiments.metrics.METRICS`).
+        metric: what :func:`evaluate` measures (:data:`experiments.reporting.metrics.METRICS`).
         kronecker: whether the EWC state is a (merged) :class:`ewc_jax.kfac.KFACState` instead of
             an :class:`ewc_jax.EWCState` (see :func:`method_setup`).
         param_sharding: ``"replicated"`` (every device holds the whole state) or ``"fsdp"``:
             params, optimiser and EWC state split over the mesh's data axis
-            (:func:`experiments.device_data.param_shardings`); needs a mesh.
+            (:func:`experiments.training.device.param_shardings`); needs a mesh.
     """
 
     model: nn.Module
@@ -102,80 +104,47 @@ class TrainState(NamedTuple):
     strength: jax.Array
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD (with optional momentum) or Adam, as the config says."""
-    if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
-    return optax.sgd(config.learning_rate, momentum=float(config.momentum) or None)
+def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
+    """SGD (with optional momentum) or Adam, as ``spec`` says."""
+    if spec.name == "adam":
+        return optax.adam(spec.learning_rate)
+    return optax.sgd(spec.learning_rate, momentum=spec.momentum or None)
 
 
 def build_setup(
-    config: ml_collections.ConfigDict,
-    scenario: scenarios.Scenario,
+    model: ModelSpec,
+    optimizer: OptimizerSpec,
+    schedule: ScheduleSpec,
+    scenario: Scenario,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    param_sharding: str = "replicated",
 ) -> StepSetup:
-    """The :class:`StepSetup` of the config's model and optimiser, sized for ``scenario``."""
-    if config.model in lm_models.LM_MODELS:
-        model = lm_models.build_lm(
-            config.model,
-            num_layers=int(config.transformer.num_layers),
-            width=int(config.transformer.width),
-            num_heads=int(config.transformer.num_heads),
-            vocab_size=scenario.num_outputs,
-        )
-    else:
-        model = models.build_model(
-            config.model,
-            num_heads=scenario.num_heads,
-            num_outputs=scenario.num_outputs,
-            hidden_sizes=tuple(int(size) for size in config.hidden_sizes),
-            relu_on_logits=bool(config.relu_on_logits),
-        )
+    """The :class:`StepSetup` of the model and optimiser, sized for ``scenario``."""
     return StepSetup(
-        model,
-        make_optimizer(config),
-        batch_size=int(config.batch_size),
-        eval_batch_size=int(config.eval_batch_size),
+        models.build(model, num_heads=scenario.num_heads, num_outputs=scenario.num_outputs),
+        make_optimizer(optimizer),
+        batch_size=schedule.batch_size,
+        eval_batch_size=schedule.eval_batch_size,
         mesh=mesh,
-        init=str(config.init),
+        init=model.init,
         metric=scenario.metric,
-        param_sharding=str(config.param_sharding),
+        param_sharding=param_sharding,
     )
 
 
 @functools.cache
 def method_setup(setup: StepSetup, method: MethodSpec) -> StepSetup:
-    """The setup ``method`` trains with: the shared one, adapted for SI and K-FAC.
-
-    * ``si``: the optimiser becomes ``si_path_integral(inner)``, ``inner`` adding the penalty's
-      gradient (an extra argument of ``update``) before the optimiser: the path integral
-      ``ω += -g·Δθ`` integrates the gradient ``g`` of the task loss alone against the actual
-      step, penalty included, as Zenke et al. do.
-    * ``kfac``: the EWC state is a :class:`ewc_jax.kfac.KFACState` of one merged Kronecker term per
-      layer (:func:`consolidate_task`), so its shapes, and the compiled steps, are those of the
-      first task.
+    """The setup ``method`` trains with: the shared one, with the method's optimiser
+    (:attr:`~experiments.training.methods.Method.wrap_optimizer`, SI's path integral) and its
+    kind of consolidated state (K-FAC's merged Kronecker terms keep the first task's shapes, so
+    the compiled steps serve every task).
 
     Cached, so equal arguments give the same (equal-hashing) setup and jit compiles once.
     """
-    if method.name == "si":
-        return dataclasses.replace(
-            setup, tx=ewc_jax.importance.si_path_integral(_plus_penalty(setup.tx))
-        )
-    if method.name in KRONECKER_METHODS:
-        return dataclasses.replace(setup, kronecker=True)
-    return setup
-
-
-def _plus_penalty(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``inner`` applied to ``updates + penalty_gradient`` (a keyword argument of ``update``)."""
-
-    def update_fn(updates, state, params=None, *, penalty_gradient, **extra_args):
-        del extra_args
-        total = jax.tree.map(jnp.add, updates, penalty_gradient)
-        return inner.update(total, state, params)
-
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    entry = method.method
+    tx = setup.tx if entry.wrap_optimizer is None else entry.wrap_optimizer(setup.tx)
+    return dataclasses.replace(setup, tx=tx, kronecker=entry.kronecker)
 
 
 def scan_length(steps_per_epoch: int, capacity: int, batch_size: int) -> int:
@@ -226,12 +195,12 @@ def init_state(
         key=key,
         strength=jnp.asarray(strength, jnp.float32),
     )
-    return _keep_layout(state, setup)
+    return keep_layout(state, setup)
 
 
-def _keep_layout(tree: Any, setup: StepSetup) -> Any:
+def keep_layout(tree: Any, setup: StepSetup) -> Any:
     """FSDP: every leaf constrained (under jit) or moved (eagerly) to its layout of
-    :func:`experiments.device_data.param_shardings`; otherwise ``tree`` as it is.
+    :func:`experiments.training.device.param_shardings`; otherwise ``tree`` as it is.
 
     Constraining what a step returns keeps the state split from step to step, instead of
     leaving the output layout to XLA's sharding propagation.
@@ -260,7 +229,7 @@ def reset_optimizer(state: TrainState, *, setup: StepSetup) -> TrainState:
     fresh = setup.tx.init(state.params)
     if isinstance(state.opt_state, ewc_jax.importance.SIState):
         fresh = state.opt_state._replace(inner=fresh.inner)
-    return state._replace(opt_state=_keep_layout(fresh, setup))
+    return state._replace(opt_state=keep_layout(fresh, setup))
 
 
 def _shard_batch(tree: Any, setup: StepSetup) -> Any:
@@ -270,7 +239,7 @@ def _shard_batch(tree: Any, setup: StepSetup) -> Any:
     return jax.lax.with_sharding_constraint(tree, data_sharding(setup.mesh))
 
 
-def _train_epoch(
+def scan_epoch(
     state: TrainState,
     data: TaskData,
     num_steps: jax.Array,
@@ -340,7 +309,7 @@ def _train_epoch(
         # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = setup.tx.update(grads, opt_state, params, **extra)
-        return _keep_layout((optax.apply_updates(params, updates), opt_state), setup), ce
+        return keep_layout((optax.apply_updates(params, updates), opt_state), setup), ce
 
     def skip_step(carry: tuple[Any, Any], index: jax.Array):
         del index
@@ -356,21 +325,21 @@ def _train_epoch(
     return state._replace(params=params, opt_state=opt_state, key=key), mean_loss
 
 
-train_epoch = jax.jit(_train_epoch, static_argnames=("setup", "num_batches"))
+train_epoch = jax.jit(scan_epoch, static_argnames=("setup", "num_batches"))
 
 
-def _evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
+def evaluate_chunked(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
     r"""The metric on the valid rows of ``data``, in chunks of ``eval_batch_size``.
 
     ``setup.metric`` ``"accuracy"``: the fraction of rows whose argmax is the label.
     ``"bits_per_character"``: the total code length of the target bytes over the number of
-    characters among them (:func:`experiments.text.bits_per_character`),
+    characters among them (:func:`experiments.data.text.bits_per_character`),
 
     .. math:: \frac{-\sum_{n,t} \log_2 p(y_{nt} \mid y_{n,<t})}{\#\{(n,t): y_{nt}
         \text{ is not a UTF-8 continuation byte}\}}.
 
     With a mesh, the chunk is rounded up to a multiple of the device count and split over the
-    devices when the capacity allows it (:func:`experiments.device_data.put_scenario` pads it
+    devices when the capacity allows it (:func:`experiments.training.device.put_scenario` pads it
     to a multiple).
     """
     capacity = data.labels.shape[0]
@@ -405,168 +374,4 @@ def _evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
     return total / data.num_valid.astype(jnp.float32)
 
 
-evaluate = jax.jit(_evaluate, static_argnames=("setup",))
-
-
-def fisher(
-    params: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    heads: jax.Array,
-    key: jax.Array,
-    *,
-    setup: StepSetup,
-    method: MethodSpec,
-) -> Any:
-    """The diagonal Fisher of ``method.estimator`` over the given examples.
-
-    With a mesh the examples are split over its devices by :func:`ewc_jax.fisher_diagonal`,
-    which pads a count not divisible by the device count and masks the padding.
-    """
-    needs_labels = method.estimator in ("empirical", "batched")
-    return ewc_jax.fisher_diagonal(
-        setup.logits,
-        params,
-        (images, heads),
-        labels if needs_labels else None,
-        estimator=method.estimator,
-        key=key if method.estimator == "sampled" else None,
-        batch_size=method.fisher_batch_size if method.estimator == "batched" else None,
-        mesh=setup.mesh,
-    )
-
-
-def consolidate_task(
-    state: TrainState,
-    images: jax.Array | None,
-    labels: jax.Array | None,
-    heads: jax.Array | None,
-    *,
-    setup: StepSetup,
-    method: MethodSpec,
-) -> TrainState:
-    r"""Folds the finished task into the EWC state with the method's importance.
-
-    * ``l2``: precision 1; ``ewc`` / ``online_ewc``: the diagonal Fisher (:func:`fisher`);
-    * ``mas``: :func:`ewc_jax.importance.mas_importance` of the logits on the examples (labels
-      unused);
-    * ``si``: :func:`ewc_jax.importance.si_importance` of the path integral in the optimiser state
-      (no examples), which it resets for the next task;
-    * ``kfac``: :func:`ewc_jax.kfac.kfac_fisher`, with the Kronecker terms of all tasks merged
-      into one per layer, :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)`
-      (:func:`ewc_jax.kfac.merge_kronecker_terms`, kept as a running mean of ``G``).
-
-    ``online_ewc``, ``si``, ``mas`` and ``kfac`` consolidate online (precisions summed, with
-    decay ``gamma`` for ``online_ewc``, anchored at the latest parameters), as their authors
-    do; ``l2`` and ``ewc`` keep one quadratic per task (``mode="separate"``).
-
-    Args:
-        state: the state at the end of the task.
-        images: the examples of the finished task the importance is averaged over (None for
-            L2 and SI), with their ``labels`` and ``heads``.
-        setup: model and optimiser (:func:`method_setup` of ``method``).
-        method: a regularised method.
-
-    Returns:
-        The state with the new EWC state (and, for SI, the reset path integral) and the PRNG
-        key split once for the Fisher.
-    """
-    key, fisher_key = jax.random.split(state.key)
-    params, opt_state = state.params, state.opt_state
-    if method.name in ("ewc", "online_ewc"):
-        precision = fisher(params, images, labels, heads, fisher_key, setup=setup, method=method)
-    elif method.name == "mas":
-        precision = ewc_jax.importance.mas_importance(setup.logits, params, (images, heads))
-    elif method.name == "si":
-        precision, opt_state = ewc_jax.importance.si_importance(
-            opt_state, params, damping=method.damping
-        )
-    elif method.name in KRONECKER_METHODS:
-        precision = ewc_jax.kfac.kfac_fisher(
-            setup.logits,
-            params,
-            (images, heads),
-            labels if method.estimator == "empirical" else None,
-            estimator=method.estimator,
-            key=fisher_key if method.estimator == "sampled" else None,
-        )
-    else:
-        precision = jax.tree.map(jnp.ones_like, params)
-    mode = "online" if method.name in ONLINE_METHODS else "separate"
-    ewc_state = ewc_jax.consolidate(
-        state.ewc_state, params, precision, mode=mode, gamma=method.gamma
-    )
-    if method.name in KRONECKER_METHODS:
-        ewc_state = _merge_running(state.ewc_state, ewc_state)
-    ewc_state, opt_state = _keep_layout((ewc_state, opt_state), setup)
-    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
-
-
-def _merge_running(
-    previous: ewc_jax.kfac.KFACState, state: ewc_jax.kfac.KFACState
-) -> ewc_jax.kfac.KFACState:
-    """One term per layer again: ``A`` summed, ``G`` the mean over the tasks so far.
-
-    ``state`` holds ``previous``'s one merged term (the mean ``G`` of its ``n`` tasks) and the
-    new task's. :func:`ewc_jax.kfac.merge_kronecker_terms` would average the two ``G`` equally;
-    weighting them ``n : 1`` gives the mean over all tasks, i.e. exactly what merging every
-    task's own term would give (and the zero placeholder of :func:`init_state`, ``n = 0``,
-    drops out).
-    """
-    merged = ewc_jax.kfac.merge_kronecker_terms(state)
-
-    def mean_g(g: jax.Array) -> jax.Array:
-        n = previous.num_tasks.astype(g.dtype)
-        return ((n * g[0] + g[1]) / (n + 1))[None]
-
-    layers = tuple(
-        dataclasses.replace(layer, g=mean_g(terms.g))
-        for layer, terms in zip(merged.layers, state.layers, strict=True)
-    )
-    return merged._replace(layers=layers)
-
-
-@functools.partial(jax.jit, static_argnames=("setup",))
-def sweep_init(
-    keys: jax.Array, example_images: jax.Array, strengths: jax.Array, *, setup: StepSetup
-) -> TrainState:
-    """:func:`init_state` of every run: ``keys`` and ``strengths`` carry the run axis."""
-    init = functools.partial(init_state, setup=setup)
-    return jax.vmap(init, in_axes=(0, None, 0))(keys, example_images, strengths)
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "num_batches"))
-def sweep_train_epoch(
-    states: TrainState, data: TaskData, num_steps: jax.Array, *, setup: StepSetup, num_batches: int
-) -> tuple[TrainState, jax.Array]:
-    """:func:`train_epoch` of every run on the same data."""
-    epoch = functools.partial(_train_epoch, setup=setup, num_batches=num_batches)
-    return jax.vmap(epoch, in_axes=(0, None, None))(states, data, num_steps)
-
-
-@functools.partial(jax.jit, static_argnames=("setup",))
-def sweep_evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
-    """:func:`evaluate` of every run's parameters on the same data: ``[R]``."""
-    return jax.vmap(functools.partial(_evaluate, setup=setup), in_axes=(0, None))(params, data)
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "method"))
-def sweep_consolidate(
-    states: TrainState,
-    images: jax.Array | None,
-    labels: jax.Array | None,
-    heads: jax.Array | None,
-    *,
-    setup: StepSetup,
-    method: MethodSpec,
-) -> TrainState:
-    """:func:`consolidate_task` of every run, each on its own examples (``[R, n, ...]``)."""
-    axis = 0 if method.needs_fisher else None
-    one = functools.partial(consolidate_task, setup=setup, method=method)
-    return jax.vmap(one, in_axes=(0, axis, axis, axis))(states, images, labels, heads)
-
-
-@functools.partial(jax.jit, static_argnames=("setup",))
-def sweep_reset_optimizer(states: TrainState, *, setup: StepSetup) -> TrainState:
-    """:func:`reset_optimizer` of every run."""
-    return jax.vmap(functools.partial(reset_optimizer, setup=setup))(states)
+evaluate = jax.jit(evaluate_chunked, static_argnames=("setup",))

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.spec import ConfigError
+
 MODELS = ("tutorial_mlp", "mlp", "multihead_mlp", "cnn")
 INITS = ("flax", "torch")
 """The named initialisations; any other ``init`` is the path of an ``.npz`` state_dict."""
@@ -222,12 +224,6 @@ StateDictLayer = tuple[str, np.ndarray, np.ndarray]
 """One layer of a PyTorch state_dict: ``(prefix, weight, bias)``, e.g. ``("fc1", W, b)``."""
 
 
-def _config_error(message: str) -> ValueError:
-    from experiments.config import ConfigError  # experiments.config imports this module
-
-    return ConfigError(message)
-
-
 def read_state_dict(path: str) -> tuple[StateDictLayer, ...]:
     """The weight/bias pairs of a PyTorch ``state_dict`` saved with ``numpy.savez``, in order.
 
@@ -246,7 +242,7 @@ def read_state_dict(path: str) -> tuple[StateDictLayer, ...]:
         ConfigError: no such file, not an npz, or keys that are not weight/bias pairs.
     """
     if not os.path.isfile(path):
-        raise _config_error(
+        raise ConfigError(
             f"init {path!r} is neither 'flax', 'torch' nor an existing .npz file of a PyTorch "
             "state_dict"
         )
@@ -258,15 +254,26 @@ def _read_state_dict(path: str, mtime_ns: int) -> tuple[StateDictLayer, ...]:
     """:func:`read_state_dict`, cached per file version (a traced init reads it once)."""
     del mtime_ns
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: np.asarray(archive[key]) for key in archive.files}
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise _config_error(f"init file {path}: cannot read it as an .npz ({error})") from error
+        raise ConfigError(
+            f"init file {path} is not an .npz archive of arrays (write one with np.savez)"
+        ) from error
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ConfigError(
+            f"init file {path} holds one array (np.save); the init needs an .npz of the "
+            "state_dict's named arrays, written with np.savez"
+        )
+    with loaded as archive:
+        arrays = {key: np.asarray(archive[key]) for key in archive.files}
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.number) and not np.all(np.isfinite(value)):
+            raise ConfigError(f"init file {path}: array {key!r} holds NaN or infinite values")
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf not in ("weight", "bias"):
-            raise _config_error(
+            raise ConfigError(
                 f"init file {path}: key {key!r} is not a '<layer>.weight' or '<layer>.bias' of a "
                 "Linear/Conv2d layer"
             )
@@ -274,7 +281,7 @@ def _read_state_dict(path: str, mtime_ns: int) -> tuple[StateDictLayer, ...]:
     layers = []
     for prefix, pair in groups.items():
         if set(pair) != {"weight", "bias"}:
-            raise _config_error(f"init file {path}: layer {prefix!r} needs a weight and a bias")
+            raise ConfigError(f"init file {path}: layer {prefix!r} needs a weight and a bias")
         layers.append((prefix, pair["weight"].astype(np.float32), pair["bias"].astype(np.float32)))
     return tuple(layers)
 
@@ -327,7 +334,7 @@ def import_state_dict(
     """
     names = _layers(params)
     if len(names) != len(layers):
-        raise _config_error(
+        raise ConfigError(
             f"init file {source} has {len(layers)} weight/bias layers "
             f"({', '.join(prefix for prefix, _, _ in layers)}), the model has {len(names)} "
             f"({', '.join(names)})"
@@ -337,7 +344,7 @@ def import_state_dict(
         kernel = params[name]["kernel"]
         want = _torch_shape(tuple(kernel.shape))
         if weight.shape != want or bias.shape != params[name]["bias"].shape:
-            raise _config_error(
+            raise ConfigError(
                 f"init file {source}: layer {prefix!r} (the model's {name}) has weight "
                 f"{tuple(weight.shape)} and bias {tuple(bias.shape)}, the model needs weight "
                 f"{want} and bias {tuple(params[name]['bias'].shape)} (PyTorch layout)"

@@ -8,7 +8,7 @@ a final LayerNorm and an untied output layer. Positions are learned embeddings s
 context length of the first batch (so the data fixes ``T``).
 
 On a data-parallel mesh params are replicated like every model's, or split over the mesh with
-``param_sharding="fsdp"`` (:func:`experiments.device_data.param_shardings`).
+``param_sharding="fsdp"`` (:func:`experiments.training.device.param_shardings`).
 
 Example:
     >>> import jax, jax.numpy as jnp

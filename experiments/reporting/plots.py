@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.metrics import METRICS
+from experiments.reporting.metrics import METRICS
+from experiments.storage.checkpoint import os_error_in
+from experiments.storage.workdir import WorkdirUnusableError, unusable_message
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from experiments.results import RunRecord
+    from experiments.reporting.results import RunRecord
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -33,9 +35,18 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> Path:
+    """Writes the PNG beside ``path``, then renames it; a failed write (a full disk) leaves
+    nothing behind and raises :class:`experiments.storage.workdir.WorkdirUnusableError`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except Exception as error:  # PIL and matplotlib wrap the OSError of a full disk
+        tmp.unlink(missing_ok=True)
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise WorkdirUnusableError(unusable_message(path, cause)) from None
     return path
 
 
@@ -44,8 +55,8 @@ def plot_accuracy_curves(
 ) -> Path:
     """Test accuracy of each task over training, one panel per task, one line per method.
 
-    ``metric`` names what the curves hold (:data:`experiments.metrics.METRICS`), e.g. bits per
-    character on a language sequence.
+    ``metric`` names what the curves hold (:data:`experiments.reporting.metrics.METRICS`), e.g.
+    bits per character on a language sequence.
 
     Dotted vertical lines mark task boundaries, as in the PyTorch EWC tutorial's plots. The
     first run of each method is drawn.
@@ -102,7 +113,7 @@ def plot_accuracy_matrices(
     of all panels, reversed so that better is brighter as for accuracy.
 
     Args:
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         task_names: names of the tasks.
         path: output PNG.
 
@@ -155,7 +166,7 @@ def plot_method_comparison(
     rise of bits per character (forgetting); lower is better for both.
 
     Args:
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         path: output PNG.
 
     Returns:
@@ -196,10 +207,10 @@ def write_figures(
 
     Args:
         runs: records of every method and seed.
-        summary: from :func:`experiments.results.summarize_runs`.
+        summary: from :func:`experiments.reporting.results.summarize_runs`.
         task_names: names of the tasks.
         workdir: output directory.
-        metric: the scenario's metric (:data:`experiments.metrics.METRICS`).
+        metric: the scenario's metric (:data:`experiments.reporting.metrics.METRICS`).
 
     Returns:
         Paths of ``accuracy_curves.png``, ``accuracy_matrix.png`` and ``method_comparison.png``.
@@ -216,15 +227,15 @@ def plot_strength_sensitivity(
 ) -> Path:
     """Final average accuracy against the strength λ, one line per method, ± std band over seeds.
 
-    ``metric`` is the scenario's (:data:`experiments.metrics.METRICS`): for a language sequence
-    the line is the final average bits per character.
+    ``metric`` is the scenario's (:data:`experiments.reporting.metrics.METRICS`): for a language
+    sequence the line is the final average bits per character.
 
     A method with a single strength (finetune, joint, or a regularised method run at one λ) is
     drawn as a horizontal dashed line with its band across the whole strength axis. The axis is
     logarithmic when every strength is positive and they span at least a factor of 10.
 
     Args:
-        summary: from :func:`experiments.sweep.summarize_sweep`.
+        summary: from :func:`experiments.reporting.sweeps.summarize_sweep`.
         path: output PNG.
 
     Returns:
@@ -271,8 +282,8 @@ def plot_average_accuracy_over_tasks(
     """Average accuracy on the tasks seen so far against their number, one line per method.
 
     ``curves[label][s, t]`` is seed ``s``'s mean accuracy over tasks ``1 .. t+1`` after training
-    task ``t+1`` (:func:`experiments.sequence_report.average_accuracy_curve`); the line is the
-    mean over seeds, the band ± one standard deviation.
+    task ``t+1`` (:func:`experiments.reporting.sequence_report.average_accuracy_curve`); the line
+    is the mean over seeds, the band ± one standard deviation.
 
     Args:
         curves: ``{label: [S, T] array}``.

@@ -1,6 +1,7 @@
 """Checkpoints of a continual-learning run, so that a pre-empted run resumes where it stopped.
 
-Resume is the default: :func:`experiments.train.train_and_evaluate` (and the CLI) continue from
+Resume is the default: :func:`experiments.runs.experiment.train_and_evaluate` (and the CLI)
+continue from
 the latest complete checkpoint in the workdir when the workdir's ``config.json`` is the same
 resolved config (``checkpoint_every_steps`` may differ). A workdir with checkpoints of a
 different config is refused, and ``--overwrite`` deletes them and starts afresh; a workdir whose
@@ -13,16 +14,18 @@ re-drawn.
 Layout: one directory per method and seed, ``<workdir>/checkpoints/<method>-seed<seed>/`` (a
 sweep: one per method, ``sweep-<method>/``, holding all its runs along a leading axis), holding
 numbered checkpoints ``<n>/`` (the last two are kept). Each is one
-:class:`experiments.loop.RunState`:
+:class:`experiments.training.loop.RunState`:
 
 * ``state/``: an Orbax checkpoint of its arrays: parameters, optimiser state, EWC state, the
   JAX PRNG key (as ``key_data``) and the strength. Orbax writes it to a temporary directory and
   renames it when finished, so a half-written ``state/`` never exists under its final name;
 * ``checkpoint.json``: written atomically (temporary file + ``os.replace``) only after ``state/``
   is finalized. It is the completeness marker and holds the config fingerprint, the SHA-256 of
-  every file of ``state/`` and the run's :class:`experiments.loop.Progress`: the position in the
-  task stream, the NumPy generator state of the Fisher's example choice, and the results so far
-  (accuracy-matrix rows, curves, timings).
+  every file of ``state/`` and the run's :class:`experiments.training.loop.Progress`: the
+  position in the task stream, the NumPy generator state of the Fisher's example choice, and the
+  results so far (accuracy-matrix rows, curves, timings); and last the SHA-256 of its own other
+  fields (``marker_checksum``), so that an edited byte of the JSON is refused like one of
+  ``state/``: a checkpoint either resumes bit-identically or is refused.
 
 A numbered directory without ``checkpoint.json`` or ``state/`` is an interrupted save: it is
 never taken for complete, and is deleted when the run resumes. A ``checkpoint.json`` that cannot
@@ -50,7 +53,7 @@ from typing import Any
 
 import jax
 
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 MARKER = "checkpoint.json"
 STATE = "state"
 KEEP = 2
@@ -102,6 +105,17 @@ def state_checksums(state: Path) -> dict[str, str]:
     return checksums
 
 
+def marker_checksum(marker: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a marker's fields other than ``marker_checksum``.
+
+    Example:
+        >>> marker_checksum({"a": 1}) == marker_checksum({"a": 1, "marker_checksum": "x"})
+        True
+    """
+    fields = {k: v for k, v in marker.items() if k != "marker_checksum"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _numbered(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -150,6 +164,7 @@ class RunCheckpoints:
             marker = json.loads((path / MARKER).read_text())
             fmt, found, progress = marker["format"], marker["fingerprint"], marker["progress"]
             checksums = marker.get("checksums")
+            sealed = marker.get("marker_checksum") == marker_checksum(marker)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt ({MARKER}: {error}); delete {path} to resume from "
@@ -159,6 +174,12 @@ class RunCheckpoints:
             raise CheckpointError(
                 f"checkpoint {path} has format {fmt!r}, this code reads {CHECKPOINT_FORMAT}; pass "
                 "--overwrite to start afresh or resume with the version that wrote it"
+            )
+        if not sealed:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {MARKER} was changed since it was saved "
+                f"(checksum mismatch); delete {path} to resume from the one before, or pass "
+                "--overwrite to start the run afresh"
             )
         if found != self.fingerprint:
             raise CheckpointError(
@@ -259,6 +280,7 @@ class RunCheckpoints:
                 "checksums": state_checksums(path / STATE),
                 "progress": progress,
             }
+            marker["marker_checksum"] = marker_checksum(marker)
             write_atomic(path / MARKER, json.dumps(marker) + "\n")
         except Exception as error:  # Orbax wraps the OSError of a full disk in its own types.
             cause = os_error_in(error)

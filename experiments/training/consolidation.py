@@ -1,0 +1,172 @@
+"""The end of a task: the method's importance folded into the consolidated state, and the
+steps of :mod:`experiments.training.steps` under ``jax.vmap`` over a sweep's run axis.
+
+A sweep runs the same functions over a leading run axis of the state (:func:`sweep_init`,
+:func:`sweep_train_epoch`, ...): seeds and strengths are data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+
+import ewc_jax
+from experiments.training.device import TaskData
+from experiments.training.methods import ImportanceInputs, MethodSpec, fisher_importance
+from experiments.training.steps import (
+    StepSetup,
+    TrainState,
+    evaluate_chunked,
+    init_state,
+    keep_layout,
+    reset_optimizer,
+    scan_epoch,
+)
+
+
+def fisher(
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    heads: jax.Array,
+    key: jax.Array,
+    *,
+    setup: StepSetup,
+    method: MethodSpec,
+) -> Any:
+    """The diagonal Fisher of ``method.estimator`` over the given examples (EWC's importance).
+
+    With a mesh the examples are split over its devices by :func:`ewc_jax.fisher_diagonal`,
+    which pads a count not divisible by the device count and masks the padding.
+    """
+    inputs = ImportanceInputs(
+        setup.logits, params, None, images, labels, heads, key, setup.mesh, method
+    )
+    return fisher_importance(inputs)[0]
+
+
+def consolidate_task(
+    state: TrainState,
+    images: jax.Array | None,
+    labels: jax.Array | None,
+    heads: jax.Array | None,
+    *,
+    setup: StepSetup,
+    method: MethodSpec,
+) -> TrainState:
+    r"""Folds the finished task into the EWC state with the method's importance.
+
+    The importance is the method's entry of :data:`experiments.training.methods.METHODS`; its
+    ``mode`` says how it joins the earlier tasks' (``separate``: one quadratic per task;
+    ``online``: summed, with decay ``gamma`` when the method ``decays``, anchored at the latest
+    parameters). K-FAC's Kronecker terms of all tasks are merged into one per layer,
+    :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)` (:func:`ewc_jax.kfac.merge_kronecker_terms`,
+    kept as a running mean of ``G``).
+
+    Args:
+        state: the state at the end of the task.
+        images: the examples of the finished task the importance is averaged over (None for
+            a method that needs none), with their ``labels`` and ``heads``.
+        setup: model and optimiser (:func:`method_setup` of ``method``).
+        method: a regularised method.
+
+    Returns:
+        The state with the new EWC state (and, for SI, the reset path integral) and the PRNG
+        key split once for the importance.
+    """
+    entry = method.method
+    key, importance_key = jax.random.split(state.key)
+    inputs = ImportanceInputs(
+        setup.logits,
+        state.params,
+        state.opt_state,
+        images,
+        labels,
+        heads,
+        importance_key,
+        setup.mesh,
+        method,
+    )
+    precision, opt_state = entry.importance(inputs)
+    ewc_state = ewc_jax.consolidate(
+        state.ewc_state, state.params, precision, mode=entry.mode, gamma=method.gamma
+    )
+    if entry.kronecker:
+        ewc_state = _merge_running(state.ewc_state, ewc_state)
+    ewc_state, opt_state = keep_layout((ewc_state, opt_state), setup)
+    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
+
+
+def _merge_running(
+    previous: ewc_jax.kfac.KFACState, state: ewc_jax.kfac.KFACState
+) -> ewc_jax.kfac.KFACState:
+    """One term per layer again: ``A`` summed, ``G`` the mean over the tasks so far.
+
+    ``state`` holds ``previous``'s one merged term (the mean ``G`` of its ``n`` tasks) and the
+    new task's. :func:`ewc_jax.kfac.merge_kronecker_terms` would average the two ``G`` equally;
+    weighting them ``n : 1`` gives the mean over all tasks, i.e. exactly what merging every
+    task's own term would give (and the zero placeholder of :func:`init_state`, ``n = 0``,
+    drops out).
+    """
+    merged = ewc_jax.kfac.merge_kronecker_terms(state)
+
+    def mean_g(g: jax.Array) -> jax.Array:
+        n = previous.num_tasks.astype(g.dtype)
+        return ((n * g[0] + g[1]) / (n + 1))[None]
+
+    layers = tuple(
+        dataclasses.replace(layer, g=mean_g(terms.g))
+        for layer, terms in zip(merged.layers, state.layers, strict=True)
+    )
+    return merged._replace(layers=layers)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def sweep_init(
+    keys: jax.Array, example_images: jax.Array, strengths: jax.Array, *, setup: StepSetup
+) -> TrainState:
+    """:func:`init_state` of every run: ``keys`` and ``strengths`` carry the run axis."""
+    init = functools.partial(init_state, setup=setup)
+    return jax.vmap(init, in_axes=(0, None, 0))(keys, example_images, strengths)
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "num_batches"))
+def sweep_train_epoch(
+    states: TrainState, data: TaskData, num_steps: jax.Array, *, setup: StepSetup, num_batches: int
+) -> tuple[TrainState, jax.Array]:
+    """:func:`train_epoch` of every run on the same data."""
+    epoch = functools.partial(scan_epoch, setup=setup, num_batches=num_batches)
+    return jax.vmap(epoch, in_axes=(0, None, None))(states, data, num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def sweep_evaluate(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
+    """:func:`evaluate` of every run's parameters on the same data: ``[R]``."""
+    return jax.vmap(functools.partial(evaluate_chunked, setup=setup), in_axes=(0, None))(
+        params, data
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "method"))
+def sweep_consolidate(
+    states: TrainState,
+    images: jax.Array | None,
+    labels: jax.Array | None,
+    heads: jax.Array | None,
+    *,
+    setup: StepSetup,
+    method: MethodSpec,
+) -> TrainState:
+    """:func:`consolidate_task` of every run, each on its own examples (``[R, n, ...]``)."""
+    axis = 0 if method.needs_fisher else None
+    one = functools.partial(consolidate_task, setup=setup, method=method)
+    return jax.vmap(one, in_axes=(0, axis, axis, axis))(states, images, labels, heads)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def sweep_reset_optimizer(states: TrainState, *, setup: StepSetup) -> TrainState:
+    """:func:`reset_optimizer` of every run."""
+    return jax.vmap(functools.partial(reset_optimizer, setup=setup))(states)
