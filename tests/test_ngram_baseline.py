@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import ngram_baseline, text
+from experiments.data import text
+from experiments.reporting import ngram_baseline
 
 
 def _windows(seed: int, n: int, span: int = 9) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,8 @@ with :math:`h_j` the last :math:`j` bytes, :math:`C` the training counts,
 
 Run::
 
-    python -m experiments.ngram_baseline --language en --order 5 --discount 0.75 --test-windows 500
+    python -m experiments.reporting.ngram_baseline --language en --order 5 --discount 0.75 \
+        --test-windows 500
 """
 
 import argparse
@@ -26,7 +27,7 @@ import sys
 
 import numpy as np
 
-from experiments import text
+from experiments.data import text
 
 VOCAB = 256
 
