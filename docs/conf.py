@@ -5,6 +5,7 @@ Builds offline: no intersphinx, no notebook execution (the tutorial's stored out
 ``make docs``, which runs ``sphinx-build -W --keep-going -n`` (warnings are errors, nitpicky).
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,15 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Signatures show the aliases as written (the modules use `from __future__ import annotations`),
+# not their expansions (`ArrayLike` is a union of nine types, `Params` is `Any`).
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "PyTree", "Params", "ApplyFn", "Where", "Estimator", "ConsolidationMode", "Method",
+        "KFACEstimator", "jax.typing.ArrayLike", "jax.typing.DTypeLike", "ArrayLike", "DTypeLike",
+    )
+}  # fmt: skip
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -55,7 +65,9 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|equinox|eqx|chex)(\..*)?"),
     (r"py:.*", r"(typing|collections\.abc|contextlib|types|enum)\..*"),
-    (r"py:.*", r"(Array|ArrayLike|PyTree|Params|Any|Callable|Sequence|Mapping|Literal|Self)"),
+    (r"py:.*", r"(Array|ArrayLike|DTypeLike|Any|Callable|Sequence|Mapping|Literal|Self)"),
+    # Private aliases that the signatures show by name; each argument's docstring says what it is.
+    (r"py:.*", r"(PyTree|Params|ApplyFn|Where|Method)"),
     (r"py:.*", r"(NoneType|None|int|float|bool|str|tuple|dict|list|object|Iterator)"),
     (r"py:.*", r"ewc_jax\._.*"),  # private modules' aliases (e.g. ewc_jax._types.Params)
 ]
@@ -104,7 +116,20 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return True if what == "class" and doc.startswith("Alias for field number") else None
 
 
+# Sphinx 9 prints an alias inside a union (`Params | None`) as `TypeAliasForwardRef('Params') |
+# None` (sphinx-doc/sphinx#14004); print the alias's name.
+_FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([^']+)'\)")
+
+
+def _plain_alias_names(app, what, name, obj, options, signature, return_annotation):
+    def plain(text):
+        return _FORWARD_REF.sub(r"\1", text) if text else text
+
+    return plain(signature), plain(return_annotation)
+
+
 def setup(app):
+    app.connect("autodoc-process-signature", _plain_alias_names)
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
     app.connect("missing-reference", _resolve_public_name)
     app.connect("doctree-read", _link_repository_files_to_pages)
