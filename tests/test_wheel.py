@@ -86,7 +86,8 @@ def test_wheel_installs_in_a_new_virtualenv_and_runs_the_readme_example(tmp_path
         ).stdout.strip()
     )
     # The dependencies, not this repository: a path line does not run the editable finder.
-    (env_site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    here = sysconfig.get_paths()
+    (env_site / "dependencies.pth").write_text(f"{here['purelib']}\n{here['platlib']}\n")
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
          "--quiet", str(wheel)],
