@@ -84,6 +84,14 @@ def test_readme_links_point_at_files_that_exist():
     assert not missing, f"README.md links to missing files: {missing}"
 
 
+def test_docs_name_no_console_script():
+    # The wheel has none (experiments run from a clone: `python -m experiments.main`).
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "[project.scripts]" not in pyproject
+    mentions = [p.relative_to(ROOT) for p in DOC_FILES if "ewc-jax-experiment" in p.read_text()]
+    assert not mentions, f"these name the removed `ewc-jax-experiment` script: {mentions}"
+
+
 @pytest.mark.slow
 def test_docs_build_offline_with_warnings_as_errors(tmp_path):
     pytest.importorskip("myst_nb", reason="needs the `docs` extra (make test installs it)")
