@@ -72,7 +72,8 @@ def test_the_tests_the_docs_cite_exist():
         source = ROOT / file
         if not source.is_file():
             missing.append(f"{path.relative_to(ROOT)}: {file}")
-        elif test and not re.search(rf"^(async )?def {test}\(", source.read_text(), re.MULTILINE):
+        elif test and not re.search(rf"^((async )?def {test}\(|class {test}\b|{test}\s*[:=])",
+                                    source.read_text(), re.MULTILINE):  # fmt: skip
             missing.append(f"{path.relative_to(ROOT)}: {file}::{test}")
     assert not missing, "cited but not there:\n" + "\n".join(missing)
 
