@@ -1,5 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when it is missing and install the
-# project into it; nothing else needs to be on the machine but Python 3.11+.
+# project into it; nothing else needs to be on the machine but Python 3.11+. `make docs` builds the
+# documentation site offline (warnings are errors); `make test` builds it too, in tests/test_docs.py.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,14 +16,14 @@ WITH_TORCH ?= 1
 BENCH_NO_DEPS ?= backpack-for-pytorch==1.7.1 nngeometry==0.4
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test docs lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	if [ "$(WITH_TORCH)" = "1" ]; then $(PY) -m pip install --quiet "$(TORCH_PIN)" || \
 	  echo "warning: $(TORCH_PIN) could not be installed; torch comparisons will be skipped"; fi
-	$(PY) -m pip install --quiet -e '.[experiments,tfds,test]'
+	$(PY) -m pip install --quiet -e '.[experiments,tfds,test,docs]'
 	if [ "$(WITH_TORCH)" = "1" ] && $(PY) -c 'import torch' 2>/dev/null; then \
 	  $(PY) -m pip install --quiet -e '.[bench]' && \
 	  $(PY) -m pip install --quiet --no-deps $(BENCH_NO_DEPS); fi
@@ -35,6 +36,12 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# -W --keep-going: every warning is an error, all of them reported; -n: every cross-reference
+# must resolve. No network: no intersphinx, the tutorial's stored outputs are shown as they are.
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
@@ -49,4 +56,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.memory --out MEMORY.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache docs/_build docs/_autosummary build dist
