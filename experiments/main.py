@@ -8,8 +8,7 @@
 ``--config.<field>=<value>`` overrides any config field; every field, its meaning and its valid
 values are documented in ``experiments/config/defaults.py`` (the ready-made configs are in
 ``experiments/configs/``). ``--overwrite`` replaces finished results already in the workdir, and
-keeps them until the new run has finished. Installed as the console script
-``ewc-jax-experiment``.
+keeps them until the new run has finished. Runs from a clone (the wheel ships the library only).
 
 Resume is the default: run the same command again after a crash, pre-emption or Ctrl-C and it
 continues from the latest complete checkpoint in the workdir (see
@@ -202,7 +201,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    """Console-script entry point (``ewc-jax-experiment``)."""
+    """The CLI: parses the flags and runs :func:`main`."""
     app.run(main, flags_parser=parse_flags)
 
 
