@@ -314,10 +314,9 @@ def test_nnx_state_with_batch_stats_or_rngs_is_refused_with_the_fix():
         ewc_jax.fisher_diagonal(apply_fn, no_bn, jnp.ones((2, 4)))
 
 
-def _readme_block(heading):
-    text = README.read_text()
-    section = text.split(heading + "\n", 1)[1].split("\n#", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+def _guide_block(path):
+    """The first Python block of a docs page (the recipe the page teaches)."""
+    return re.search(r"```python\n(.*?)```", path.read_text(), re.DOTALL).group(1)
 
 
 def test_readme_nnx_recipe_on_a_model_with_dropout_and_batchnorm():
@@ -328,7 +327,7 @@ def test_readme_nnx_recipe_on_a_model_with_dropout_and_batchnorm():
     x = jax.random.normal(jax.random.key(1), (9, 4))
     space = {"model": model, "x_task_a": x, "task_loss": jnp.zeros(()), "nnx": nnx}
     space |= {"ewc_jax": ewc_jax, "jax": jax, "jnp": jnp, "optax": optax}
-    exec(_readme_block("### With a Flax NNX model"), space)
+    exec(_guide_block(README.parent / "docs" / "guides" / "nnx.md"), space)
     params, rest, fisher = space["params"], space["rest"], space["fisher"]
     assert jax.tree.structure(fisher) == jax.tree.structure(params)
     graphdef = space["graphdef"]

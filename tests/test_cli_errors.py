@@ -425,7 +425,7 @@ def test_help_flags_print_the_help_and_exit_0(outcomes):
         assert results[name]["returncode"] == 0, results[name]
         assert (
             "--workdir:" in results[name]["stdout"]
-            and "ewc-jax-experiment" in results[name]["stdout"]
+            and "python -m experiments.main" in results[name]["stdout"]
         )
 
 

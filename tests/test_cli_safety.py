@@ -71,7 +71,7 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
         assert done.returncode == 0, done.stderr
         for text in ("--config:", "--workdir:", "--[no]overwrite:", "config/defaults.py"):
             assert text in done.stdout
-        assert "ewc-jax-experiment" in done.stdout  # the module docstring
+        assert "python -m experiments.main" in done.stdout  # the module docstring
 
 
 def test_tfds_without_tensorflow_is_one_line_naming_what_to_install(tmp_path):
@@ -120,7 +120,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_at_once(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from experiments import workdir\n"
+            "import sys, time; from experiments.storage import workdir\n"
             f"with workdir.locked({str(run_dir)!r}):\n"
             "    print('locked', flush=True); time.sleep(60)",
         ],
