@@ -4,7 +4,7 @@ For each estimator and size N, on the same float32 weights and inputs:
 
 * ``jax_default``: ``ewc_jax.fisher_diagonal(apply_fn, params, x, labels, estimator=..., key=...)``
   with the library's defaults (the reference of every check and every ratio);
-* ``jax_general``: the same with ``fast=False`` (``jax.vmap(jax.grad)``) in chunks of
+* ``jax_general``: the same with ``method="general"`` (``jax.vmap(jax.grad)``) in chunks of
   ``chunk_size``;
 * argmax and empirical: ``torch_tutorial_loop`` (one example at a time), ``torch_func_vmap``
   (``torch.func.vmap(grad)`` in chunks), ``torch_hooks`` (plain PyTorch, one pass),
@@ -83,7 +83,7 @@ def skip_reason(method: str, config: Config) -> str | None:
 
 def _jax_fisher_fn(estimator: str, fast: bool, chunk_size: int | None) -> Callable[..., Any]:
     apply_fn = workload.apply_fn()
-    options = {} if fast else {"fast": False, "chunk_size": chunk_size}
+    options = {} if fast else {"method": "general", "chunk_size": chunk_size}
 
     def fisher(params: Any, inputs: jax.Array, labels: Any, key: Any) -> Any:
         return ewc_jax.fisher_diagonal(
@@ -222,7 +222,7 @@ def run_fisher(
             reference = result
         if not fast or estimator == "sampled":
             _check(checks, name, problem, result, reference, mc_call, config)
-        note = "library defaults" if fast else f"fast=False, chunk_size={config.chunk_size}"
+        note = "library defaults" if fast else f"method=general, chunk_size={config.chunk_size}"
         entry = Entry(name, estimator, "jax", n, compile_s=compile_s, warmup_s=warmup_s, note=note)
         runners.append((entry, call))
         entries.append(entry)
