@@ -7,7 +7,7 @@ Run::
 
 Each (N, path) runs in a fresh subprocess on the tutorial's MLP (784-256-256-256-10) with random
 inputs, library defaults (``chunk_size=None``: as many examples per chunk as fit in
-``ewc_jax._fisher.MEMORY_BUDGET_BYTES``) unless ``--chunk-size`` is given, and the argmax
+``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``) unless ``--chunk-size`` is given, and the argmax
 estimator. The child builds the inputs, then resets the kernel's peak-RSS mark (Linux
 ``/proc/self/clear_refs``) so that generating the data (two copies for a moment) is not counted,
 then compiles and runs the Fisher. Reported:

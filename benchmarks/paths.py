@@ -35,6 +35,8 @@ import numpy as np
 
 import ewc_jax
 from benchmarks.families import FAMILIES, build
+from ewc_jax._engine import cost
+from ewc_jax._engine import model as model_lib
 
 METHODS = ("auto", "one_pass", "general")
 
@@ -121,12 +123,7 @@ def auto_choice(apply_fn: Callable, params: Any, inputs: Any, estimator: str) ->
     so ``chosen_over_best`` (the chosen path's median over the faster one's) measures the choice
     without a third noisy sample; ``auto_over_best`` is the direct measurement.
     """
-    from ewc_jax import _fisher
-
-    model = _fisher._Model.of(apply_fn, params, inputs)
-    token_shape, num_classes = _fisher._output_shape(model)
-    labels = _fisher._num_labels(estimator, num_classes, token_shape)
-    return "general" if _fisher._policy(model, labels, "auto").general else "one_pass"
+    return cost.auto_method(model_lib.Model.of(apply_fn, params, inputs), estimator)
 
 
 def format_row(row: dict) -> str:

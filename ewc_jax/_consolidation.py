@@ -7,15 +7,17 @@ to remember is therefore one anchor and one precision per parameter, kept in :cl
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, get_args
+from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax._precision import ConsolidationMode, Curvature, Precision, PrecisionT
+from ewc_jax._engine.dtypes import widest
+from ewc_jax._precision import ConsolidationMode, Curvature, Precision, PrecisionT, check_state
 from ewc_jax._types import Params
 from ewc_jax._validation import (
+    check_same_devices,
     check_same_structure,
     fail_if,
     holds,
@@ -23,7 +25,7 @@ from ewc_jax._validation import (
     non_finite,
     outside_unit_interval,
 )
-from ewc_jax._where import Where, select
+from ewc_jax._where import Where, check_where_given, select
 
 CONSOLIDATION_MODES: tuple[ConsolidationMode, ...] = get_args(ConsolidationMode)
 
@@ -78,21 +80,21 @@ class EWCState(NamedTuple):
         self, params: Params, strength: jax.typing.ArrayLike, *, where: Where | None = None
     ) -> jax.Array:
         r""":math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2` over the leaves ``where`` selects."""
+        check_where_given(self.anchor, "state", where, params)
         params = select(params, params, where)
         check_same_structure(self.anchor, params, "state.anchor", "params")
         terms = jax.tree.leaves(
             jax.tree.map(
                 lambda p, a, f: jnp.sum(
-                    f.astype(_wide(p, f))
-                    * jnp.square(p.astype(_wide(p, f)) - a.astype(_wide(p, f)))
+                    f.astype(widest(p, f))
+                    * jnp.square(p.astype(widest(p, f)) - a.astype(widest(p, f)))
                 ),
                 params,
                 self.anchor,
                 self.precision,
             )
         )
-        dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
-        dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+        dtype = widest(*terms)
         total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
         return jnp.asarray(0.5 * strength, dtype) * total
 
@@ -103,11 +105,12 @@ class EWCState(NamedTuple):
 
         bfloat16 params, anchors or precisions are widened before the subtraction.
         """
+        check_where_given(self.anchor, "state", where, params)
         return jax.tree.map(
             lambda p, a, f: (
-                jnp.asarray(strength, _wide(p, a, f))
-                * f.astype(_wide(p, a, f))
-                * (p.astype(_wide(p, a, f)) - a.astype(_wide(p, a, f)))
+                jnp.asarray(strength, widest(p, a, f))
+                * f.astype(widest(p, a, f))
+                * (p.astype(widest(p, a, f)) - a.astype(widest(p, a, f)))
             ),
             select(params, params, where),
             self.anchor,
@@ -149,7 +152,7 @@ def empty_state(
     return EWCState(
         anchor=_stored(params, anchor_dtype),
         precision=jax.tree.map(
-            lambda p: jnp.zeros_like(p, dtype=precision_dtype or _wide(p)), params
+            lambda p: jnp.zeros_like(p, dtype=precision_dtype or widest(p)), params
         ),
         num_tasks=jnp.zeros((), jnp.int32),
     )
@@ -162,13 +165,6 @@ def _stored(tree: Params, dtype: jax.typing.DTypeLike | None) -> Params:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"a storage dtype must be floating-point, got {np.dtype(dtype)}.")
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
-
-
-def _wide(*arrays: Any) -> np.dtype:
-    """The widest dtype of the arrays, float32 at least: precisions and penalty sums of
-    bfloat16/float16 parameters are kept in float32 (their squares under- and overflow)."""
-    dtype = max((np.dtype(jnp.result_type(a)) for a in arrays), key=lambda d: d.itemsize)
-    return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 def consolidate(
@@ -251,6 +247,8 @@ def consolidate(
         raise ValueError(
             f"Unknown consolidation mode {mode!r}; valid modes: {CONSOLIDATION_MODES}."
         )
+    if state is not None:
+        check_state(state, "consolidate")
     if state is None:
         if isinstance(fisher, Curvature):
             state = fisher.empty_precision(params)
@@ -286,6 +284,8 @@ def _consolidated(
             f"state is an EWCState but fisher is a {type(fisher).__name__}, which consolidates "
             "into its own state type; start its consolidation from state=None."
         )
+    check_where_given(state.anchor, "state", where, params)
+    check_where_given(fisher, "fisher", where, params)
     failures = outside_unit_interval(gamma, "gamma")
     if mode == "separate":
         failures.append(
@@ -301,6 +301,8 @@ def _consolidated(
     check_same_structure(params, fisher, "params", "fisher")
     check_same_structure(params, state.anchor, "params", "state.anchor")
     check_same_structure(params, state.precision, "params", "state.precision")
+    check_same_devices(params, fisher, "params", "fisher")
+    check_same_devices(params, state.anchor, "params", "state.anchor")
     why = (
         "consolidating them would make every later penalty non-finite; check the training run "
         "that produced them"
@@ -320,7 +322,7 @@ def _consolidated(
 
     if mode == "separate":
         precision = jax.tree.map(
-            lambda p, f: p.astype(_wide(p, f)) + f.astype(_wide(p, f)), state.precision, fisher
+            lambda p, f: p.astype(widest(p, f)) + f.astype(widest(p, f)), state.precision, fisher
         )
         anchor = jax.tree.map(
             _precision_weighted_mean, precision, state.precision, state.anchor, fisher, params
@@ -329,7 +331,7 @@ def _consolidated(
         anchor = params
         precision = jax.tree.map(
             lambda p, f: (
-                jnp.asarray(gamma, _wide(p, f)) * p.astype(_wide(p, f)) + f.astype(_wide(p, f))
+                jnp.asarray(gamma, widest(p, f)) * p.astype(widest(p, f)) + f.astype(widest(p, f))
             ),
             state.precision,
             fisher,
@@ -407,5 +409,6 @@ def penalty(
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
+    check_state(state, "penalty")
     failures = negative_or_non_finite(strength, "strength")
     return fail_if(state.penalty(params, strength, where=where), failures)

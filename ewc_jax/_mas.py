@@ -7,25 +7,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ewc_jax import _fast_fisher
-from ewc_jax._chunking import chunked_sum
-from ewc_jax._fisher import (
-    METHODS,
-    Method,
-    _accumulate_dtype,
-    _check_params,
-    _Model,
-    _num_examples,
-    _output_shape,
-    _per_example_logits,
-    _result_dtype,
-    _Static,
+from ewc_jax._engine.chunking import chunked_sum
+from ewc_jax._engine.cost import (
+    MAX_SMALL_CHUNK,
+    bytes_per_example,
+    default_chunk_size,
+    general_bytes_per_example,
 )
+from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
+from ewc_jax._engine.inputs import check_positive, num_examples
+from ewc_jax._engine.model import Model, Static, check_params, output_shape, per_example_logits
+from ewc_jax._engine.plan import consume, make_plan
+from ewc_jax._engine.tapped import expand, tapped_vjp
+from ewc_jax._fisher import METHODS, Method
 from ewc_jax._types import ApplyFn, Params, PyTree
-
-_DEFAULT_CHUNK = 256
 
 
 def mas_importance(
@@ -64,7 +60,8 @@ def mas_importance(
       apply_fn: ``apply_fn(params, inputs_batch) -> outputs [B, ...]``; examples independent.
       params: a pytree of floating-point arrays.
       inputs: an array or pytree of arrays with a leading example axis N.
-      chunk_size: examples per chunk (memory vs. speed); default 256.
+      chunk_size: examples per chunk (memory vs. speed); default: as many as fit the memory
+        budget, at most 256.
       method: ``"auto"``, ``"one_pass"`` or ``"general"``.
       dtype: dtype of the result; default float32 for 16-bit params, else the param's own.
 
@@ -93,22 +90,28 @@ def mas_importance(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    _check_params(params)
-    n = _num_examples(inputs)
-    model = _Model.of(apply_fn, params, inputs)
-    _output_shape(model)
-    out_dtypes = tuple(_result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
-    one_pass = method != "general"
-    if method == "auto":
-        plan = _fast_fisher.make_plan(apply_fn, model.params_tree(), model.example_tree())
-        one_pass = any(t.one_term for t in plan.taps)
+    check_positive("chunk_size", chunk_size)
+    check_params(params)
+    n = num_examples(inputs)
+    model = Model.of(apply_fn, params, inputs)
+    output_shape(model)
+    out_dtypes = tuple(result_dtype(leaf, dtype) for leaf in jax.tree.leaves(params))
+    plan = None
+    if method != "general":
+        plan = make_plan(apply_fn, model.params_tree(), model.example_tree())
+    one_pass = plan is not None and (method == "one_pass" or any(t.one_term for t in plan.taps))
+    if chunk_size is None:
+        general = range(len(model.params))
+        per_example = general_bytes_per_example(model.params, general)
+        if one_pass:
+            general = {*plan.fallback, *(t.leaf for t in plan.taps if not t.one_term)}
+            per_example = bytes_per_example(plan) + general_bytes_per_example(model.params, general)
+        chunk_size = default_chunk_size(per_example, MAX_SMALL_CHUNK)
     return _mas(
         params,
         inputs,
-        apply_fn=_Static(apply_fn),
-        chunk_size=min(int(chunk_size or _DEFAULT_CHUNK), n),
+        apply_fn=Static(apply_fn),
+        chunk_size=min(int(chunk_size), n),
         one_pass=one_pass,
         out_dtypes=out_dtypes,
     )
@@ -126,7 +129,7 @@ def _mas(params, inputs, *, apply_fn, chunk_size, one_pass, out_dtypes):
 
     def _as_list(found: dict[int, jax.Array]) -> list[jax.Array]:
         return [
-            found[i] if i in found else jnp.zeros(p.shape, _accumulate_dtype(p.dtype))
+            found[i] if i in found else jnp.zeros(p.shape, accumulate_dtype(p.dtype))
             for i, p in enumerate(leaves)
         ]
 
@@ -137,7 +140,7 @@ def _mas(params, inputs, *, apply_fn, chunk_size, one_pass, out_dtypes):
 
 
 def _squared_norm(out: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(out.astype(_accumulate_dtype(out.dtype))))
+    return jnp.sum(jnp.square(out.astype(accumulate_dtype(out.dtype))))
 
 
 def _general_abs_sums(
@@ -153,7 +156,7 @@ def _general_abs_sums(
             for i, value in zip(leaf_indices, sel, strict=True):
                 full[i] = value
             return _squared_norm(
-                _per_example_logits(apply_fn, jax.tree.unflatten(treedef, full), x_n)
+                per_example_logits(apply_fn, jax.tree.unflatten(treedef, full), x_n)
             )
 
         return jax.grad(norm_of)(selected)
@@ -162,7 +165,7 @@ def _general_abs_sums(
     grads = jax.vmap(sensitivity, in_axes=(None, 0))(selected, x)
     out = {}
     for i, g in zip(leaf_indices, grads, strict=True):
-        acc = _accumulate_dtype(leaves[i].dtype)
+        acc = accumulate_dtype(leaves[i].dtype)
         out[i] = jnp.tensordot(weight.astype(acc), jnp.abs(g.astype(acc)), axes=1)
     return out
 
@@ -173,36 +176,22 @@ def _one_pass_abs_sums(
     """``Σ_n w_n |a_n ⊗ δ_n| = |a|ᵀ (w |δ|)`` for one-term taps, the general path for the rest."""
     leaves = jax.tree.leaves(params)
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
-    plan = _fast_fisher.make_plan(apply_fn, params, example)
+    plan = make_plan(apply_fn, params, example)
     taps = [t for t in plan.taps if t.one_term]
     general = sorted({*plan.fallback, *(t.leaf for t in plan.taps if not t.one_term)})
-    chunk = weight.shape[0]
-    eps0 = {
-        t.node: jnp.zeros(
-            (chunk, *plan.nodes[t.node].outputs[0].aval.shape),
-            plan.nodes[t.node].outputs[0].aval.dtype,
-        )
-        for t in taps
-    }
-
-    def forward(eps):
-        return jax.vmap(lambda xs, e: _fast_fisher.evaluate(plan, leaves, xs, e))(
-            jax.tree.leaves(x), eps
-        )
-
-    out, pullback, recorded = jax.vjp(forward, eps0, has_aux=True)
+    out, pullback, recorded = tapped_vjp(plan, leaves, jax.tree.leaves(x), [t.node for t in taps])
     # δ = ∂‖f‖²/∂z = Jᵀ 2f at every tapped output z.
     (deltas,) = pullback(2 * jax.lax.stop_gradient(out))
     sums = {}
     for tap in taps:
-        dtype = _accumulate_dtype(leaves[tap.leaf].dtype)
+        dtype = accumulate_dtype(leaves[tap.leaf].dtype)
         other = jnp.abs(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
-        delta = _fast_fisher._expand(weight, deltas[tap.node].ndim).astype(dtype) * jnp.abs(
+        delta = expand(weight, deltas[tap.node].ndim).astype(dtype) * jnp.abs(
             deltas[tap.node].astype(dtype)
         )
 
         def contraction(p, other=other, tap=tap, dtype=dtype):
-            return jax.vmap(lambda o: _fast_fisher._consume(plan, tap, p, o, dtype))(other)
+            return jax.vmap(lambda o: consume(plan, tap, p, o, dtype))(other)
 
         _, pull = jax.vjp(contraction, leaves[tap.leaf].astype(dtype))
         # The layer's own contraction of |a| and |δ|; a subtraction flips the sign: abs.

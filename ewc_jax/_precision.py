@@ -95,6 +95,22 @@ class Precision(Protocol):
         ...
 
 
+def check_state(state: object, function: str) -> None:
+    """Raises TypeError unless ``state`` is a :class:`Precision` (None before the first task
+    gets its own message: what to build instead)."""
+    if state is None:
+        raise TypeError(
+            f"state is None: {function} needs a consolidated state; build it with "
+            "ewc_jax.consolidate(None, params, fisher) after the first task, or "
+            "ewc_jax.empty_state(params) before it."
+        )
+    if not isinstance(state, Precision):
+        raise TypeError(
+            f"state must be an ewc_jax.EWCState (or another ewc_jax.Precision, such as a "
+            f"ewc_jax.kfac.KFACState) from ewc_jax.consolidate, got {type(state).__name__}."
+        )
+
+
 @runtime_checkable
 class Curvature(Protocol):
     """A structured Fisher (not a params-shaped tree) that starts its own kind of state."""

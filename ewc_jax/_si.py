@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ewc_jax._consolidation import _wide
+from ewc_jax._engine.dtypes import widest
 from ewc_jax._types import Params
 from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
 
@@ -84,7 +84,7 @@ def si_path_integral(inner: optax.GradientTransformation) -> optax.GradientTrans
     def init_fn(params):
         return SIState(
             inner=inner.init(params),
-            path_integral=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _wide(p)), params),
+            path_integral=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), widest(p)), params),
             start=params,
         )
 

@@ -8,9 +8,9 @@ import jax
 import optax
 
 from ewc_jax._consolidation import empty_state
-from ewc_jax._precision import Precision
+from ewc_jax._precision import Precision, check_state
 from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
-from ewc_jax._where import Where, merge, select
+from ewc_jax._where import Where, is_masked, merge, select
 
 
 class AddEWCPenaltyState(NamedTuple):
@@ -124,6 +124,7 @@ def set_ewc_state(opt_state: optax.OptState, ewc_state: Precision) -> optax.OptS
       >>> ewc_jax.set_ewc_state(opt_state, state).ewc.precision["w"].tolist()
       [3.0, 3.0]
     """
+    check_state(ewc_state, "set_ewc_state")
     is_state = lambda _, value: isinstance(value, Precision)
     found = optax.tree_utils.tree_get_all_with_path(opt_state, "ewc", filtering=is_state)
     if not found:
@@ -132,5 +133,11 @@ def set_ewc_state(opt_state: optax.OptState, ewc_state: Precision) -> optax.OptS
             "optax.chain(ewc_jax.add_ewc_penalty(strength), ...)."
         )
     for _, old in found:
+        if is_masked(old.anchor) != is_masked(ewc_state.anchor):
+            raise ValueError(
+                "ewc_state and the optimiser's add_ewc_penalty state cover different parameters "
+                "(one was built with where=, the other without); give add_ewc_penalty the same "
+                "where= as consolidate."
+            )
         check_same_structure(old.anchor, ewc_state.anchor, "the optimiser's EWC anchor", "anchor")
     return optax.tree_utils.tree_set(opt_state, is_state, ewc=ewc_state)

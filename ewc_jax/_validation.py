@@ -155,6 +155,28 @@ def check_same_structure(reference: PyTree, other: PyTree, ref_name: str, other_
             )
 
 
+def check_same_devices(reference: PyTree, other: PyTree, ref_name: str, other_name: str) -> None:
+    """Raises ValueError naming the first leaf that is committed to other devices than its
+    counterpart (XLA would fail with "incompatible devices" without naming either)."""
+    pairs = zip(
+        jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(other), strict=True
+    )
+    for (path, a), b in pairs:
+        if not all(isinstance(v, jax.Array) and not is_traced(v) for v in (a, b)):
+            continue
+        if a.committed and b.committed and a.devices() != b.devices():
+            where = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{other_name}{where} is on {_device_names(b)} but {ref_name}{where} is on "
+                f"{_device_names(a)}; put {other_name} where {ref_name} is, e.g. "
+                f"jax.device_put({other_name}, jax.tree.map(lambda p: p.sharding, {ref_name}))."
+            )
+
+
+def _device_names(x: jax.Array) -> str:
+    return ", ".join(sorted(str(d) for d in x.devices()))
+
+
 def non_finite(tree: PyTree, name: str, why: str) -> list[Failure]:
     """Failures for NaN/Inf, one per floating-point leaf of ``tree``, in leaf order.
 

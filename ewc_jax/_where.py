@@ -42,12 +42,36 @@ def select(tree: PyTree, params: Params, where: Where | None) -> PyTree:
         return tree
     mask = _flags(params, where)
     try:
-        return jax.tree.map(lambda m, t: t if m else optax.MaskedNode(), mask, tree)
+        selected = jax.tree.map(lambda m, t: t if m else optax.MaskedNode(), mask, tree)
     except ValueError as error:
         raise ValueError(
             "where must be a pytree of bools with the structure of params or a prefix of it "
             f"(as optax.masked takes): {error}"
         ) from None
+    if jax.tree.leaves(tree) and not jax.tree.leaves(selected):
+        raise ValueError(
+            "where selects none of the parameters (every flag is False); select at least one, "
+            "or leave EWC out."
+        )
+    return selected
+
+
+def is_masked(tree: PyTree) -> bool:
+    """Whether ``tree`` was restricted by a ``where`` (holds an ``optax.MaskedNode``)."""
+    return any(
+        isinstance(node, optax.MaskedNode)
+        for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    )
+
+
+def check_where_given(tree: PyTree, name: str, where: Where | None, params: Params) -> None:
+    """Raises ValueError when ``tree`` covers a ``where`` selection but no ``where`` is given
+    (the trees would differ, and the difference is not in the params)."""
+    if where is None and is_masked(tree) and not is_masked(params):
+        raise ValueError(
+            f"{name} covers a where= selection (optax.MaskedNode in place of the unselected "
+            "parameters) but where= is not given; pass the same where= here."
+        )
 
 
 def selected_leaves(params: Params, where: Where | None) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import ewc_jax
+from ewc_jax import _fisher
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -243,9 +244,9 @@ def test_model_state_is_an_argument_not_a_frozen_closure(method):
         _assert_trees_close(got, want)
     assert not np.allclose(f2["w"], f1["w"], rtol=0.5)
     # A new state changes values only: no recompilation.
-    before = ewc_jax._fisher._chunked_fisher._cache_size()
+    before = _fisher._chunked_fisher._cache_size()
     fisher({"shift": -jnp.ones(4)})
-    assert ewc_jax._fisher._chunked_fisher._cache_size() == before
+    assert _fisher._chunked_fisher._cache_size() == before
 
 
 class _BatchNormMLP(nn.Module):

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.extend import core as jex
 
 import ewc_jax
-from ewc_jax import _fast_fisher
+from ewc_jax._engine import plan as plan_lib
 
 
 def _linen(model, shape, task=None):
@@ -70,7 +70,7 @@ def _leaf_names(params):
 
 def test_plan_covers_dense_conv_and_biases_and_falls_back_for_the_rest():
     apply_fn, params = MODELS["mixed"][0]()
-    plan = _fast_fisher.make_plan(apply_fn, params, jnp.ones(6))
+    plan = plan_lib.make_plan(apply_fn, params, jnp.ones(6))
     names = _leaf_names(params)
     tapped = {names[t.leaf]: t.one_term for t in plan.taps}
     fallback = {names[i] for i in plan.fallback}
@@ -81,7 +81,7 @@ def test_plan_covers_dense_conv_and_biases_and_falls_back_for_the_rest():
     assert tapped["['params']['Dense_1']['kernel']"] is False
 
     apply_fn, params = MODELS["cnn"][0]()
-    plan = _fast_fisher.make_plan(apply_fn, params, jnp.ones((8, 8, 2)))
+    plan = plan_lib.make_plan(apply_fn, params, jnp.ones((8, 8, 2)))
     names = _leaf_names(params)
     tapped = {names[t.leaf]: t.one_term for t in plan.taps}
     assert not plan.fallback

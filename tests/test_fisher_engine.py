@@ -12,7 +12,8 @@ from jax.flatten_util import ravel_pytree
 
 import ewc_jax
 from benchmarks.families import FAMILIES, build
-from ewc_jax import _fast_fisher
+from ewc_jax._engine import cost
+from ewc_jax._engine import plan as plan_lib
 
 METHODS = ("auto", "one_pass", "general")
 
@@ -168,7 +169,7 @@ def test_every_path_agrees_on_every_family(family, estimator):
 def test_grouped_convolution_kernels_come_from_patches_not_a_batched_grouped_conv():
     apply_fn, params, x, _ = build("grouped_conv", width=4, n=8)
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
-    plan = _fast_fisher.make_plan(apply_fn, params, example)
+    plan = plan_lib.make_plan(apply_fn, params, example)
     convs = [t for t in plan.taps if plan.nodes[t.node].eqn.primitive.name.startswith("conv")]
     assert len(convs) == 2 and not any(t.one_term for t in convs)
 
@@ -198,10 +199,10 @@ def test_cost_model_choices():
     def choice(family, estimator):
         apply_fn, params, x, _ = build(family, width=16, n=2)
         example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
-        plan = _fast_fisher.make_plan(apply_fn, params, example)
+        plan = plan_lib.make_plan(apply_fn, params, example)
         logits = jax.eval_shape(apply_fn, params, x[:1])
         labels = logits.shape[-1] * int(np.prod(logits.shape[1:-1])) if estimator == "exact" else 1
-        return _fast_fisher.choose(plan, labels)
+        return cost.choose(plan, labels)
 
     # Dense layers on flat features: one contraction instead of per-example gradients.
     assert choice("mlp", "argmax") == () and choice("mlp", "exact") == ()

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import pytest
 from _models import LinenMLP
 
 import ewc_jax
-from ewc_jax import _fast_fisher, _kfac
+from ewc_jax import _kfac
+from ewc_jax._engine import plan as plan_lib
 
 
 def _init(key, dtype=jnp.float64):
@@ -251,7 +253,7 @@ def test_grouped_conv_is_left_to_the_diagonal_fisher():
     model = _GroupedCNN()
     x = jnp.ones((1, 3, 3, 2))
     params = model.init(jax.random.key(0), x)
-    plan = _fast_fisher.make_plan(model.apply, params, x[0])
+    plan = plan_lib.make_plan(model.apply, params, x[0])
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     layers = _kfac._layers(plan)
     assert [(names[k], names[b]) for _, k, b, _ in layers] == [
@@ -359,3 +361,90 @@ def test_kfac_rejects_bad_inputs():
         ValueError, match="is a KFACFisher, which consolidates into its own state type; start its"
     ):
         ewc_jax.consolidate(ewc, params, fisher)
+
+
+class _EqxModel(eqx.Module):
+    """``_model`` as Equinox writes it: ``Linear`` keeps ``W [out, in]`` and computes ``W @ x``."""
+
+    l0: eqx.nn.Linear
+    s: jax.Array
+    l1: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.l1(jnp.tanh(self.l0(x)) * self.s)
+
+
+def _eqx_model(params):
+    keys = jax.random.split(jax.random.key(9), 2)
+    model = _EqxModel(
+        eqx.nn.Linear(4, 5, key=keys[0], dtype=jnp.float64),
+        params["s"],
+        eqx.nn.Linear(5, 3, use_bias=False, key=keys[1], dtype=jnp.float64),
+    )
+    return eqx.tree_at(
+        lambda m: (m.l0.weight, m.l0.bias, m.l1.weight),
+        model,
+        (params["l0"]["w"].T, params["l0"]["b"], params["l1"]["w"].T),
+    )
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical"])
+def test_equinox_linear_layers_are_factored(estimator):
+    # eqx.nn.Linear is `W @ x` with W [out, in] under vmap, its bias added after a transpose:
+    # the same layers as _model, so the same factors as the hand-written reference.
+    with jax.enable_x64(True):
+        params = _init(jax.random.key(0))
+        x, y = _data(1)
+        key = jax.random.key(5)
+        eqx_params, static = eqx.partition(_eqx_model(params), eqx.is_inexact_array)
+        apply_fn = lambda p, xs: jax.vmap(eqx.combine(p, static))(xs)
+        got = ewc_jax.kfac.kfac_fisher(
+            apply_fn, eqx_params, x, y, estimator=estimator, key=key, chunk_size=3
+        )
+        names = [
+            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(eqx_params)[0]
+        ]
+        assert [(names[f.kernel], f.bias is not None and names[f.bias]) for f in got.layers] == [
+            (".l0.weight", ".l0.bias"),
+            (".l1.weight", False),
+        ]
+        assert [f.kernel_axes for f in got.layers] == [(1, 0), (1, 0)]
+        for factors, (a, g) in zip(
+            got.layers, _reference_factors(params, x, y, estimator, key), strict=True
+        ):
+            np.testing.assert_allclose(factors.a, a, rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(factors.g, g, rtol=1e-10, atol=1e-14)
+        assert not np.any(got.diagonal.l0.weight) and not np.any(got.diagonal.l1.weight)
+
+
+def test_equinox_kfac_penalty_is_the_explicit_kronecker_quadratic():
+    with jax.enable_x64(True):
+        params = _init(jax.random.key(0))
+        x, y = _data(1)
+        eqx_params, static = eqx.partition(_eqx_model(params), eqx.is_inexact_array)
+        apply_fn = lambda p, xs: jax.vmap(eqx.combine(p, static))(xs)
+        fisher = ewc_jax.kfac.kfac_fisher(apply_fn, eqx_params, x, y, estimator="exact")
+        state = ewc_jax.consolidate(None, eqx_params, fisher)
+        moved = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), eqx_params
+        )
+        # Rows of W̄ = [Wᵀ; b] ([in + 1, out]), vec row-major, as the module docstring defines.
+        rows = lambda m, with_bias: (
+            jnp.concatenate([m.weight.T, m.bias[None]]) if with_bias else m.weight.T
+        )
+        want = 0.0
+        for factors, name, with_bias in zip(
+            fisher.layers, ("l0", "l1"), (True, False), strict=True
+        ):
+            v = rows(getattr(moved, name), with_bias) - rows(getattr(eqx_params, name), with_bias)
+            v = v.reshape(-1)
+            want += v @ jnp.kron(factors.a, factors.g) @ v
+        ds = moved.s - eqx_params.s
+        want += jnp.sum(fisher.diagonal.s * ds**2)
+        np.testing.assert_allclose(ewc_jax.penalty(moved, state, 2.0), want, rtol=1e-10)
+        grads = jax.grad(ewc_jax.penalty)(moved, state, 2.0)
+        tx = optax.chain(ewc_jax.add_ewc_penalty(2.0), optax.sgd(1.0))
+        opt_state = ewc_jax.set_ewc_state(tx.init(moved), state)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, moved), opt_state, moved)
+        for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(u, -g, rtol=1e-10, atol=1e-15)

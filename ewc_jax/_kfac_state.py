@@ -1,0 +1,451 @@
+r"""Kronecker-factored Laplace: a block-structured precision for Dense and convolution layers.
+
+For a Dense layer ``z = a W + b`` (Flax layout: kernel ``W`` is ``[in, out]``) write the augmented
+input ``ā = [a; 1]`` and kernel ``W̄ = [W; b]`` (``[in + 1, out]``), so ``z = ā W̄``. The
+per-example gradient of ``log p(y | x)`` is ``ā δᵀ`` with ``δ = ∂ log p / ∂z``, and K-FAC
+(Martens & Grosse 2015) approximates the layer's Fisher block by a Kronecker product of two
+small expectations, as Ritter et al. (2018) do for the Laplace posterior:
+
+.. math:: F_{\text{layer}} \approx A \otimes G,\qquad A = \mathbb{E}_n[ā_n ā_n^\top],\qquad
+          G = \mathbb{E}_n \mathbb{E}_{y \sim q_n}[δ_n δ_n^\top]
+
+(``vec`` row-major over ``[in + 1, out]``). The quadratic form needs no Kronecker product:
+
+.. math:: \operatorname{vec}(X)^\top (A \otimes G) \operatorname{vec}(X)
+          = \operatorname{tr}(X^\top A X G) = \textstyle\sum (X \odot A X G),
+
+and its gradient is ``2 A X G`` (A, G symmetric). A convolution is the same with ``a`` an
+input patch at each output position (Grosse & Martens 2016). Other parameters keep a diagonal
+Fisher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax._consolidation import EWCState, empty_state
+from ewc_jax._engine.dtypes import widest
+from ewc_jax._precision import ConsolidationMode, Curvature
+from ewc_jax._types import Params
+from ewc_jax._validation import (
+    concrete_or_none,
+    fail_if,
+    non_finite,
+    outside_unit_interval,
+)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "g"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
+)
+@dataclasses.dataclass(frozen=True)
+class KroneckerFactors:
+    """The Kronecker factors of one layer's Fisher block, ``A ⊗ G``.
+
+    Attributes:
+      a: ``[in + 1, in + 1]`` input factor ``E[ā āᵀ]`` (``[in, in]`` for a layer without bias;
+        for a convolution ``in`` counts a patch: input channels × kernel positions).
+      g: ``[out, out]`` output factor ``E[δ δᵀ]``.
+      kernel: index of the kernel among ``jax.tree.leaves(params)`` (static).
+      bias: index of the bias leaf, or None (static).
+      kernel_axes: the kernel's axes in the order (input, spatial..., output): the rows of
+        ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` (static; ``(0, 1)`` for
+        Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel ``[h, w, in, out]``).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> (layer,) = fisher.layers
+      >>> layer.kernel, layer.bias, layer.kernel_axes  # leaves in tree order: b, w
+      (1, 0, (0, 1))
+      >>> layer.a.shape, layer.g.shape  # [in + 1, in + 1], [out, out]
+      ((4, 4), (2, 2))
+    """
+
+    a: jax.Array
+    g: jax.Array
+    kernel: int
+    bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
+
+
+class KFACFisher(NamedTuple):
+    """A Kronecker-factored Fisher, from :func:`kfac_fisher`.
+
+    Attributes:
+      diagonal: params-shaped diagonal Fisher of the parameters no factor covers (0 where a
+        factor does).
+      layers: one :class:`KroneckerFactors` per Dense layer.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> len(fisher.layers), fisher.diagonal["w"].tolist()  # the layer's block covers w
+      (1, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    """
+
+    diagonal: Params
+    layers: tuple[KroneckerFactors, ...]
+
+    def empty_precision(self, params: Params) -> KFACState:
+        """The K-FAC state before any task: zero diagonal precision, no Kronecker terms yet."""
+        leaves = jax.tree.leaves(params)
+        return KFACState(
+            diagonal=empty_state(params),
+            layers=tuple(_empty_terms(leaves, factors) for factors in self.layers),
+        )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "g", "anchor"],
+    meta_fields=["kernel", "bias", "kernel_axes"],
+)
+@dataclasses.dataclass(frozen=True)
+class KroneckerTerms:
+    """One Dense layer's consolidated quadratics, one per remembered task ``t``.
+
+    Attributes:
+      a: ``[T, in + 1, in + 1]`` input factors.
+      g: ``[T, out, out]`` output factors.
+      anchor: ``[T, in + 1, out]`` augmented kernels ``[W; b]`` each quadratic is centred on.
+      kernel: index of the kernel leaf (static).
+      bias: index of the bias leaf, or None (static).
+      kernel_axes: as in :class:`KroneckerFactors` (static).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher, mode="online")
+      >>> (terms,) = state.layers
+      >>> terms.a.shape, terms.g.shape, terms.anchor.shape  # one task: T = 1
+      ((1, 4, 4), (1, 2, 2), (1, 4, 2))
+    """
+
+    a: jax.Array
+    g: jax.Array
+    anchor: jax.Array
+    kernel: int
+    bias: int | None
+    kernel_axes: tuple[int, ...] = (0, 1)
+
+
+class KFACState(NamedTuple):
+    """What K-FAC Laplace remembers: a diagonal EWC part and Kronecker terms per Dense layer.
+
+    Accepted by :func:`consolidate`, :func:`penalty`, :func:`add_ewc_penalty` (via
+    :func:`set_ewc_state`) wherever an :class:`EWCState` is.
+
+    Attributes:
+      diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at
+        the covered ones); its ``num_tasks`` counts the consolidated tasks.
+      layers: one :class:`KroneckerTerms` per Dense layer.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher)
+      >>> isinstance(state, ewc_jax.kfac.KFACState), isinstance(state, ewc_jax.Precision)
+      (True, True)
+      >>> moved = {"w": params["w"].at[1, 0].set(1.0), "b": params["b"]}
+      >>> float(ewc_jax.penalty(moved, state, strength=2.0))  # ½ · 2 · A₁₁ G₀₀ = 2 · ¼
+      0.5
+    """
+
+    diagonal: EWCState
+    layers: tuple[KroneckerTerms, ...]
+
+    @property
+    def anchor(self) -> Params:
+        """The latest parameters consolidated (the anchor of the diagonal part)."""
+        return self.diagonal.anchor
+
+    @property
+    def num_tasks(self) -> jax.Array:
+        """How many tasks have been consolidated."""
+        return self.diagonal.num_tasks
+
+    def consolidated(
+        self,
+        params: Params,
+        importance: Params | Curvature,
+        *,
+        mode: ConsolidationMode,
+        gamma: jax.typing.ArrayLike,
+        where: None = None,
+        anchor_dtype: None = None,
+        precision_dtype: None = None,
+    ) -> KFACState:
+        """One more Kronecker quadratic per layer: :func:`consolidate` for a K-FAC state.
+
+        ``where``, ``anchor_dtype`` and ``precision_dtype`` must be None: a K-FAC state covers
+        every parameter, in the dtype of its factors.
+        """
+        if where is not None or anchor_dtype is not None or precision_dtype is not None:
+            raise ValueError(
+                "where=, anchor_dtype= and precision_dtype= apply to a diagonal EWCState; a "
+                "K-FAC state covers every parameter in the dtype of its factors."
+            )
+        return _consolidated(self, params, importance, mode=mode, gamma=gamma)
+
+    def penalty(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+    ) -> jax.Array:
+        r"""The diagonal part's penalty plus each layer's Kronecker quadratics:
+
+        .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
+                  \operatorname{tr}\big(X_t^\top A_t X_t G_t\big)\Big],\qquad X_t = W̄ - W̄_t,
+
+        each :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed
+        as ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+        """
+        _check_no_where(where)
+        return _penalty(params, self, strength)
+
+    def penalty_gradient(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+    ) -> Params:
+        r"""The gradient of :meth:`penalty`: :math:`λ Λ (θ - θ̄)` on the diagonal part and
+        :math:`λ \sum_t A_t X_t G_t` on each augmented kernel ``[W; b]``."""
+        _check_no_where(where)
+        return _penalty_gradient(params, self, strength)
+
+
+def _check_no_where(where: object) -> None:
+    if where is not None:
+        raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
+
+
+def _augmented(
+    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
+) -> jax.Array:
+    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``."""
+    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
+    w = w.reshape(-1, w.shape[-1])
+    if bias is None:
+        return w
+    return jnp.concatenate([w, leaves[bias].astype(dtype).reshape(1, -1)], axis=0)
+
+
+def _consolidated(
+    state: KFACState,
+    params: Params,
+    fisher: Params | Curvature,
+    *,
+    mode: ConsolidationMode,
+    gamma: jax.typing.ArrayLike,
+) -> KFACState:
+    r""":func:`consolidate` for a :class:`KFACFisher`: one more Kronecker quadratic per layer.
+
+    The sum of two Kronecker products is not a Kronecker product, so no sum is approximated:
+    every task's factors are kept (memory and penalty cost grow linearly with the number of
+    tasks; each new task changes the state's shapes, so a jitted step compiles once per task).
+
+    * ``mode="separate"`` (Kirkpatrick et al.'s sum of per-task penalties): task ``t`` keeps
+      its own anchor, :math:`\sum_t \operatorname{vec}(W̄ - W̄_t)^\top (A_t ⊗ G_t)
+      \operatorname{vec}(W̄ - W̄_t)`.
+    * ``mode="online"`` (Ritter et al.'s online Laplace: the precision after task t is
+      :math:`Λ_t = H_t + γ Λ_{t-1}` centred on the latest parameters): every term is
+      re-anchored at ``params`` and the old factors ``A`` are scaled by ``γ``
+      (:math:`γ (A ⊗ G) = (γ A) ⊗ G`).
+
+    The diagonal part follows :func:`consolidate` with the same mode and ``gamma``.
+    """
+    if not isinstance(fisher, KFACFisher):
+        raise ValueError("a KFACState is consolidated with a KFACFisher (from kfac_fisher).")
+    gamma = fail_if(gamma, outside_unit_interval(gamma, "gamma"))
+    diagonal = state.diagonal.consolidated(params, fisher.diagonal, mode=mode, gamma=gamma)
+    leaves = jax.tree.leaves(params)
+    why = "consolidating them would make every later penalty non-finite"
+    checked = []
+    for layer in fisher.layers:
+        a, g = fail_if(
+            (layer.a, layer.g), non_finite((layer.a, layer.g), "the Kronecker factors", why)
+        )
+        checked.append(dataclasses.replace(layer, a=a, g=g))
+    fisher = fisher._replace(layers=tuple(checked))
+    old = state.layers
+    if [(t.kernel, t.bias) for t in old] != [(f.kernel, f.bias) for f in fisher.layers]:
+        raise ValueError(
+            "the Kronecker factors do not cover the same layers as the state "
+            f"({[(t.kernel, t.bias) for t in old]} vs "
+            f"{[(f.kernel, f.bias) for f in fisher.layers]}); compute them for the same model."
+        )
+    layers = []
+    for terms, factors in zip(old, fisher.layers, strict=True):
+        dtype = terms.a.dtype
+        anchor = _augmented(
+            leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
+        )
+        a_old, anchor_old = terms.a, terms.anchor
+        if mode == "online":
+            a_old = jnp.asarray(gamma, dtype) * a_old
+            anchor_old = jnp.broadcast_to(anchor, anchor_old.shape)
+        layers.append(
+            KroneckerTerms(
+                a=jnp.concatenate([a_old, factors.a.astype(dtype)[None]]),
+                g=jnp.concatenate([terms.g, factors.g.astype(dtype)[None]]),
+                anchor=jnp.concatenate([anchor_old, anchor[None]]),
+                kernel=factors.kernel,
+                bias=factors.bias,
+                kernel_axes=factors.kernel_axes,
+            )
+        )
+    return KFACState(diagonal=diagonal, layers=tuple(layers))
+
+
+def merge_kronecker_terms(state: KFACState) -> KFACState:
+    r"""Collapses each layer's remembered Kronecker terms into one (an approximation).
+
+    .. math:: \sum_{t=1}^{T} A_t \otimes G_t \approx \Big(\sum_t A_t\Big) \otimes
+              \Big(\frac1T \sum_t G_t\Big)
+
+    Exact when every task has the same ``G`` (and whenever ``T = 1``); otherwise it drops the
+    cross-task structure, in exchange for a state of fixed size: the penalty then costs the
+    same after 50 tasks as after one, and a jitted step stops recompiling. Only for a state
+    whose terms share one anchor, i.e. ``mode="online"`` (the separate mode's per-task
+    anchors cannot be merged). Apply it after every :func:`consolidate`::
+
+        state = ewc_jax.kfac.merge_kronecker_terms(
+            ewc_jax.consolidate(state, params, fisher, mode="online", gamma=gamma)
+        )
+
+    The online decay ``γ`` is already folded into the old ``A_t``, so it carries over.
+
+    Args:
+      state: a K-FAC state whose layers' terms share one anchor.
+
+    Returns:
+      The state with one Kronecker term per layer.
+
+    Raises:
+      ValueError: the terms of a layer have different anchors (checked where concrete).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher, mode="online")
+      >>> state = ewc_jax.consolidate(state, params, fisher, mode="online", gamma=0.5)
+      >>> state.layers[0].a.shape  # two tasks, two terms
+      (2, 4, 4)
+      >>> merged = ewc_jax.kfac.merge_kronecker_terms(state)
+      >>> merged.layers[0].a.shape, merged.layers[0].a[0].diagonal().tolist()  # ½ A + A
+      ((1, 4, 4), [1.5, 3.0, 0.0, 1.5])
+    """
+    layers = []
+    for terms in state.layers:
+        anchors = concrete_or_none(terms.anchor)
+        if anchors is not None and not np.all(anchors == anchors[-1:]):
+            raise ValueError(
+                "merge_kronecker_terms needs terms with one shared anchor (mode='online'); "
+                f"the layer of leaf {terms.kernel} has {anchors.shape[0]} different anchors."
+            )
+        layers.append(
+            dataclasses.replace(
+                terms,
+                a=jnp.sum(terms.a, axis=0, keepdims=True),
+                g=jnp.mean(terms.g, axis=0, keepdims=True),
+                anchor=terms.anchor[-1:],
+            )
+        )
+    return KFACState(diagonal=state.diagonal, layers=tuple(layers))
+
+
+def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
+    dtype = widest(factors.a, factors.g, leaves[factors.kernel])
+    anchor = _augmented(
+        leaves, factors.kernel, factors.bias, factors.kernel_axes, widest(leaves[factors.kernel])
+    )
+    return KroneckerTerms(
+        a=jnp.zeros((0, *factors.a.shape), dtype),
+        g=jnp.zeros((0, *factors.g.shape), dtype),
+        anchor=jnp.zeros((0, *anchor.shape), anchor.dtype),
+        kernel=factors.kernel,
+        bias=factors.bias,
+        kernel_axes=factors.kernel_axes,
+    )
+
+
+def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> jax.Array:
+    r""":func:`penalty` for a :class:`KFACState`:
+
+    .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
+              \operatorname{tr}\big(X_t^\top A_t X_t G_t\big)\Big],\qquad X_t = W̄ - W̄_t,
+
+    the diagonal part plus, per Dense layer and remembered task, the Kronecker quadratic
+    :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
+    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+    """
+    total = state.diagonal.penalty(params, strength)
+    leaves = jax.tree.leaves(params)
+    for terms in state.layers:
+        x = _deviation(leaves, terms)
+        quad = jnp.sum(x * (terms.a @ x @ terms.g))
+        total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
+    return total
+
+
+def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
+    """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
+    dtype = terms.a.dtype
+    w = _augmented(leaves, terms.kernel, terms.bias, terms.kernel_axes, dtype)
+    return w[None] - terms.anchor.astype(dtype)
+
+
+def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:
+    r"""The gradient of ``_penalty``: :math:`λ Λ (θ - θ̄)` for the diagonal part and
+    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (split back into the
+    kernel's rows and the bias row). Leaves are in float32 at least."""
+    ewc = state.diagonal
+    grads = jax.tree.map(
+        lambda p, a, f: (
+            jnp.asarray(strength, f.dtype) * f * (p.astype(f.dtype) - a.astype(f.dtype))
+        ),
+        params,
+        ewc.anchor,
+        ewc.precision,
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = jax.tree.leaves(grads)
+    for terms in state.layers:
+        x = _deviation(leaves, terms)
+        g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
+        kernel_shape = leaves[terms.kernel].shape
+        rows = math.prod(kernel_shape) // kernel_shape[terms.kernel_axes[-1]]
+        kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
+        kernel_grad = jnp.transpose(
+            kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
+        )
+        grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
+            grad_leaves[terms.kernel].dtype
+        )
+        if terms.bias is not None:
+            bias_grad = g[rows].reshape(grad_leaves[terms.bias].shape)
+            grad_leaves[terms.bias] = grad_leaves[terms.bias] + bias_grad.astype(
+                grad_leaves[terms.bias].dtype
+            )
+    return jax.tree.unflatten(treedef, grad_leaves)
