@@ -49,6 +49,10 @@ class RunRecord:
         fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
         steps_per_task: SGD steps taken on each task.
         metrics: :func:`experiments.reporting.metrics.summarize` of the matrix.
+        strengths_per_task: with ``strengths.<method>=evidence``, the λ chosen at each task's
+            end (None for the first task); else empty.
+        strength_choices: every choice of λ by the evidence
+            (:attr:`experiments.training.loop.Progress.strength_choices`).
     """
 
     method: str
@@ -59,6 +63,8 @@ class RunRecord:
     fisher_wall_time_s: list[float]
     steps_per_task: list[int]
     metrics: dict[str, float]
+    strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
+    strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_progress(
@@ -77,6 +83,8 @@ class RunRecord:
             fisher_wall_time_s=progress.fisher_wall_time_s,
             steps_per_task=progress.steps_per_task,
             metrics=metrics.summarize(matrix, metric),
+            strengths_per_task=list(progress.strengths_per_task),
+            strength_choices=list(progress.strength_choices),
         )
 
 
@@ -120,7 +128,8 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 
     Returns:
         ``{method: {metric: {"mean", "std", "values"}, "final_accuracy": {"mean", "std"},
-        "accuracy_matrix_mean": [[...]], "num_seeds"}}``.
+        "accuracy_matrix_mean": [[...]], "num_seeds"}}``, and, for a strength chosen by the
+        evidence, ``"strengths_per_task"``: per seed, the λ chosen at each task's end.
     """
     by_method: dict[str, list[RunRecord]] = collections.defaultdict(list)
     for run in runs:
@@ -134,6 +143,8 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
         entry["final_accuracy"] = final_accuracy(matrices)
         entry["accuracy_matrix_mean"] = matrices.mean(axis=0).tolist()
         entry["num_seeds"] = len(group)
+        if group[0].strengths_per_task:
+            entry["strengths_per_task"] = [r.strengths_per_task for r in group]
         summary[name] = entry
     return summary
 
@@ -251,4 +262,12 @@ def format_summary(
                 cell(entry["wall_time_s"], 1),
             ]
         )
-    return table([*header, "time s"], rows) + f"\ntasks: {', '.join(task_names)}"
+    lines = [table([*header, "time s"], rows), f"tasks: {', '.join(task_names)}"]
+    for name, entry in summary.items():
+        if entry.get("strengths_per_task"):
+            per_seed = "; ".join(
+                " ".join("-" if v is None else f"{v:.3g}" for v in values)
+                for values in entry["strengths_per_task"]
+            )
+            lines.append(f"{name}: evidence λ per task (per seed): {per_seed}")
+    return "\n".join(lines)

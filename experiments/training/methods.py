@@ -5,7 +5,8 @@ how its importance (the precision :math:`\Omega` of the penalty
 :math:`\frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \theta^*_i)^2`) is computed at the end of a
 task, how it is folded into the consolidated state (``mode``), whether it needs examples of the
 finished task, what it trains on (``joint``: every task so far), what it does to the optimiser
-(SI) and what configs it refuses. No other module names a method; adding one is an entry here
+(SI), what configs it refuses, and whether its strength may be chosen by the Laplace evidence
+(``evidence``: ``--config.strengths.<name>=evidence``). No other module names a method; adding one is an entry here
 plus its test (``docs/experiments.md`` has a worked example).
 
 Importance functions take an :class:`ImportanceInputs` and return ``(precision, opt_state)``:
@@ -78,6 +79,10 @@ class Method:
         estimators: the Fisher estimators it takes (None: every one of
             :data:`ewc_jax.Estimator`).
         sequence_models: whether it runs on a language model's sequence outputs.
+        evidence: whether ``strengths.<name>=evidence`` may choose its strength by the Laplace
+            evidence (:func:`ewc_jax.evidence.evidence_strength`): its importance must be a
+            Fisher whose curvature of the current task comes from the same estimator (a
+            diagonal :class:`ewc_jax.EWCState`, or a merged :class:`ewc_jax.kfac.KFACState`).
     """
 
     name: str
@@ -92,6 +97,7 @@ class Method:
     wrap_optimizer: Callable[[optax.GradientTransformation], Any] | None = None
     estimators: tuple[str, ...] | None = None
     sequence_models: bool = True
+    evidence: bool = False
 
     @property
     def regularized(self) -> bool:
@@ -196,6 +202,7 @@ _TABLE = (
         "diagonal Fisher, one quadratic per task (Kirkpatrick et al. 2017)",
         importance=fisher_importance,
         needs_examples=True,
+        evidence=True,
     ),
     Method(
         "online_ewc",
@@ -204,6 +211,7 @@ _TABLE = (
         mode="online",
         needs_examples=True,
         decays=True,
+        evidence=True,
     ),
     Method(
         "si",
@@ -231,6 +239,7 @@ _TABLE = (
         kronecker=True,
         estimators=tuple(ewc_jax.kfac.KFAC_ESTIMATORS),
         sequence_models=False,
+        evidence=True,
     ),
     Method(
         "joint",
@@ -262,6 +271,10 @@ class MethodSpec:
         fisher_batch_size: mini-batch size of the ``"batched"`` estimator.
         gamma: decay of the old precision (1 unless the method ``decays``).
         damping: SI's ``ξ`` in ``Ω = ω / (Δθ² + ξ)`` (Zenke et al.'s 0.1 for MNIST).
+        evidence: the strength is re-chosen by the Laplace evidence during training
+            (``strengths.<name>=evidence``); ``strength`` is then only its starting value.
+        evidence_every: with ``evidence``, re-choose it every this many epochs of a task (0:
+            at task ends only), and always at a task's end.
     """
 
     name: str
@@ -271,6 +284,8 @@ class MethodSpec:
     fisher_batch_size: int | None = None
     gamma: float = 1.0
     damping: float = 0.1
+    evidence: bool = False
+    evidence_every: int = 1
 
     def __post_init__(self) -> None:
         method_named(self.name)

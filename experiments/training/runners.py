@@ -42,6 +42,9 @@ def single_run_fns(
         reset_optimizer=functools.partial(steps.reset_optimizer, setup=setup),
         select=lambda chosen: chosen[0],
         unpad=lambda values: values,
+        choose_strength=functools.partial(
+            consolidation.choose_strength_jit, setup=setup, method=method
+        ),
     )
 
 
