@@ -160,9 +160,7 @@ def choose_strength(
     return state._replace(strength=strength, key=key), chosen
 
 
-choose_strength_jit = jax.jit(
-    choose_strength, static_argnames=("setup", "method", "num_examples")
-)
+choose_strength_jit = jax.jit(choose_strength, static_argnames=("setup", "method", "num_examples"))
 """:func:`choose_strength`, jitted: one compilation per task size, reused for every choice."""
 
 
