@@ -6,8 +6,8 @@ how its importance (the precision :math:`\Omega` of the penalty
 task, how it is folded into the consolidated state (``mode``), whether it needs examples of the
 finished task, what it trains on (``joint``: every task so far), what it does to the optimiser
 (SI), what configs it refuses, and whether its strength may be chosen by the Laplace evidence
-(``evidence``: ``--config.strengths.<name>=evidence``). No other module names a method; adding one is an entry here
-plus its test (``docs/experiments.md`` has a worked example).
+(``evidence``: ``--config.strengths.<name>=evidence``). No other module names a method; adding
+one is an entry here plus its test (``docs/experiments.md`` has a worked example).
 
 Importance functions take an :class:`ImportanceInputs` and return ``(precision, opt_state)``:
 the optimiser state comes back because SI's importance reads (and resets) the path integral it
