@@ -38,7 +38,7 @@ def test_evidence_is_accepted_for_fisher_methods_only():
     assert methods["ewc"].evidence_every == 2
     assert not methods["online_ewc"].evidence and methods["online_ewc"].strength == 1000.0
     assert not methods["finetune"].evidence
-    assert [name for name, entry in METHODS.items() if entry.evidence] == [
+    assert [name for name, entry in METHODS.items() if entry.laplace] == [
         "ewc",
         "online_ewc",
         "kfac",

@@ -220,7 +220,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
             try:
                 _check_float(f"strengths.{name}", value, 0.0, math.inf)
             except ConfigError:
-                if not METHODS[name].evidence:
+                if not METHODS[name].laplace:
                     raise
                 raise ConfigError(
                     f"strengths.{name} must be a finite number >= 0 or {EVIDENCE!r}, got {value!r}"
@@ -272,8 +272,8 @@ EVIDENCE = "evidence"
 
 def _check_evidence(config: ml_collections.ConfigDict, name: str) -> None:
     """``strengths.<name>=evidence``: a method whose entry allows it, in a single run."""
-    if not METHODS[name].evidence:
-        allowed = ", ".join(m for m, entry in METHODS.items() if entry.evidence)
+    if not METHODS[name].laplace:
+        allowed = ", ".join(m for m, entry in METHODS.items() if entry.laplace)
         raise ConfigError(
             f"strengths.{name}=evidence: method {name!r} has no Fisher precision for the Laplace "
             f"evidence to choose its strength; evidence works for {allowed}"

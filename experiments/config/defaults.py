@@ -51,8 +51,8 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   (EWC 1000 there: 0.859; finetune 0.737.) A strength carries the method's own scale: SI's
   and MAS's ``c`` of their papers is ``strength = 2c``.
 
-  ``strengths.<method>=evidence`` (ewc, online_ewc and kfac; :attr:`Method.evidence
-  <experiments.training.methods.Method.evidence>`) chooses λ without a sweep: every
+  ``strengths.<method>=evidence`` (ewc, online_ewc and kfac; :attr:`Method.laplace
+  <experiments.training.methods.Method.laplace>`) chooses λ without a sweep: every
   ``evidence_every`` epochs of a task after the first (0: only at task ends) and at each task's
   end, λ is set to the maximiser of the Laplace evidence of the current task
   (:func:`ewc_jax.evidence.evidence_strength`) from the consolidated precision, the current

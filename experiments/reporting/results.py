@@ -53,6 +53,11 @@ class RunRecord:
             end (None for the first task); else empty.
         strength_choices: every choice of λ by the evidence
             (:attr:`experiments.training.loop.Progress.strength_choices`).
+        own_losses: per task, its mean loss ``[train, test]`` at its own end (methods with a
+            Laplace precision; else empty).
+        forecast: the forgetting forecast
+            (:attr:`experiments.training.loop.Progress.forecast`): predicted and measured
+            rises of each earlier task's mean loss after each task.
     """
 
     method: str
@@ -65,6 +70,8 @@ class RunRecord:
     metrics: dict[str, float]
     strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
     strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    own_losses: list[list[float]] = dataclasses.field(default_factory=list)
+    forecast: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_progress(
@@ -85,6 +92,8 @@ class RunRecord:
             metrics=metrics.summarize(matrix, metric),
             strengths_per_task=list(progress.strengths_per_task),
             strength_choices=list(progress.strength_choices),
+            own_losses=list(progress.own_losses),
+            forecast=list(progress.forecast),
         )
 
 
@@ -129,7 +138,8 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
     Returns:
         ``{method: {metric: {"mean", "std", "values"}, "final_accuracy": {"mean", "std"},
         "accuracy_matrix_mean": [[...]], "num_seeds"}}``, and, for a strength chosen by the
-        evidence, ``"strengths_per_task"``: per seed, the λ chosen at each task's end.
+        evidence, ``"strengths_per_task"``: per seed, the λ chosen at each task's end; with a
+        forgetting forecast, ``"forgetting_forecast"`` (:func:`forecast_summary`).
     """
     by_method: dict[str, list[RunRecord]] = collections.defaultdict(list)
     for run in runs:
@@ -145,8 +155,23 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
         entry["num_seeds"] = len(group)
         if group[0].strengths_per_task:
             entry["strengths_per_task"] = [r.strengths_per_task for r in group]
+        if group[0].forecast:
+            entry["forgetting_forecast"] = forecast_summary(group)
         summary[name] = entry
     return summary
+
+
+def forecast_summary(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """How well the quadratic ½ Δθᵀ F_k Δθ ranked the measured forgetting, over every pair
+    (task ``k`` after task ``t``) of every seed: Spearman's ρ against the rise of the mean
+    training loss and of the mean test loss, and the number of pairs."""
+    pairs = [pair for run in runs for pair in run.forecast]
+    predicted = [p["predicted"] for p in pairs]
+    return {
+        "spearman_train": metrics.spearman(predicted, [p["measured_train"] for p in pairs]),
+        "spearman_test": metrics.spearman(predicted, [p["measured_test"] for p in pairs]),
+        "pairs": len(pairs),
+    }
 
 
 def results_document(
@@ -270,4 +295,12 @@ def format_summary(
                 for values in entry["strengths_per_task"]
             )
             lines.append(f"{name}: evidence λ per task (per seed): {per_seed}")
+    for name, entry in summary.items():
+        if entry.get("forgetting_forecast"):
+            f = entry["forgetting_forecast"]
+            lines.append(
+                f"{name}: forgetting forecast ½ Δθᵀ F_k Δθ vs measured loss rise, Spearman ρ "
+                f"train {f['spearman_train']:.3f} test {f['spearman_test']:.3f} "
+                f"({f['pairs']} pairs)"
+            )
     return "\n".join(lines)

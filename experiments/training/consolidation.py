@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 import ewc_jax
 import ewc_jax.evidence
+from experiments.training import forecast
 from experiments.training.device import TaskData
 from experiments.training.methods import ImportanceInputs, MethodSpec, fisher_importance
 from experiments.training.steps import (
@@ -76,8 +77,9 @@ def consolidate_task(
         method: a regularised method.
 
     Returns:
-        The state with the new EWC state (and, for SI, the reset path integral) and the PRNG
-        key split once for the importance.
+        The state with the new EWC state (and, for SI, the reset path integral), the PRNG
+        key split once for the importance, and, if it keeps a forecast store, the task's own
+        solution and precision in its row (:mod:`experiments.training.forecast`).
     """
     entry = method.method
     key, importance_key = jax.random.split(state.key)
@@ -93,13 +95,17 @@ def consolidate_task(
         method,
     )
     precision, opt_state = entry.importance(inputs)
+    store = state.forecast
+    if store is not None:  # the task's own solution and Fisher, for the forgetting forecast
+        done = state.ewc_state.num_tasks
+        store = forecast.record(store, done, state.params, precision)
     ewc_state = ewc_jax.consolidate(
         state.ewc_state, state.params, precision, mode=entry.mode, gamma=method.gamma
     )
     if entry.kronecker:
         ewc_state = _merge_running(state.ewc_state, ewc_state)
     ewc_state, opt_state = keep_layout((ewc_state, opt_state), setup)
-    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
+    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key, forecast=store)
 
 
 def choose_strength(

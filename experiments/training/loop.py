@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.spec import OptimizerSpec, ScheduleSpec
-from experiments.training import steps
+from experiments.training import forecast, steps
 from experiments.training.device import DeviceScenario, TaskData
 from experiments.training.methods import MethodSpec
 from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
@@ -68,6 +68,11 @@ class Progress:
         strength_choices: every choice of λ by the evidence: ``task``, ``epoch`` (the epochs
             of the task done; at the task's end its last), ``strength``, ``log_evidence`` and
             ``effective_parameters`` (γ).
+        own_losses: with a forgetting forecast, each task's mean loss ``[train, test]`` at its
+            own end (at :math:`θ^*_k`); else empty.
+        forecast: the forgetting forecast (:mod:`experiments.training.forecast`): after each
+            task ``after_task``, for every earlier ``task``, the ``predicted`` rise of its mean
+            loss, ½ Δθᵀ F_k Δθ, and the ``measured_train`` and ``measured_test`` rises.
     """
 
     task: int = 0
@@ -85,6 +90,8 @@ class Progress:
     steps_per_task: list[int] = dataclasses.field(default_factory=list)
     strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
     strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    own_losses: list[list[float]] = dataclasses.field(default_factory=list)
+    forecast: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class RunState(NamedTuple):
@@ -108,6 +115,8 @@ class StepFns(NamedTuple):
         choose_strength: ``(state, images, labels, heads, *, num_examples) -> (state,
             evidence)``: λ re-chosen by the Laplace evidence
             (:func:`experiments.training.consolidation.choose_strength`); None for a sweep.
+        mean_loss: ``(params, data) -> mean cross-entropy`` for the forgetting forecast
+            (:func:`experiments.training.forecast.mean_loss`); None for a sweep.
     """
 
     init: Callable[[], steps.TrainState]
@@ -118,6 +127,7 @@ class StepFns(NamedTuple):
     select: Callable[[list[np.ndarray]], Any]
     unpad: Callable[[np.ndarray], np.ndarray]
     choose_strength: Callable[..., tuple[steps.TrainState, Any]] | None = None
+    mean_loss: Callable[[Any, TaskData], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +353,8 @@ def _finish_task(
     """Accuracy on every task, then the Fisher and consolidation; moves to the next task."""
     arrays, progress = state
     row = np.stack([fns.unpad(fns.evaluate(arrays.params, test)) for test in data.test], axis=-1)
+    if arrays.forecast is not None and fns.mean_loss is not None:
+        _forecast(arrays, fns, data, progress, task)
     fisher_start = time.perf_counter()
     if plan.method.evidence:
         progress.strengths_per_task.append(None)
@@ -374,6 +386,31 @@ def _finish_task(
     )
     progress.task, progress.steps_done, progress.task_elapsed_s = task + 1, 0, 0.0
     return RunState(arrays, progress)
+
+
+def _forecast(
+    arrays: steps.TrainState, fns: StepFns, data: DeviceScenario, progress: Progress, task: int
+) -> None:
+    """Task ``task``'s own losses, and the forecast of every earlier task's forgetting beside
+    its measured rise (training and test data), appended to ``progress``."""
+    tokens = jnp.float32(forecast.tokens_per_example(data.train[task]))
+    for k in range(task + 1):
+        train_loss = float(fns.mean_loss(arrays.params, data.train[k]))
+        test_loss = float(fns.mean_loss(arrays.params, data.test[k]))
+        if k == task:
+            progress.own_losses.append([train_loss, test_loss])
+            continue
+        predicted = forecast.predicted_rise(arrays.params, arrays.forecast, jnp.int32(k), tokens)
+        own_train, own_test = progress.own_losses[k]
+        progress.forecast.append(
+            {
+                "after_task": task,
+                "task": k,
+                "predicted": float(predicted),
+                "measured_train": train_loss - own_train,
+                "measured_test": test_loss - own_test,
+            }
+        )
 
 
 def _choose_strength(

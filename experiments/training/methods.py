@@ -5,9 +5,10 @@ how its importance (the precision :math:`\Omega` of the penalty
 :math:`\frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \theta^*_i)^2`) is computed at the end of a
 task, how it is folded into the consolidated state (``mode``), whether it needs examples of the
 finished task, what it trains on (``joint``: every task so far), what it does to the optimiser
-(SI), what configs it refuses, and whether its strength may be chosen by the Laplace evidence
-(``evidence``: ``--config.strengths.<name>=evidence``). No other module names a method; adding
-one is an entry here plus its test (``docs/experiments.md`` has a worked example).
+(SI), what configs it refuses, and whether its precision is a Laplace approximation (``laplace``:
+the evidence may choose its strength, ``--config.strengths.<name>=evidence``, and its precision
+forecasts forgetting). No other module names a method; adding one is an entry here plus its
+test (``docs/experiments.md`` has a worked example).
 
 Importance functions take an :class:`ImportanceInputs` and return ``(precision, opt_state)``:
 the optimiser state comes back because SI's importance reads (and resets) the path integral it
@@ -79,10 +80,12 @@ class Method:
         estimators: the Fisher estimators it takes (None: every one of
             :data:`ewc_jax.Estimator`).
         sequence_models: whether it runs on a language model's sequence outputs.
-        evidence: whether ``strengths.<name>=evidence`` may choose its strength by the Laplace
-            evidence (:func:`ewc_jax.evidence.evidence_strength`): its importance must be a
-            Fisher whose curvature of the current task comes from the same estimator (a
-            diagonal :class:`ewc_jax.EWCState`, or a merged :class:`ewc_jax.kfac.KFACState`).
+        laplace: whether the importance is the task's Fisher (diagonal, or K-FAC merged into
+            one Kronecker term per layer), the precision of a Laplace approximation. Then
+            ``strengths.<name>=evidence`` may choose the strength by the Laplace evidence
+            (:func:`ewc_jax.evidence.evidence_strength`, the current task's curvature from the
+            same estimator), and every single run keeps each task's own Fisher and solution to
+            forecast its forgetting (:mod:`experiments.training.forecast`).
     """
 
     name: str
@@ -97,7 +100,7 @@ class Method:
     wrap_optimizer: Callable[[optax.GradientTransformation], Any] | None = None
     estimators: tuple[str, ...] | None = None
     sequence_models: bool = True
-    evidence: bool = False
+    laplace: bool = False
 
     @property
     def regularized(self) -> bool:
@@ -202,7 +205,7 @@ _TABLE = (
         "diagonal Fisher, one quadratic per task (Kirkpatrick et al. 2017)",
         importance=fisher_importance,
         needs_examples=True,
-        evidence=True,
+        laplace=True,
     ),
     Method(
         "online_ewc",
@@ -211,7 +214,7 @@ _TABLE = (
         mode="online",
         needs_examples=True,
         decays=True,
-        evidence=True,
+        laplace=True,
     ),
     Method(
         "si",
@@ -239,7 +242,7 @@ _TABLE = (
         kronecker=True,
         estimators=tuple(ewc_jax.kfac.KFAC_ESTIMATORS),
         sequence_models=False,
-        evidence=True,
+        laplace=True,
     ),
     Method(
         "joint",
