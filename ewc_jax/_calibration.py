@@ -120,11 +120,13 @@ def clear_cache() -> None:
 
 
 def candidates(
-    default: int, n: int, min_chunk: int = MIN_CHUNK, max_candidates: int = MAX_CANDIDATES
+    default: int, n: int, min_chunk: int | None = None, max_candidates: int | None = None
 ) -> tuple[int, ...]:
     r"""Chunk sizes to time, largest first: ``d = min(default, n)``, then
     :math:`\lceil n / (\lceil n/d \rceil 2^j) \rceil` for ``j = 1, 2, ...`` while at least
-    ``min_chunk``, at most ``max_candidates`` in all."""
+    ``min_chunk`` (default ``MIN_CHUNK``), at most ``max_candidates`` (``MAX_CANDIDATES``)."""
+    min_chunk = MIN_CHUNK if min_chunk is None else min_chunk
+    max_candidates = MAX_CANDIDATES if max_candidates is None else max_candidates
     top = max(1, min(default, n))
     out = [top]
     chunks = -(-n // top)
@@ -281,8 +283,7 @@ def _calibrate(sizes, n, default, setting, program, args, kwargs, static, exampl
     def seconds(size: int) -> float:
         program_at, chunk = (top, top_chunk) if size == sizes[0] else lowered(size)
         compiled = program_at.compile()
-        run = lambda: jax.block_until_ready(compiled(*chunk, **kwargs))
-        return _best_time(run)
+        return _time_chunk(size, lambda: jax.block_until_ready(compiled(*chunk, **kwargs)))
 
     chosen, timed = choose(sizes, seconds, n)
     HISTORY.append(Calibration(n, default, chosen, timed, "measured", flops))
@@ -291,7 +292,9 @@ def _calibrate(sizes, n, default, setting, program, args, kwargs, static, exampl
     return chosen
 
 
-def _best_time(run: Callable[[], Any]) -> float:
+def _time_chunk(size: int, run: Callable[[], Any]) -> float:
+    """Seconds for one chunk of ``size`` examples: the fastest of ``REPEATS`` runs of ``run``."""
+    del size  # what is timed; tests replace this function with a fake timer
     run()
     best = math.inf
     for _ in range(REPEATS):
