@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax import _fast_fisher, _where
+from ewc_jax import _calibration, _fast_fisher, _where
 from ewc_jax._types import ApplyFn, Params, PyTree
 from ewc_jax._validation import (
     check_trainable_only,
@@ -144,7 +144,10 @@ def fisher_diagonal(
       key: a PRNG key; required for ``"sampled"``. Example ``n`` uses ``split(key, N)[n]``, so
         results do not depend on ``chunk_size``.
       mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count.
-      chunk_size: examples per chunk; default: as many as fit in ``MEMORY_BUDGET_BYTES``.
+      chunk_size: examples per chunk; default: as many as fit in ``MEMORY_BUDGET_BYTES``, or,
+        for a large enough call, the fastest of a few sizes within that budget, measured at the
+        first call for this model, shapes and estimator (``EWC_JAX_CALIBRATE=auto|on|off``, see
+        ``ewc_jax._calibration``). Results depend on it only through float rounding.
       batch_size: mini-batch size for ``"batched"``.
       method: ``"auto"`` (default), ``"one_pass"`` or ``"general"``, as above.
       fast: the older spelling of ``method``: ``True`` is ``"one_pass"``, ``False`` is
@@ -255,9 +258,15 @@ def fisher_diagonal(
 
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     policy = _policy(model, _num_labels(estimator, num_classes, token_shape), method, selected)
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(policy)
     policy = dataclasses.replace(policy, check_logits=checks)
+    if chunk_size is None:  # the byte-budget default, or the fastest chunk measured here
+        static = dict(apply_fn=static_fn, estimator=estimator, policy=policy, mesh=mesh)
+        static.update(out_dtypes=out_dtypes, layout=_Layout())
+        arrays = (params, inputs, labels, keys, mask)
+        default = _default_chunk_size(policy)
+        chunk_size = _calibration.chunk_size(
+            default, n, _chunked_fisher, arrays, {"model_state": model_state}, static
+        )
     layout = _Layout.of(leaves, mesh)
     fisher = _logit_errors_as_value_errors(
         _chunked_fisher,

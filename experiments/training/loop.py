@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.spec import OptimizerSpec, ScheduleSpec
-from experiments.training import steps
+from experiments.training import forecast, steps
 from experiments.training.device import DeviceScenario, TaskData
 from experiments.training.methods import MethodSpec
 from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
@@ -63,6 +63,16 @@ class Progress:
         task_wall_time_s: seconds per task (training, evaluation and consolidation).
         fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
         steps_per_task: SGD steps taken on each task.
+        strengths_per_task: with ``strengths.<method>=evidence``, the λ the evidence chose at
+            each task's end (None for the first task, which has no prior); else empty.
+        strength_choices: every choice of λ by the evidence: ``task``, ``epoch`` (the epochs
+            of the task done; at the task's end its last), ``strength``, ``log_evidence`` and
+            ``effective_parameters`` (γ).
+        own_losses: with a forgetting forecast, each task's mean loss ``[train, test]`` at its
+            own end (at :math:`θ^*_k`); else empty.
+        forecast: the forgetting forecast (:mod:`experiments.training.forecast`): after each
+            task ``after_task``, for every earlier ``task``, the ``predicted`` rise of its mean
+            loss, ½ Δθᵀ F_k Δθ, and the ``measured_train`` and ``measured_test`` rises.
     """
 
     task: int = 0
@@ -78,6 +88,10 @@ class Progress:
     task_wall_time_s: list[float] = dataclasses.field(default_factory=list)
     fisher_wall_time_s: list[float] = dataclasses.field(default_factory=list)
     steps_per_task: list[int] = dataclasses.field(default_factory=list)
+    strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
+    strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    own_losses: list[list[float]] = dataclasses.field(default_factory=list)
+    forecast: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class RunState(NamedTuple):
@@ -98,6 +112,11 @@ class StepFns(NamedTuple):
         reset_optimizer: ``state -> state`` with a fresh optimiser state.
         select: the Fisher's example indices, one array per run, as the steps take them.
         unpad: drops the runs that only pad a sweep to the device count (identity otherwise).
+        choose_strength: ``(state, images, labels, heads, *, num_examples) -> (state,
+            evidence)``: λ re-chosen by the Laplace evidence
+            (:func:`experiments.training.consolidation.choose_strength`); None for a sweep.
+        mean_loss: ``(params, data) -> mean cross-entropy`` for the forgetting forecast
+            (:func:`experiments.training.forecast.mean_loss`); None for a sweep.
     """
 
     init: Callable[[], steps.TrainState]
@@ -107,6 +126,8 @@ class StepFns(NamedTuple):
     reset_optimizer: Callable[[steps.TrainState], steps.TrainState]
     select: Callable[[list[np.ndarray]], Any]
     unpad: Callable[[np.ndarray], np.ndarray]
+    choose_strength: Callable[..., tuple[steps.TrainState, Any]] | None = None
+    mean_loss: Callable[[Any, TaskData], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +312,15 @@ def _train_epoch(
     progress.steps_done += num_steps
     progress.epoch += 1
     progress.global_step += num_steps
+    every = plan.method.evidence_every
+    if (
+        plan.method.evidence
+        and task > 0
+        and every
+        and progress.epoch % every == 0
+        and progress.steps_done < plan.total_steps[task]  # the task's end chooses anyway
+    ):
+        arrays = _choose_strength(arrays, plan, fns, data, progress, task)
     if _curves_due(plan, progress, task):
         accuracy = [float(fns.evaluate(arrays.params, data.test[j])) for j in range(task + 1)]
         progress.curves.append(
@@ -323,7 +353,14 @@ def _finish_task(
     """Accuracy on every task, then the Fisher and consolidation; moves to the next task."""
     arrays, progress = state
     row = np.stack([fns.unpad(fns.evaluate(arrays.params, test)) for test in data.test], axis=-1)
+    if arrays.forecast is not None and fns.mean_loss is not None:
+        _forecast(arrays, fns, data, progress, task)
     fisher_start = time.perf_counter()
+    if plan.method.evidence:
+        progress.strengths_per_task.append(None)
+        if task > 0:
+            arrays = _choose_strength(arrays, plan, fns, data, progress, task)
+            progress.strengths_per_task[-1] = progress.strength_choices[-1]["strength"]
     if plan.method.regularized:
         images = labels = heads = None
         if plan.method.needs_fisher:
@@ -338,15 +375,70 @@ def _finish_task(
     progress.task_wall_time_s.append(end - start)
     progress.steps_per_task.append(progress.steps_done)
     shown = row.reshape(-1, row.shape[-1]).mean(axis=0)[: task + 1]
+    chosen_strength = (progress.strengths_per_task or [None])[-1]
     print(
         f"{plan.label} task {task + 1}/{plan.num_tasks} {plan.task_names[task]}: "
         f"{'mean ' if row.ndim > 1 else ''}{plan.metric.replace('_', ' ')} "
         f"{' '.join(f'{a:.3f}' for a in shown)} "
-        f"({progress.steps_done} steps, {end - start:.1f} s)",
+        f"({progress.steps_done} steps, {end - start:.1f} s"
+        f"{'' if chosen_strength is None else f', evidence λ {chosen_strength:.4g}'})",
         flush=True,
     )
     progress.task, progress.steps_done, progress.task_elapsed_s = task + 1, 0, 0.0
     return RunState(arrays, progress)
+
+
+def _forecast(
+    arrays: steps.TrainState, fns: StepFns, data: DeviceScenario, progress: Progress, task: int
+) -> None:
+    """Task ``task``'s own losses, and the forecast of every earlier task's forgetting beside
+    its measured rise (training and test data), appended to ``progress``."""
+    tokens = jnp.float32(forecast.tokens_per_example(data.train[task]))
+    for k in range(task + 1):
+        train_loss = float(fns.mean_loss(arrays.params, data.train[k]))
+        test_loss = float(fns.mean_loss(arrays.params, data.test[k]))
+        if k == task:
+            progress.own_losses.append([train_loss, test_loss])
+            continue
+        predicted = forecast.predicted_rise(arrays.params, arrays.forecast, jnp.int32(k), tokens)
+        own_train, own_test = progress.own_losses[k]
+        progress.forecast.append(
+            {
+                "after_task": task,
+                "task": k,
+                "predicted": float(predicted),
+                "measured_train": train_loss - own_train,
+                "measured_test": test_loss - own_test,
+            }
+        )
+
+
+def _choose_strength(
+    arrays: steps.TrainState,
+    plan: Plan,
+    fns: StepFns,
+    data: DeviceScenario,
+    progress: Progress,
+    task: int,
+) -> steps.TrainState:
+    """λ re-chosen by the evidence of task ``task`` on ``fisher_samples`` of its training
+    examples (drawn as the Fisher's are); the choice is appended to ``strength_choices``."""
+    own = data.train[task]
+    num_valid = int(own.num_valid)
+    chosen = fns.select(_fisher_examples(plan, progress, num_valid))
+    arrays, evidence = fns.choose_strength(
+        arrays, own.images[chosen], own.labels[chosen], own.heads[chosen], num_examples=num_valid
+    )
+    progress.strength_choices.append(
+        {
+            "task": task,
+            "epoch": progress.epoch,
+            "strength": float(arrays.strength),
+            "log_evidence": float(evidence.log_evidence),
+            "effective_parameters": float(evidence.effective_parameters),
+        }
+    )
+    return arrays
 
 
 def _fisher_examples(plan: Plan, progress: Progress, num_valid: int) -> list[np.ndarray]:
