@@ -452,6 +452,17 @@ def format_table(report: dict[str, Any]) -> str:
             f"float32 matmul peak under jax.jit: {roof['peak_gflops']:.0f} GFLOP/s"
             f" (best of: {shapes} GFLOP/s)"
         )
+        work = {e["group"]: e["flops"] for e in report["fisher"] if e.get("flops")}
+        counted = roof.get("ewc_jax_program_flops", {})
+        lines.append(
+            "GFLOP credited to every entry of a group (one-pass matmuls; ewc_jax's program by"
+            " XLA/jaxpr in brackets): "
+            + ", ".join(
+                f"{g} {f / 1e9:.2f}"
+                + (f" ({counted[g]['flops'] / 1e9:.2f})" if g in counted else "")
+                for g, f in work.items()
+            )
+        )
     lines += [
         "",
         f"{'group':<10} {'method':<26} {'N':>7} {'median':>10} {'GFLOP/s':>8} {'peak':>5}"
