@@ -96,9 +96,14 @@ def fisher_from(estimator, jac, logits, labels=None, *, key=None, mask=None, bat
 def mas(outputs_of, params, inputs):
     """MAS importance ``(1/N) Σ_n |∂‖f(x_n)‖² / ∂θ| = (1/N) Σ_n |2 J_nᵀ f_n|`` as a tree."""
     jac, out, unravel = jacobians(outputs_of, params, inputs)
+    return unravel(mas_from(jac, out))
+
+
+def mas_from(jac, out):
+    """The flat ``[P]`` MAS importance from precomputed Jacobians ``[N, *O, P]`` and outputs."""
     n, p = jac.shape[0], jac.shape[-1]
     grads = 2 * jnp.einsum("no,nop->np", out.reshape(n, -1), jac.reshape(n, -1, p))
-    return unravel(jnp.mean(jnp.abs(grads), axis=0))
+    return jnp.mean(jnp.abs(grads), axis=0)
 
 
 def assert_trees_close(got, want, *, rtol, atol=0.0):
