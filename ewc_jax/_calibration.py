@@ -236,12 +236,16 @@ def _process_key(n, default, setting, args, kwargs, static) -> Hashable:
     )
 
 
-def _stand_in(leaf: Any, index: int) -> Any:
-    """``leaf`` if concrete, else a fixed value of its shape and dtype."""
+def _stand_in(leaf: Any, index: int, rows: int | None) -> Any:
+    """``leaf[:rows]`` if concrete, else a fixed value of that shape and ``leaf``'s dtype
+    (``rows=None``: the whole leaf)."""
+    if rows is not None and leaf is not None:
+        shape = (min(rows, np.shape(leaf)[0]), *np.shape(leaf)[1:])
+    else:
+        shape = np.shape(leaf)
     if not isinstance(leaf, jax.core.Tracer):
-        return leaf
+        return leaf if rows is None or leaf is None else leaf[: shape[0]]
     dtype = leaf.dtype
-    shape = np.shape(leaf)
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return jax.random.split(jax.random.key(index), shape)
     if np.issubdtype(dtype, np.floating):
@@ -253,9 +257,14 @@ def _stand_in(leaf: Any, index: int) -> Any:
 
 
 def _calibrate(sizes, n, default, setting, program, args, kwargs, static, examples) -> int:
-    leaves, tree = jax.tree.flatten((args, kwargs), is_leaf=lambda a: a is None)
-    concrete = [_stand_in(a, i) for i, a in enumerate(leaves)]
-    args, kwargs = jax.tree.unflatten(tree, concrete)
+    # Concrete values for the largest candidate chunk: the first examples, or stand-ins.
+    rows = lambda i: sizes[0] if i in examples else None
+    is_none = lambda a: a is None
+    args = tuple(
+        jax.tree.map(lambda a, i=i: _stand_in(a, i, rows(i)), arg, is_leaf=is_none)
+        for i, arg in enumerate(args)
+    )
+    kwargs = jax.tree.map(lambda a: _stand_in(a, -1, None), kwargs, is_leaf=is_none)
 
     def lowered(size: int) -> Any:
         chunk = list(args)

@@ -164,14 +164,16 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 def forecast_summary(runs: Sequence[RunRecord]) -> dict[str, Any]:
     """How well the quadratic ½ Δθᵀ F_k Δθ ranked the measured forgetting, over every pair
     (task ``k`` after task ``t``) of every seed: Spearman's ρ against the rise of the mean
-    training loss and of the mean test loss, and the number of pairs."""
+    training loss and of the mean test loss (None for fewer than two pairs or a constant
+    side), and the number of pairs."""
     pairs = [pair for run in runs for pair in run.forecast]
     predicted = [p["predicted"] for p in pairs]
-    return {
-        "spearman_train": metrics.spearman(predicted, [p["measured_train"] for p in pairs]),
-        "spearman_test": metrics.spearman(predicted, [p["measured_test"] for p in pairs]),
-        "pairs": len(pairs),
-    }
+
+    def rho(split: str) -> float | None:
+        value = metrics.spearman(predicted, [p[f"measured_{split}"] for p in pairs])
+        return None if np.isnan(value) else value  # JSON has no NaN
+
+    return {"spearman_train": rho("train"), "spearman_test": rho("test"), "pairs": len(pairs)}
 
 
 def results_document(
@@ -298,9 +300,12 @@ def format_summary(
     for name, entry in summary.items():
         if entry.get("forgetting_forecast"):
             f = entry["forgetting_forecast"]
+            train, test = (
+                "n/a" if f[key] is None else f"{f[key]:.3f}"
+                for key in ("spearman_train", "spearman_test")
+            )
             lines.append(
                 f"{name}: forgetting forecast ½ Δθᵀ F_k Δθ vs measured loss rise, Spearman ρ "
-                f"train {f['spearman_train']:.3f} test {f['spearman_test']:.3f} "
-                f"({f['pairs']} pairs)"
+                f"train {train} test {test} ({f['pairs']} pairs)"
             )
     return "\n".join(lines)

@@ -25,17 +25,15 @@ the Kronecker factors instead of the second copy for K-FAC. Sweeps keep none (no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import ewc_jax
-
-if TYPE_CHECKING:
-    from experiments.training.device import TaskData
-    from experiments.training.steps import StepSetup
+from experiments.training.device import TaskData
 
 
 class ForecastStore(NamedTuple):
@@ -86,9 +84,11 @@ def predicted_rise(params: Any, store: ForecastStore, task: jax.Array, tokens: j
     return ewc_jax.penalty(params, one_task, 1.0) / tokens
 
 
-def _mean_loss(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
+def _mean_loss(params: Any, data: TaskData, *, setup: Any) -> jax.Array:
     """Mean cross-entropy over the valid rows of ``data`` (per token for sequences), in chunks
-    of ``eval_batch_size`` (the same chunks as :func:`experiments.training.steps.evaluate`)."""
+    of ``eval_batch_size`` (the same chunks as :func:`experiments.training.steps.evaluate`);
+    ``setup`` is the run's :class:`experiments.training.steps.StepSetup` (which imports this
+    module, so it is not named in the signature)."""
     capacity = data.labels.shape[0]
     chunk = min(setup.eval_batch_size, capacity)
     num_chunks = -(-capacity // chunk)
@@ -109,6 +109,48 @@ def _mean_loss(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
 
 mean_loss = jax.jit(_mean_loss, static_argnames=("setup",))
 """The mean cross-entropy of ``params`` on a task's data (:func:`_mean_loss`), jitted."""
+
+
+def measure(
+    params: Any,
+    store: ForecastStore,
+    loss: Callable[[Any, TaskData], jax.Array],
+    data: Any,
+    own_losses: list[list[float]],
+    task: int,
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """The forecast after task ``task``: its own losses, and for every earlier task ``k`` the
+    predicted and measured rises of its mean loss.
+
+    Args:
+        params: the parameters at the end of task ``task`` (:math:`θ_t`).
+        store: every finished task's solution and own precision.
+        loss: ``loss(params, task_data)``, the mean loss (:func:`mean_loss` bound to a setup).
+        data: the scenario on device (:class:`experiments.training.device.DeviceScenario`).
+        own_losses: ``[train, test]`` mean loss of each earlier task at its own end.
+        task: the task just finished.
+
+    Returns:
+        ``[train, test]`` mean loss of task ``task`` now, and one entry per earlier task:
+        ``after_task``, ``task``, ``predicted``, ``measured_train``, ``measured_test``.
+    """
+    tokens = jnp.float32(tokens_per_example(data.train[task]))
+    pairs = []
+    for k in range(task):
+        train_rise = float(loss(params, data.train[k])) - own_losses[k][0]
+        test_rise = float(loss(params, data.test[k])) - own_losses[k][1]
+        predicted = predicted_rise(params, store, jnp.int32(k), tokens)
+        pairs.append(
+            {
+                "after_task": task,
+                "task": k,
+                "predicted": float(predicted),
+                "measured_train": train_rise,
+                "measured_test": test_rise,
+            }
+        )
+    own = [float(loss(params, data.train[task])), float(loss(params, data.test[task]))]
+    return own, pairs
 
 
 def tokens_per_example(data: TaskData) -> int:

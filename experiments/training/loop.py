@@ -37,61 +37,12 @@ from experiments.spec import OptimizerSpec, ScheduleSpec
 from experiments.training import forecast, steps
 from experiments.training.device import DeviceScenario, TaskData
 from experiments.training.methods import MethodSpec
+from experiments.training.progress import Progress, fisher_examples
 from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
 
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class Progress:
-    """The host half of a run's state: where it stands and what it has produced (JSON).
-
-    Attributes:
-        task: the task being trained (the number of tasks once finished).
-        steps_done: SGD steps taken in that task.
-        epoch: epochs taken in that task.
-        next_eval: the step count of the task at or past which the curves are evaluated next.
-        global_step: SGD steps taken over all tasks.
-        task_elapsed_s: seconds spent on the current task before the last checkpoint.
-        fisher_rngs: the NumPy generator state choosing the Fisher's examples, per seed.
-        accuracy_rows: per finished task ``i``, the accuracy on every task (per run in a sweep).
-        diverged: per run, whether its loss became non-finite (a sweep keeps going).
-        curves: one entry per evaluation during training: ``task``, ``epoch`` within it, global
-            ``step``, mean training ``loss`` of the epoch, ``accuracy`` on tasks ``0..task``.
-        task_wall_time_s: seconds per task (training, evaluation and consolidation).
-        fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
-        steps_per_task: SGD steps taken on each task.
-        strengths_per_task: with ``strengths.<method>=evidence``, the λ the evidence chose at
-            each task's end (None for the first task, which has no prior); else empty.
-        strength_choices: every choice of λ by the evidence: ``task``, ``epoch`` (the epochs
-            of the task done; at the task's end its last), ``strength``, ``log_evidence`` and
-            ``effective_parameters`` (γ).
-        own_losses: with a forgetting forecast, each task's mean loss ``[train, test]`` at its
-            own end (at :math:`θ^*_k`); else empty.
-        forecast: the forgetting forecast (:mod:`experiments.training.forecast`): after each
-            task ``after_task``, for every earlier ``task``, the ``predicted`` rise of its mean
-            loss, ½ Δθᵀ F_k Δθ, and the ``measured_train`` and ``measured_test`` rises.
-    """
-
-    task: int = 0
-    steps_done: int = 0
-    epoch: int = 0
-    next_eval: int = 0
-    global_step: int = 0
-    task_elapsed_s: float = 0.0
-    fisher_rngs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    accuracy_rows: list[Any] = dataclasses.field(default_factory=list)
-    diverged: list[bool] = dataclasses.field(default_factory=list)
-    curves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    task_wall_time_s: list[float] = dataclasses.field(default_factory=list)
-    fisher_wall_time_s: list[float] = dataclasses.field(default_factory=list)
-    steps_per_task: list[int] = dataclasses.field(default_factory=list)
-    strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
-    strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    own_losses: list[list[float]] = dataclasses.field(default_factory=list)
-    forecast: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class RunState(NamedTuple):
@@ -112,11 +63,8 @@ class StepFns(NamedTuple):
         reset_optimizer: ``state -> state`` with a fresh optimiser state.
         select: the Fisher's example indices, one array per run, as the steps take them.
         unpad: drops the runs that only pad a sweep to the device count (identity otherwise).
-        choose_strength: ``(state, images, labels, heads, *, num_examples) -> (state,
-            evidence)``: λ re-chosen by the Laplace evidence
-            (:func:`experiments.training.consolidation.choose_strength`); None for a sweep.
-        mean_loss: ``(params, data) -> mean cross-entropy`` for the forgetting forecast
-            (:func:`experiments.training.forecast.mean_loss`); None for a sweep.
+        choose_strength: λ by the evidence (:func:`.consolidation.choose_strength`), or None.
+        mean_loss: the mean loss for the forecast (:func:`.forecast.mean_loss`), or None.
     """
 
     init: Callable[[], steps.TrainState]
@@ -312,15 +260,10 @@ def _train_epoch(
     progress.steps_done += num_steps
     progress.epoch += 1
     progress.global_step += num_steps
-    every = plan.method.evidence_every
-    if (
-        plan.method.evidence
-        and task > 0
-        and every
-        and progress.epoch % every == 0
-        and progress.steps_done < plan.total_steps[task]  # the task's end chooses anyway
-    ):
-        arrays = _choose_strength(arrays, plan, fns, data, progress, task)
+    every, ending = plan.method.evidence_every, progress.steps_done >= plan.total_steps[task]
+    # λ by the evidence at its cadence (the task's end chooses anyway, after the last epoch).
+    if plan.method.evidence and task and every and progress.epoch % every == 0 and not ending:
+        arrays = _choose_strength(RunState(arrays, progress), plan, fns, data, task)
     if _curves_due(plan, progress, task):
         accuracy = [float(fns.evaluate(arrays.params, data.test[j])) for j in range(task + 1)]
         progress.curves.append(
@@ -354,19 +297,21 @@ def _finish_task(
     arrays, progress = state
     row = np.stack([fns.unpad(fns.evaluate(arrays.params, test)) for test in data.test], axis=-1)
     if arrays.forecast is not None and fns.mean_loss is not None:
-        _forecast(arrays, fns, data, progress, task)
+        own, pairs = forecast.measure(
+            arrays.params, arrays.forecast, fns.mean_loss, data, progress.own_losses, task
+        )
+        progress.own_losses.append(own)
+        progress.forecast.extend(pairs)
     fisher_start = time.perf_counter()
     if plan.method.evidence:
         progress.strengths_per_task.append(None)
         if task > 0:
-            arrays = _choose_strength(arrays, plan, fns, data, progress, task)
+            arrays = _choose_strength(RunState(arrays, progress), plan, fns, data, task)
             progress.strengths_per_task[-1] = progress.strength_choices[-1]["strength"]
     if plan.method.regularized:
         images = labels = heads = None
         if plan.method.needs_fisher:
-            own = data.train[task]
-            chosen = fns.select(_fisher_examples(plan, progress, int(own.num_valid)))
-            images, labels, heads = own.images[chosen], own.labels[chosen], own.heads[chosen]
+            images, labels, heads = _task_examples(plan, fns, data, progress, task)
         arrays = fns.consolidate(arrays, images, labels, heads)
         jax.block_until_ready(arrays.ewc_state)
     end = time.perf_counter()
@@ -388,69 +333,34 @@ def _finish_task(
     return RunState(arrays, progress)
 
 
-def _forecast(
-    arrays: steps.TrainState, fns: StepFns, data: DeviceScenario, progress: Progress, task: int
-) -> None:
-    """Task ``task``'s own losses, and the forecast of every earlier task's forgetting beside
-    its measured rise (training and test data), appended to ``progress``."""
-    tokens = jnp.float32(forecast.tokens_per_example(data.train[task]))
-    for k in range(task + 1):
-        train_loss = float(fns.mean_loss(arrays.params, data.train[k]))
-        test_loss = float(fns.mean_loss(arrays.params, data.test[k]))
-        if k == task:
-            progress.own_losses.append([train_loss, test_loss])
-            continue
-        predicted = forecast.predicted_rise(arrays.params, arrays.forecast, jnp.int32(k), tokens)
-        own_train, own_test = progress.own_losses[k]
-        progress.forecast.append(
-            {
-                "after_task": task,
-                "task": k,
-                "predicted": float(predicted),
-                "measured_train": train_loss - own_train,
-                "measured_test": test_loss - own_test,
-            }
-        )
+def _task_examples(
+    plan: Plan, fns: StepFns, data: DeviceScenario, progress: Progress, task: int
+) -> tuple[Any, Any, Any]:
+    """``fisher_samples`` of task ``task``'s training examples (images, labels, heads), drawn
+    by each seed's generator in ``progress``."""
+    own = data.train[task]
+    count, valid = plan.method.fisher_samples, int(own.num_valid)
+    chosen = fns.select(fisher_examples(progress, plan.seeds, count, valid))
+    return own.images[chosen], own.labels[chosen], own.heads[chosen]
 
 
 def _choose_strength(
-    arrays: steps.TrainState,
-    plan: Plan,
-    fns: StepFns,
-    data: DeviceScenario,
-    progress: Progress,
-    task: int,
+    state: RunState, plan: Plan, fns: StepFns, data: DeviceScenario, task: int
 ) -> steps.TrainState:
-    """λ re-chosen by the evidence of task ``task`` on ``fisher_samples`` of its training
-    examples (drawn as the Fisher's are); the choice is appended to ``strength_choices``."""
-    own = data.train[task]
-    num_valid = int(own.num_valid)
-    chosen = fns.select(_fisher_examples(plan, progress, num_valid))
-    arrays, evidence = fns.choose_strength(
-        arrays, own.images[chosen], own.labels[chosen], own.heads[chosen], num_examples=num_valid
-    )
+    """The arrays with λ re-chosen by the evidence of task ``task`` on ``fisher_samples`` of
+    its training examples (drawn as the Fisher's are), appended to ``strength_choices``."""
+    arrays, progress = state
+    examples = _task_examples(plan, fns, data, progress, task)
+    num_examples = int(data.train[task].num_valid)
+    arrays, evidence = fns.choose_strength(arrays, *examples, num_examples=num_examples)
     progress.strength_choices.append(
-        {
-            "task": task,
-            "epoch": progress.epoch,
-            "strength": float(arrays.strength),
-            "log_evidence": float(evidence.log_evidence),
-            "effective_parameters": float(evidence.effective_parameters),
+        {"task": task, "epoch": progress.epoch, "strength": float(arrays.strength)}
+        | {
+            name: float(getattr(evidence, name))
+            for name in ("log_evidence", "effective_parameters")
         }
     )
     return arrays
-
-
-def _fisher_examples(plan: Plan, progress: Progress, num_valid: int) -> list[np.ndarray]:
-    """Per run, the sorted indices of the Fisher's examples; advances each seed's generator."""
-    by_seed = {}
-    for index, seed in enumerate(dict.fromkeys(plan.seeds)):
-        rng = np.random.default_rng()
-        rng.bit_generator.state = progress.fisher_rngs[index]
-        count = min(num_valid, plan.method.fisher_samples)
-        by_seed[seed] = np.sort(rng.choice(num_valid, count, replace=False))
-        progress.fisher_rngs[index] = rng.bit_generator.state
-    return [by_seed[seed] for seed in plan.seeds]
 
 
 def divergence_message(plan: Plan, arrays: steps.TrainState, task: int) -> str:
