@@ -7,7 +7,7 @@ For each estimator and size N, on the same float32 weights and inputs:
 * ``jax_calibrated``: the same call with ``EWC_JAX_CALIBRATE=on``, so that its chunk size is
   measured at compilation (:mod:`ewc_jax._calibration`; its note says what was chosen, its
   compile time includes the measurement);
-* ``jax_general``: the same with ``fast=False`` (``jax.vmap(jax.grad)``) in chunks of
+* ``jax_general``: the same with ``method="general"`` (``jax.vmap(jax.grad)``) in chunks of
   ``chunk_size``;
 * argmax and empirical: ``torch_tutorial_loop`` (one example at a time), ``torch_func_vmap``
   (``torch.func.vmap(grad)`` in chunks), ``torch_hooks`` (plain PyTorch, one pass),
@@ -101,7 +101,7 @@ def skip_reason(method: str, config: Config) -> str | None:
 def _jax_fisher_fn(estimator: str, method: str, chunk_size: int | None) -> Callable[..., Any]:
     """The Fisher call of a JAX entry; ``jax_calibrated`` calibrates while it is traced."""
     apply_fn = workload.apply_fn()
-    options = {"fast": False, "chunk_size": chunk_size} if method == "jax_general" else {}
+    options = {"method": "general", "chunk_size": chunk_size} if method == "jax_general" else {}
     calibrate = "on" if method == "jax_calibrated" else None
 
     def fisher(params: Any, inputs: jax.Array, labels: Any, key: Any) -> Any:
@@ -273,7 +273,7 @@ def run_fisher(
         note = {
             REFERENCE: "library defaults",
             "jax_calibrated": _calibration_note(_calibration.HISTORY[calibrations:]),
-            "jax_general": f"fast=False, chunk_size={config.chunk_size}",
+            "jax_general": f"method='general', chunk_size={config.chunk_size}",
         }[name]
         entry = Entry(name, estimator, "jax", n, compile_s=compile_s, warmup_s=warmup_s, note=note)
         runners.append((entry, call))

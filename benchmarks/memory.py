@@ -67,7 +67,7 @@ def child(n: int, path: str, chunk_size: int | None, seed: int = 0) -> dict[str,
 
     Args:
       n: number of examples.
-      path: ``"fast"`` or ``"general"`` (``fast=False``).
+      path: ``"fast"`` (``method="one_pass"``) or ``"general"`` (``method="general"``).
       chunk_size: passed to ``fisher_diagonal``; ``None`` for the library default.
       seed: seed for weights and inputs.
 
@@ -92,7 +92,12 @@ def child(n: int, path: str, chunk_size: int | None, seed: int = 0) -> dict[str,
 
     def fisher(p: Any, x: jax.Array) -> Any:
         return ewc_jax.fisher_diagonal(
-            apply_fn, p, x, estimator="argmax", chunk_size=chunk_size, fast=path == "fast"
+            apply_fn,
+            p,
+            x,
+            estimator="argmax",
+            chunk_size=chunk_size,
+            method="one_pass" if path == "fast" else "general",
         )
 
     rss_before_kib = _status_kib("VmRSS")

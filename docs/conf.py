@@ -67,7 +67,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(typing|collections\.abc|contextlib|types|enum)\..*"),
     (r"py:.*", r"(Array|ArrayLike|DTypeLike|Any|Callable|Sequence|Mapping|Literal|Self)"),
     # Private aliases that the signatures show by name; each argument's docstring says what it is.
-    (r"py:.*", r"(PyTree|Params|ApplyFn|Where|Method)"),
+    (r"py:.*", r"(PyTree|Params|ApplyFn|Where|Method|PrecisionT|Curvature)"),
     (r"py:.*", r"(NoneType|None|int|float|bool|str|tuple|dict|list|object|Iterator)"),
     # Private modules and functions have no pages: a docstring that names one shows it as code.
     (r"py:.*", r"(ewc_jax\.)?_.*"),
@@ -82,7 +82,7 @@ html_show_sourcelink = False
 # Docstrings inside the private modules name their neighbours briefly (:func:`consolidate`,
 # :class:`KFACState`); the pages document them under their public names. Resolve such a short
 # name against the public namespaces, in order, before nitpicky mode calls it missing.
-PUBLIC_NAMESPACES = ("ewc_jax", "ewc_jax.kfac", "ewc_jax.importance")
+PUBLIC_NAMESPACES = ("ewc_jax", "ewc_jax.kfac", "ewc_jax.importance", "ewc_jax.evidence")
 
 
 def _resolve_public_name(app, env, node, contnode):

@@ -7,12 +7,13 @@ to remember is therefore one anchor and one precision per parameter, kept in :cl
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ewc_jax._precision import ConsolidationMode, Curvature, Precision, PrecisionT
 from ewc_jax._types import Params
 from ewc_jax._validation import (
     check_same_structure,
@@ -24,21 +25,94 @@ from ewc_jax._validation import (
 )
 from ewc_jax._where import Where, select
 
-CONSOLIDATION_MODES = ("separate", "online")
+CONSOLIDATION_MODES: tuple[ConsolidationMode, ...] = get_args(ConsolidationMode)
 
 
 class EWCState(NamedTuple):
-    """What EWC remembers about past tasks: a pytree, passed to jitted code as an argument.
+    r"""What EWC remembers about past tasks: a pytree, passed to jitted code as an argument.
+
+    The diagonal :class:`Precision`: the penalty is :math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2`.
 
     Attributes:
       anchor: params-shaped tree, the centre ``θ̄`` of the quadratic penalty.
       precision: params-shaped tree, the diagonal precision ``Λ`` (summed or decayed Fishers).
       num_tasks: int32 scalar, how many tasks have been consolidated.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> state = ewc_jax.EWCState(
+      ...     anchor={"w": jnp.zeros(2)}, precision={"w": jnp.array([1.0, 3.0])},
+      ...     num_tasks=jnp.ones((), jnp.int32))
+      >>> float(ewc_jax.penalty({"w": jnp.ones(2)}, state, strength=1.0))  # (1 + 3) / 2
+      2.0
     """
 
     anchor: Params
     precision: Params
     num_tasks: jax.Array
+
+    def consolidated(
+        self,
+        params: Params,
+        importance: Params | Curvature,
+        *,
+        mode: ConsolidationMode,
+        gamma: jax.typing.ArrayLike,
+        where: Where | None = None,
+        anchor_dtype: jax.typing.DTypeLike | None = None,
+        precision_dtype: jax.typing.DTypeLike | None = None,
+    ) -> EWCState:
+        """The state with one more task folded in: :func:`consolidate` for a diagonal state."""
+        return _consolidated(
+            self,
+            params,
+            importance,
+            mode=mode,
+            gamma=gamma,
+            where=where,
+            anchor_dtype=anchor_dtype,
+            precision_dtype=precision_dtype,
+        )
+
+    def penalty(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: Where | None = None
+    ) -> jax.Array:
+        r""":math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2` over the leaves ``where`` selects."""
+        params = select(params, params, where)
+        check_same_structure(self.anchor, params, "state.anchor", "params")
+        terms = jax.tree.leaves(
+            jax.tree.map(
+                lambda p, a, f: jnp.sum(
+                    f.astype(_wide(p, f))
+                    * jnp.square(p.astype(_wide(p, f)) - a.astype(_wide(p, f)))
+                ),
+                params,
+                self.anchor,
+                self.precision,
+            )
+        )
+        dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
+        dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+        total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
+        return jnp.asarray(0.5 * strength, dtype) * total
+
+    def penalty_gradient(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: Where | None = None
+    ) -> Params:
+        r""":math:`λ Λ (θ - θ̄)` over the leaves ``where`` selects, in float32 at least.
+
+        bfloat16 params, anchors or precisions are widened before the subtraction.
+        """
+        return jax.tree.map(
+            lambda p, a, f: (
+                jnp.asarray(strength, _wide(p, a, f))
+                * f.astype(_wide(p, a, f))
+                * (p.astype(_wide(p, a, f)) - a.astype(_wide(p, a, f)))
+            ),
+            select(params, params, where),
+            self.anchor,
+            self.precision,
+        )
 
 
 def empty_state(
@@ -62,6 +136,14 @@ def empty_state(
     Returns:
       ``EWCState(anchor=params, precision=zeros_like(params), num_tasks=0)``, both restricted
       to ``where``. Sharded params give a state sharded the same way.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> state = ewc_jax.empty_state({"w": jnp.ones(2, jnp.bfloat16)})
+      >>> state.precision["w"].dtype, int(state.num_tasks)  # float32 at least
+      (dtype('float32'), 0)
+      >>> float(ewc_jax.penalty({"w": jnp.zeros(2)}, state, strength=1e6))
+      0.0
     """
     params = select(params, params, where)
     return EWCState(
@@ -90,16 +172,16 @@ def _wide(*arrays: Any) -> np.dtype:
 
 
 def consolidate(
-    state: EWCState | Any | None,
+    state: PrecisionT | None,
     params: Params,
-    fisher: Params | Any,
+    fisher: Params | Curvature,
     *,
-    mode: Literal["separate", "online"] = "separate",
-    gamma: float = 1.0,
+    mode: ConsolidationMode = "separate",
+    gamma: jax.typing.ArrayLike = 1.0,
     where: Where | None = None,
     anchor_dtype: jax.typing.DTypeLike | None = None,
     precision_dtype: jax.typing.DTypeLike | None = None,
-) -> EWCState | Any:
+) -> PrecisionT:
     r"""Folds a finished task's parameters and Fisher into the EWC state.
 
     ``mode="separate"`` (Kirkpatrick et al. 2017) keeps one quadratic per past task,
@@ -119,11 +201,12 @@ def consolidate(
     its authors sum importances), or a unit precision ``jax.tree.map(jnp.ones_like, params)``
     for plain L2 towards the previous parameters.
 
-    A :class:`KFACFisher` (from :func:`kfac_fisher`) with a ``KFACState`` or None gives a
-    :class:`KFACState`: see ``ewc_jax._kfac.consolidate_kfac``.
+    A :class:`ewc_jax.kfac.KFACFisher` (from :func:`ewc_jax.kfac.kfac_fisher`) with a
+    :class:`ewc_jax.kfac.KFACState` or None gives a ``KFACState``: every state type is a
+    :class:`Precision` and folds the new task in by its own rule.
 
     Args:
-      state: the state so far, or None before the first task.
+      state: the state so far (any :class:`Precision`), or None before the first task.
       params: parameters at the end of the task just finished (``θ*``).
       fisher: its diagonal Fisher, same tree as ``params`` (see :func:`fisher_diagonal`).
       mode: ``"separate"`` or ``"online"``.
@@ -142,7 +225,8 @@ def consolidate(
         is then off by up to 0.4%.
 
     Returns:
-      The new ``EWCState``; sharded params and Fisher give a state sharded the same way.
+      The new state, of the type of ``state`` (an ``EWCState`` for a diagonal Fisher and
+      ``state=None``); sharded params and Fisher give a state sharded the same way.
 
     Raises:
       ValueError: unknown mode, gamma outside [0, 1] (or not 1 in separate mode), trees that
@@ -150,6 +234,13 @@ def consolidate(
         ``params`` or ``fisher`` (naming the first bad leaf). The value checks hold under
         ``jax.jit`` and ``jax.vmap`` too: the compiled program fails with the same message
         (``equinox.error_if``; see :func:`ewc_jax.checks_enabled`).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> a = ewc_jax.consolidate(None, {"w": jnp.array([0.0])}, {"w": jnp.array([1.0])})
+      >>> b = ewc_jax.consolidate(a, {"w": jnp.array([4.0])}, {"w": jnp.array([3.0])})
+      >>> b.anchor["w"].tolist(), b.precision["w"].tolist()  # (1·0 + 3·4) / (1 + 3), 1 + 3
+      ([3.0], [4.0])
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
@@ -160,15 +251,41 @@ def consolidate(
         raise ValueError(
             f"Unknown consolidation mode {mode!r}; valid modes: {CONSOLIDATION_MODES}."
         )
-    from ewc_jax import _kfac  # here: _kfac builds on this module
-
-    if isinstance(fisher, _kfac.KFACFisher) or isinstance(state, _kfac.KFACState):
-        if where is not None or anchor_dtype is not None or precision_dtype is not None:
-            raise ValueError(
-                "where=, anchor_dtype= and precision_dtype= apply to a diagonal EWCState; a "
-                "K-FAC state covers every parameter in the dtype of its factors."
+    if state is None:
+        if isinstance(fisher, Curvature):
+            state = fisher.empty_precision(params)
+        else:
+            state = empty_state(
+                params, where=where, anchor_dtype=anchor_dtype, precision_dtype=precision_dtype
             )
-        return _kfac.consolidate_kfac(state, params, fisher, mode=mode, gamma=gamma)
+    return state.consolidated(
+        params,
+        fisher,
+        mode=mode,
+        gamma=gamma,
+        where=where,
+        anchor_dtype=anchor_dtype,
+        precision_dtype=precision_dtype,
+    )
+
+
+def _consolidated(
+    state: EWCState,
+    params: Params,
+    fisher: Params | Curvature,
+    *,
+    mode: ConsolidationMode,
+    gamma: jax.typing.ArrayLike,
+    where: Where | None,
+    anchor_dtype: jax.typing.DTypeLike | None,
+    precision_dtype: jax.typing.DTypeLike | None,
+) -> EWCState:
+    """:func:`consolidate` into a diagonal state: the checks, then the merge of one task."""
+    if isinstance(fisher, Curvature):
+        raise ValueError(
+            f"state is an EWCState but fisher is a {type(fisher).__name__}, which consolidates "
+            "into its own state type; start its consolidation from state=None."
+        )
     failures = outside_unit_interval(gamma, "gamma")
     if mode == "separate":
         failures.append(
@@ -182,9 +299,8 @@ def consolidate(
     params = select(params, params, where)
     fisher = select(fisher, fisher, where)
     check_same_structure(params, fisher, "params", "fisher")
-    if state is not None:
-        check_same_structure(params, state.anchor, "params", "state.anchor")
-        check_same_structure(params, state.precision, "params", "state.precision")
+    check_same_structure(params, state.anchor, "params", "state.anchor")
+    check_same_structure(params, state.precision, "params", "state.precision")
     why = (
         "consolidating them would make every later penalty non-finite; check the training run "
         "that produced them"
@@ -201,8 +317,6 @@ def consolidate(
         )
     # Concrete values are checked now; traced ones on the result (see fail_if).
     fail_if(fisher, failures)
-    if state is None:
-        state = empty_state(params, anchor_dtype=anchor_dtype, precision_dtype=precision_dtype)
 
     if mode == "separate":
         precision = jax.tree.map(
@@ -252,23 +366,27 @@ def _precision_weighted_mean(total, old_precision, old_anchor, fisher, theta):
 
 
 def penalty(
-    params: Params, state: EWCState | Any, strength: Any, *, where: Where | None = None
+    params: Params,
+    state: Precision,
+    strength: jax.typing.ArrayLike,
+    *,
+    where: Where | None = None,
 ) -> jax.Array:
     r"""The EWC penalty :math:`\frac{λ}{2} \sum_i Λ_i (θ_i - θ̄_i)^2`.
 
     Add it to the loss of the current task: :math:`L(θ) = L_B(θ) + \frac{λ}{2}\sum_i
     F_i (θ_i - θ^*_{A,i})^2`. Its gradient is :math:`λ Λ (θ - θ̄)`.
 
-    With a :class:`KFACState` the Kronecker quadratics of its Dense layers are added (see
-    ``ewc_jax._kfac.kfac_penalty``).
+    Any :class:`Precision` brings its own quadratic: with a :class:`ewc_jax.kfac.KFACState` the
+    Kronecker quadratics of its layers are added to the diagonal part.
 
     The ½ is the paper's convention. The PyTorch tutorial this project started from writes
     ``importance * Σ F (θ - θ*)²`` without the ½: its ``importance=1000`` is ``strength=2000`` here.
 
     Args:
       params: current parameters θ.
-      state: an :class:`EWCState` from :func:`consolidate` or :func:`empty_state`; pass it as an
-        argument of jitted code, never close over it.
+      state: an :class:`EWCState` from :func:`consolidate` or :func:`empty_state` (or another
+        :class:`Precision`); pass it as an argument of jitted code, never close over it.
       strength: λ >= 0 (a Python float or a scalar array). A negative or non-finite λ raises
         ``ValueError``; a traced one fails the compiled program with the same message.
       where: the parameters the state covers, as given to :func:`consolidate`; the sum runs
@@ -278,29 +396,16 @@ def penalty(
       A float32 (or wider) scalar, whatever the storage dtypes of the state (bfloat16 anchors
       and precisions are widened before the subtraction).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, ewc_jax
+      >>> state = ewc_jax.consolidate(None, {"w": jnp.array([1.0])}, {"w": jnp.array([2.0])})
+      >>> float(ewc_jax.penalty({"w": jnp.array([4.0])}, state, strength=1.0))  # ½·2·3²
+      9.0
+      >>> jax.grad(ewc_jax.penalty)({"w": jnp.array([4.0])}, state, 1.0)["w"].tolist()  # 2·3
+      [6.0]
+
     References:
       Kirkpatrick et al., PNAS 2017, Eq. 3.
     """
     failures = negative_or_non_finite(strength, "strength")
-    if not isinstance(state, EWCState):
-        from ewc_jax import _kfac  # here: _kfac builds on this module
-
-        if where is not None:
-            raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
-        return fail_if(_kfac.kfac_penalty(params, state, strength), failures)
-    params = select(params, params, where)
-    check_same_structure(state.anchor, params, "state.anchor", "params")
-    terms = jax.tree.leaves(
-        jax.tree.map(
-            lambda p, a, f: jnp.sum(
-                f.astype(_wide(p, f)) * jnp.square(p.astype(_wide(p, f)) - a.astype(_wide(p, f)))
-            ),
-            params,
-            state.anchor,
-            state.precision,
-        )
-    )
-    dtype = max((np.dtype(t.dtype) for t in terms), key=lambda d: d.itemsize)
-    dtype = dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
-    total = sum((t.astype(dtype) for t in terms), start=jnp.zeros((), dtype))
-    return fail_if(jnp.asarray(0.5 * strength, dtype) * total, failures)
+    return fail_if(state.penalty(params, strength, where=where), failures)

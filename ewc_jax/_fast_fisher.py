@@ -29,7 +29,7 @@ Two cases:
   and summed.
 
 Every other parameter (used twice, or by an operation not listed) goes through the general
-``jax.vmap(jax.grad(...))`` path, exactly as with ``fast=False``. Models must treat examples
+``jax.vmap(jax.grad(...))`` path, exactly as with ``method="general"``. Models must treat examples
 independently (no batch statistics), as every per-example-gradient method assumes.
 """
 

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, get_args
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,13 @@ from ewc_jax._validation import (
     runtime_checks,
 )
 
-ESTIMATORS = ("exact", "sampled", "empirical", "argmax", "batched")
-Estimator = Literal["exact", "sampled", "empirical", "argmax", "batched"]
-METHODS = ("auto", "one_pass", "general")
-Method = Literal["auto", "one_pass", "general"]
+Estimator: TypeAlias = Literal["exact", "sampled", "empirical", "argmax", "batched"]
+"""The label distributions :func:`fisher_diagonal` can average over (its docstring defines each):
+``"exact"`` (the true Fisher), ``"sampled"``, ``"empirical"``, ``"argmax"`` and ``"batched"``."""
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
+Method: TypeAlias = Literal["auto", "one_pass", "general"]
+"""How :func:`fisher_diagonal` computes per-example squares (its docstring's "Paths")."""
+METHODS: tuple[Method, ...] = get_args(Method)
 
 MEMORY_BUDGET_BYTES = 512 * 2**20
 """Working memory a chunk may use when ``chunk_size`` is not given."""
@@ -64,7 +67,6 @@ def fisher_diagonal(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     method: Method = "auto",
-    fast: bool | None = None,
     dtype: jax.typing.DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     where: _where.Where | None = None,
@@ -150,8 +152,6 @@ def fisher_diagonal(
         ``ewc_jax._calibration``). Results depend on it only through float rounding.
       batch_size: mini-batch size for ``"batched"``.
       method: ``"auto"`` (default), ``"one_pass"`` or ``"general"``, as above.
-      fast: the older spelling of ``method``: ``True`` is ``"one_pass"``, ``False`` is
-        ``"general"``; ``None`` (default) defers to ``method``.
       dtype: the dtype of the result; default: float32 for bfloat16/float16 parameters (whose
         squares would under- and overflow), otherwise the parameter's own. Sums always run in
         float32 or wider.
@@ -188,12 +188,24 @@ def fisher_diagonal(
         value checks fail the compiled program with the same message (see
         :func:`ewc_jax.checks_enabled`).
 
-    Example::
+    A causal language model (tokens ``[N, T]`` in, logits ``[N, T, V]`` out, padding masked)::
 
-        fisher = ewc_jax.fisher_diagonal(model.apply, params, x_train[:512], estimator="exact")
-        # a causal LM: tokens [N, T] in, logits [N, T, V] out, padding masked
         fisher = ewc_jax.fisher_diagonal(lm.apply, params, tokens[:, :-1], estimator="sampled",
                                          key=jax.random.key(0), mask=attention_mask[:, 1:])
+
+    Example:
+      A linear softmax classifier at zero weights predicts ``p = (½, ½)``, so its exact Fisher
+      is :math:`F_{ic} = p_c (1 - p_c)\,\overline{x_i^2} = \overline{x_i^2} / 4`:
+
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.fisher_diagonal(apply_fn, params, x, estimator="exact")
+      >>> jnp.round(fisher["w"], 6).tolist()  # mean x² = (1, 2, 0), over 4
+      [[0.25, 0.25], [0.5, 0.5], [0.0, 0.0]]
+      >>> jnp.round(fisher["b"], 6).tolist()
+      [0.25, 0.25]
 
     References:
       Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017.
@@ -202,8 +214,6 @@ def fisher_diagonal(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"Unknown estimator {estimator!r}; valid estimators: {ESTIMATORS}.")
-    if fast is not None:
-        method = "one_pass" if fast else "general"
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
     check_trainable_only(params)

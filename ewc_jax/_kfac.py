@@ -24,16 +24,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeAlias, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ewc_jax import _consolidation, _fast_fisher
+from ewc_jax import _fast_fisher
 from ewc_jax._chunking import chunked_sum
-from ewc_jax._consolidation import EWCState, _wide
+from ewc_jax._consolidation import EWCState, _wide, empty_state
 from ewc_jax._fisher import (
     _accumulate_dtype,
     _check_params,
@@ -46,16 +45,20 @@ from ewc_jax._fisher import (
     _targets,
     fisher_diagonal,
 )
+from ewc_jax._precision import ConsolidationMode, Curvature
 from ewc_jax._types import ApplyFn, Params, PyTree
 from ewc_jax._validation import (
     concrete_or_none,
     fail_if,
-    negative_or_non_finite,
     non_finite,
     outside_unit_interval,
 )
 
-KFAC_ESTIMATORS = ("exact", "sampled", "empirical")
+KFACEstimator: TypeAlias = Literal["exact", "sampled", "empirical"]
+"""The label distributions :func:`kfac_fisher` takes (those of :data:`ewc_jax.Estimator` that
+give a per-example Fisher)."""
+KFAC_ESTIMATORS: tuple[KFACEstimator, ...] = get_args(KFACEstimator)
+"""The values of :data:`KFACEstimator`, as a tuple."""
 
 _DEFAULT_CHUNK = 256
 
@@ -78,6 +81,18 @@ class KroneckerFactors:
       kernel_axes: the kernel's axes in the order (input, spatial..., output): the rows of
         ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` (static; ``(0, 1)`` for
         Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel ``[h, w, in, out]``).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> (layer,) = fisher.layers
+      >>> layer.kernel, layer.bias, layer.kernel_axes  # leaves in tree order: b, w
+      (1, 0, (0, 1))
+      >>> layer.a.shape, layer.g.shape  # [in + 1, in + 1], [out, out]
+      ((4, 4), (2, 2))
     """
 
     a: jax.Array
@@ -94,10 +109,27 @@ class KFACFisher(NamedTuple):
       diagonal: params-shaped diagonal Fisher of the parameters no factor covers (0 where a
         factor does).
       layers: one :class:`KroneckerFactors` per Dense layer.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> len(fisher.layers), fisher.diagonal["w"].tolist()  # the layer's block covers w
+      (1, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     """
 
     diagonal: Params
     layers: tuple[KroneckerFactors, ...]
+
+    def empty_precision(self, params: Params) -> KFACState:
+        """The K-FAC state before any task: zero diagonal precision, no Kronecker terms yet."""
+        leaves = jax.tree.leaves(params)
+        return KFACState(
+            diagonal=empty_state(params),
+            layers=tuple(_empty_terms(leaves, factors) for factors in self.layers),
+        )
 
 
 @functools.partial(
@@ -116,6 +148,17 @@ class KroneckerTerms:
       kernel: index of the kernel leaf (static).
       bias: index of the bias leaf, or None (static).
       kernel_axes: as in :class:`KroneckerFactors` (static).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher, mode="online")
+      >>> (terms,) = state.layers
+      >>> terms.a.shape, terms.g.shape, terms.anchor.shape  # one task: T = 1
+      ((1, 4, 4), (1, 2, 2), (1, 4, 2))
     """
 
     a: jax.Array
@@ -136,6 +179,19 @@ class KFACState(NamedTuple):
       diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at
         the covered ones); its ``num_tasks`` counts the consolidated tasks.
       layers: one :class:`KroneckerTerms` per Dense layer.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher)
+      >>> isinstance(state, ewc_jax.kfac.KFACState), isinstance(state, ewc_jax.Precision)
+      (True, True)
+      >>> moved = {"w": params["w"].at[1, 0].set(1.0), "b": params["b"]}
+      >>> float(ewc_jax.penalty(moved, state, strength=2.0))  # ½ · 2 · A₁₁ G₀₀ = 2 · ¼
+      0.5
     """
 
     diagonal: EWCState
@@ -151,6 +207,56 @@ class KFACState(NamedTuple):
         """How many tasks have been consolidated."""
         return self.diagonal.num_tasks
 
+    def consolidated(
+        self,
+        params: Params,
+        importance: Params | Curvature,
+        *,
+        mode: ConsolidationMode,
+        gamma: jax.typing.ArrayLike,
+        where: None = None,
+        anchor_dtype: None = None,
+        precision_dtype: None = None,
+    ) -> KFACState:
+        """One more Kronecker quadratic per layer: :func:`consolidate` for a K-FAC state.
+
+        ``where``, ``anchor_dtype`` and ``precision_dtype`` must be None: a K-FAC state covers
+        every parameter, in the dtype of its factors.
+        """
+        if where is not None or anchor_dtype is not None or precision_dtype is not None:
+            raise ValueError(
+                "where=, anchor_dtype= and precision_dtype= apply to a diagonal EWCState; a "
+                "K-FAC state covers every parameter in the dtype of its factors."
+            )
+        return _consolidated(self, params, importance, mode=mode, gamma=gamma)
+
+    def penalty(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+    ) -> jax.Array:
+        r"""The diagonal part's penalty plus each layer's Kronecker quadratics:
+
+        .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
+                  \operatorname{tr}\big(X_t^\top A_t X_t G_t\big)\Big],\qquad X_t = W̄ - W̄_t,
+
+        each :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed
+        as ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+        """
+        _check_no_where(where)
+        return _penalty(params, self, strength)
+
+    def penalty_gradient(
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+    ) -> Params:
+        r"""The gradient of :meth:`penalty`: :math:`λ Λ (θ - θ̄)` on the diagonal part and
+        :math:`λ \sum_t A_t X_t G_t` on each augmented kernel ``[W; b]``."""
+        _check_no_where(where)
+        return _penalty_gradient(params, self, strength)
+
+
+def _check_no_where(where: object) -> None:
+    if where is not None:
+        raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
+
 
 def kfac_fisher(
     apply_fn: ApplyFn,
@@ -158,7 +264,7 @@ def kfac_fisher(
     inputs: PyTree,
     labels: jax.typing.ArrayLike | None = None,
     *,
-    estimator: Literal["exact", "sampled", "empirical"] = "exact",
+    estimator: KFACEstimator = "exact",
     key: jax.Array | None = None,
     chunk_size: int | None = None,
 ) -> KFACFisher:
@@ -214,11 +320,17 @@ def kfac_fisher(
     Raises:
       ValueError: unknown estimator, missing labels/key, logits not ``[B, C]``.
 
-    Example::
-
-        fisher = ewc_jax.kfac.kfac_fisher(model.apply, params, x_task[:1024], estimator="exact")
-        state = ewc_jax.consolidate(state, params, fisher, mode="online")
-        loss = task_loss(params) + ewc_jax.penalty(params, state, strength=1.0)
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> (layer,) = fisher.layers
+      >>> layer.a.diagonal().tolist()  # E[ā²] for ā = (x, 1)
+      [1.0, 2.0, 0.0, 1.0]
+      >>> layer.g.tolist()  # E_y[δ δᵀ] = diag(p) - p pᵀ at p = (½, ½)
+      [[0.25, -0.25], [-0.25, 0.25]]
 
     References:
       Ritter, Botev & Barber, "Online Structured Laplace Approximations for Overcoming
@@ -428,13 +540,13 @@ def _augmented(
     return jnp.concatenate([w, leaves[bias].astype(dtype)[None]], axis=0)
 
 
-def consolidate_kfac(
-    state: KFACState | None,
+def _consolidated(
+    state: KFACState,
     params: Params,
-    fisher: KFACFisher,
+    fisher: Params | Curvature,
     *,
-    mode: str = "separate",
-    gamma: Any = 1.0,
+    mode: ConsolidationMode,
+    gamma: jax.typing.ArrayLike,
 ) -> KFACState:
     r""":func:`consolidate` for a :class:`KFACFisher`: one more Kronecker quadratic per layer.
 
@@ -452,21 +564,10 @@ def consolidate_kfac(
 
     The diagonal part follows :func:`consolidate` with the same mode and ``gamma``.
     """
-    if state is not None and not isinstance(state, KFACState):
-        raise ValueError(
-            "state is an EWCState but fisher is a KFACFisher; start K-FAC consolidation from "
-            "state=None."
-        )
     if not isinstance(fisher, KFACFisher):
         raise ValueError("a KFACState is consolidated with a KFACFisher (from kfac_fisher).")
     gamma = fail_if(gamma, outside_unit_interval(gamma, "gamma"))
-    diagonal = _consolidation.consolidate(
-        None if state is None else state.diagonal,
-        params,
-        fisher.diagonal,
-        mode=mode,
-        gamma=gamma,
-    )
+    diagonal = state.diagonal.consolidated(params, fisher.diagonal, mode=mode, gamma=gamma)
     leaves = jax.tree.leaves(params)
     why = "consolidating them would make every later penalty non-finite"
     checked = []
@@ -476,7 +577,7 @@ def consolidate_kfac(
         )
         checked.append(dataclasses.replace(layer, a=a, g=g))
     fisher = fisher._replace(layers=tuple(checked))
-    old = tuple(_empty_terms(leaves, f) for f in fisher.layers) if state is None else state.layers
+    old = state.layers
     if [(t.kernel, t.bias) for t in old] != [(f.kernel, f.bias) for f in fisher.layers]:
         raise ValueError(
             "the Kronecker factors do not cover the same layers as the state "
@@ -509,8 +610,8 @@ def consolidate_kfac(
 def merge_kronecker_terms(state: KFACState) -> KFACState:
     r"""Collapses each layer's remembered Kronecker terms into one (an approximation).
 
-    .. math:: \sum_{t=1}^{T} A_t \otimes G_t pprox \Big(\sum_t A_t\Big) \otimes
-              \Big(rac1T \sum_t G_t\Big)
+    .. math:: \sum_{t=1}^{T} A_t \otimes G_t \approx \Big(\sum_t A_t\Big) \otimes
+              \Big(\frac1T \sum_t G_t\Big)
 
     Exact when every task has the same ``G`` (and whenever ``T = 1``); otherwise it drops the
     cross-task structure, in exchange for a state of fixed size: the penalty then costs the
@@ -524,8 +625,28 @@ def merge_kronecker_terms(state: KFACState) -> KFACState:
 
     The online decay ``γ`` is already folded into the old ``A_t``, so it carries over.
 
+    Args:
+      state: a K-FAC state whose layers' terms share one anchor.
+
+    Returns:
+      The state with one Kronecker term per layer.
+
     Raises:
       ValueError: the terms of a layer have different anchors (checked where concrete).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
+      >>> state = ewc_jax.consolidate(None, params, fisher, mode="online")
+      >>> state = ewc_jax.consolidate(state, params, fisher, mode="online", gamma=0.5)
+      >>> state.layers[0].a.shape  # two tasks, two terms
+      (2, 4, 4)
+      >>> merged = ewc_jax.kfac.merge_kronecker_terms(state)
+      >>> merged.layers[0].a.shape, merged.layers[0].a[0].diagonal().tolist()  # ½ A + A
+      ((1, 4, 4), [1.5, 3.0, 0.0, 1.5])
     """
     layers = []
     for terms in state.layers:
@@ -561,7 +682,7 @@ def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms
     )
 
 
-def kfac_penalty(params: Params, state: KFACState, strength: Any) -> jax.Array:
+def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> jax.Array:
     r""":func:`penalty` for a :class:`KFACState`:
 
     .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
@@ -571,14 +692,13 @@ def kfac_penalty(params: Params, state: KFACState, strength: Any) -> jax.Array:
     :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
     ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
     """
-    failures = negative_or_non_finite(strength, "strength")
-    total = _consolidation.penalty(params, state.diagonal, strength)
+    total = state.diagonal.penalty(params, strength)
     leaves = jax.tree.leaves(params)
     for terms in state.layers:
         x = _deviation(leaves, terms)
         quad = jnp.sum(x * (terms.a @ x @ terms.g))
         total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
-    return fail_if(total, failures)
+    return total
 
 
 def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
@@ -588,8 +708,8 @@ def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
     return w[None] - terms.anchor.astype(dtype)
 
 
-def kfac_penalty_gradient(params: Params, state: KFACState, strength: Any) -> Params:
-    r"""The gradient of :func:`kfac_penalty`: :math:`λ Λ (θ - θ̄)` for the diagonal part and
+def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:
+    r"""The gradient of ``_penalty``: :math:`λ Λ (θ - θ̄)` for the diagonal part and
     :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (split back into the
     kernel's rows and the bias row). Leaves are in float32 at least."""
     ewc = state.diagonal
@@ -620,33 +740,3 @@ def kfac_penalty_gradient(params: Params, state: KFACState, strength: Any) -> Pa
                 grad_leaves[terms.bias].dtype
             )
     return jax.tree.unflatten(treedef, grad_leaves)
-
-
-def set_state(opt_state: Any, new: EWCState | KFACState) -> Any:
-    """:func:`set_ewc_state` where the old or the new state is a :class:`KFACState`.
-
-    The anchor trees must match; the state's type and shapes may change (a jitted step then
-    compiles once more).
-    """
-    is_state = lambda _, value: isinstance(value, EWCState | KFACState)
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ewc", filtering=is_state)
-    if not found:
-        raise ValueError(
-            "opt_state contains no add_ewc_penalty state; build the optimiser with "
-            "optax.chain(ewc_jax.add_ewc_penalty(strength), ...)."
-        )
-    new_anchor = new.diagonal.anchor if isinstance(new, KFACState) else new.anchor
-    for _, old in found:
-        old_anchor = old.diagonal.anchor if isinstance(old, KFACState) else old.anchor
-        _consolidation.check_same_structure(
-            old_anchor, new_anchor, "the optimiser's EWC anchor", "anchor"
-        )
-    return optax.tree_utils.tree_set(opt_state, is_state, ewc=new)
-
-
-def holds_kfac_state(opt_state: Any) -> bool:
-    """Whether an Optax state holds a :class:`KFACState` (in an ``add_ewc_penalty`` state)."""
-    return any(
-        isinstance(leaf, KFACState)
-        for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, KFACState))
-    )

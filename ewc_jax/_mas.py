@@ -3,7 +3,7 @@ r"""Memory Aware Synapses: parameter importance from the sensitivity of the outp
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,8 @@ import numpy as np
 from ewc_jax import _fast_fisher
 from ewc_jax._chunking import chunked_sum
 from ewc_jax._fisher import (
+    METHODS,
+    Method,
     _accumulate_dtype,
     _check_params,
     _Model,
@@ -23,8 +25,6 @@ from ewc_jax._fisher import (
 )
 from ewc_jax._types import ApplyFn, Params, PyTree
 
-MAS_METHODS = ("auto", "one_pass", "general")
-
 _DEFAULT_CHUNK = 256
 
 
@@ -34,7 +34,7 @@ def mas_importance(
     inputs: PyTree,
     *,
     chunk_size: int | None = None,
-    method: Literal["auto", "one_pass", "general"] = "auto",
+    method: Method = "auto",
     dtype: jax.typing.DTypeLike | None = None,
 ) -> Params:
     r"""MAS importance :math:`Ω_i = \frac1N \sum_n \left|\frac{\partial \lVert f(x_n; θ)\rVert_2^2}
@@ -74,17 +74,25 @@ def mas_importance(
     Raises:
       ValueError: unknown method, non-float params, an empty input, a bad chunk_size.
 
-    Example::
+    Example:
+      A linear model at zero weights outputs its bias ``b``, so
+      :math:`Ω_{W_{ic}} = 2 |b_c| \overline{|x_i|}` and :math:`Ω_{b_c} = 2 |b_c|`:
 
-        omega = ewc_jax.importance.mas_importance(model.apply, params, x_task[:1024])
-        state = ewc_jax.consolidate(state, params, omega)
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.array([1.0, -0.5])}
+      >>> x = jnp.array([[1.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
+      >>> omega = ewc_jax.importance.mas_importance(apply_fn, params, x)
+      >>> omega["w"].tolist(), omega["b"].tolist()  # mean |x| = (1, 1, 0)
+      ([[2.0, 1.0], [2.0, 1.0], [0.0, 0.0]], [2.0, 1.0])
+      >>> state = ewc_jax.consolidate(None, params, omega)  # Ω takes the Fisher's place
 
     References:
       Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars, "Memory Aware Synapses: Learning what
       (not) to forget", ECCV 2018.
     """
-    if method not in MAS_METHODS:
-        raise ValueError(f"Unknown method {method!r}; valid methods: {MAS_METHODS}.")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
     if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     _check_params(params)

@@ -2,7 +2,7 @@ r"""Synaptic Intelligence: importance as the path integral of the loss decrease 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,16 @@ class SIState(NamedTuple):
       path_integral: params-shaped ``ω``, the running :math:`-\\sum_t g_t ⊙ Δθ_t` of the current
         task (float32 at least).
       start: params-shaped ``θ_start``, the parameters when the current task began.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, ewc_jax
+      >>> params = {"w": jnp.array([1.0])}
+      >>> tx = ewc_jax.importance.si_path_integral(optax.sgd(0.5))
+      >>> opt_state = tx.init(params)
+      >>> updates, opt_state = tx.update({"w": jnp.array([2.0])}, opt_state, params)
+      >>> params = optax.apply_updates(params, updates)  # w: 1 → 0
+      >>> opt_state.path_integral["w"].tolist(), opt_state.start["w"].tolist()
+      ([2.0], [1.0])
     """
 
     inner: optax.OptState
@@ -57,6 +67,16 @@ def si_path_integral(inner: optax.GradientTransformation) -> optax.GradientTrans
       An ``optax.GradientTransformation`` whose ``update`` requires ``params`` only if
       ``inner`` does; its state is an :class:`SIState`.
 
+    Example:
+      >>> import jax.numpy as jnp, optax, ewc_jax
+      >>> params = {"w": jnp.array([1.0])}
+      >>> tx = ewc_jax.importance.si_path_integral(optax.sgd(0.5))
+      >>> opt_state = tx.init(params)
+      >>> updates, opt_state = tx.update({"w": jnp.array([2.0])}, opt_state, params)
+      >>> params = optax.apply_updates(params, updates)  # w: 1 → 0
+      >>> opt_state.path_integral["w"].tolist()  # ω = -g Δθ = -2 · (-1)
+      [2.0]
+
     References:
       Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017.
     """
@@ -81,7 +101,9 @@ def si_path_integral(inner: optax.GradientTransformation) -> optax.GradientTrans
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Params, Any]:
+def si_importance(
+    state: optax.OptState, params: Params, *, damping: jax.typing.ArrayLike = 0.1
+) -> tuple[Params, optax.OptState]:
     r"""The SI importance of the task just finished, and the state reset for the next task.
 
     .. math:: Ω_i = \frac{\max(ω_i, 0)}{(θ_i - θ^{\text{start}}_i)^2 + ξ}
@@ -117,6 +139,19 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
       ValueError: ``state`` holds no (or several) ``SIState``; trees that differ; a negative
         damping.
 
+    Example:
+      >>> import jax.numpy as jnp, optax, ewc_jax
+      >>> params = {"w": jnp.array([1.0])}
+      >>> tx = ewc_jax.importance.si_path_integral(optax.sgd(0.5))
+      >>> opt_state = tx.init(params)
+      >>> updates, opt_state = tx.update({"w": jnp.array([2.0])}, opt_state, params)
+      >>> params = optax.apply_updates(params, updates)  # w: 1 → 0
+      >>> omega, opt_state = ewc_jax.importance.si_importance(opt_state, params, damping=1.0)
+      >>> omega["w"].tolist()  # ω / (Δθ² + ξ) = 2 / (1 + 1)
+      [1.0]
+      >>> opt_state.path_integral["w"].tolist()  # reset for the next task
+      [0.0]
+
     References:
       Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017.
     """
@@ -140,7 +175,7 @@ def si_importance(state: Any, params: Params, *, damping: Any = 0.1) -> tuple[Pa
     return importance, _replace_si(state, reset)
 
 
-def _replace_si(state: Any, new: SIState) -> Any:
+def _replace_si(state: optax.OptState, new: SIState) -> optax.OptState:
     return jax.tree.map(
         lambda x: new if isinstance(x, SIState) else x,
         state,

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from ewc_jax import _kfac
-from ewc_jax._consolidation import EWCState, _wide, empty_state
+from ewc_jax._consolidation import empty_state
+from ewc_jax._precision import Precision
 from ewc_jax._validation import check_same_structure, fail_if, negative_or_non_finite
 from ewc_jax._where import Where, merge, select
 
 
 class AddEWCPenaltyState(NamedTuple):
-    """State of :func:`add_ewc_penalty`: the consolidated anchors and precisions."""
+    """State of :func:`add_ewc_penalty`: the consolidated anchors and precisions.
 
-    ewc: EWCState
+    Attributes:
+      ewc: the consolidated state (an :class:`EWCState` at ``init``; any :class:`Precision`
+        after :func:`set_ewc_state`).
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> opt_state = ewc_jax.add_ewc_penalty(1.0).init({"w": jnp.ones(2)})
+      >>> opt_state.ewc.precision["w"].tolist()  # empty: no task consolidated yet
+      [0.0, 0.0]
+    """
+
+    ewc: Precision
 
 
-def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.GradientTransformation:
+def add_ewc_penalty(
+    strength: jax.typing.ArrayLike, *, where: Where | None = None
+) -> optax.GradientTransformation:
     r"""Adds the gradient of the EWC penalty, :math:`λ Λ (θ - θ̄)`, to the updates.
 
     The EWC sibling of ``optax.add_decayed_weights`` (whose ``g + s·θ`` is this with
@@ -49,6 +61,16 @@ def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.Gra
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
 
+    Example:
+      >>> import jax.numpy as jnp, optax, ewc_jax
+      >>> params = {"w": jnp.array([3.0])}
+      >>> tx = optax.chain(ewc_jax.add_ewc_penalty(2.0), optax.sgd(1.0))
+      >>> state = ewc_jax.consolidate(None, {"w": jnp.array([1.0])}, {"w": jnp.array([0.5])})
+      >>> opt_state = ewc_jax.set_ewc_state(tx.init(params), state)
+      >>> updates, _ = tx.update({"w": jnp.zeros(1)}, opt_state, params)
+      >>> updates["w"].tolist()  # -lr · λ F (θ - θ̄) = -1 · 2 · 0.5 · 2
+      [-2.0]
+
     References:
       Kirkpatrick et al., PNAS 2017.
     """
@@ -63,56 +85,47 @@ def add_ewc_penalty(strength: float, *, where: Where | None = None) -> optax.Gra
             raise ValueError(
                 "add_ewc_penalty needs the current params: call tx.update(updates, state, params)."
             )
-        ewc = state.ewc
-        if not isinstance(ewc, EWCState):  # a KFACState
-            if where is not None:
-                raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
-            grads = _kfac.kfac_penalty_gradient(params, ewc, strength)
-            updates = jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, grads)
-            return fail_if(updates, failures), state
-        # λ F (θ - θ̄) in float32 at least (bfloat16 params, anchors or precisions are
-        # widened), then added to the gradient in its own dtype.
+        # λ Λ (θ - θ̄) in float32 at least (the state's own rule), added to the gradient in
+        # its own dtype.
+        grads = state.ewc.penalty_gradient(params, strength, where=where)
         selected = jax.tree.map(
-            lambda g, p, a, f: (
-                g
-                + (
-                    jnp.asarray(strength, _wide(p, a, f))
-                    * f.astype(_wide(p, a, f))
-                    * (p.astype(_wide(p, a, f)) - a.astype(_wide(p, a, f)))
-                ).astype(g.dtype)
-            ),
-            select(updates, params, where),
-            select(params, params, where),
-            ewc.anchor,
-            ewc.precision,
+            lambda g, d: g + d.astype(g.dtype), select(updates, params, where), grads
         )
         return fail_if(merge(updates, params, where, selected), failures), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def set_ewc_state(opt_state: Any, ewc_state: EWCState | Any) -> Any:
+def set_ewc_state(opt_state: optax.OptState, ewc_state: Precision) -> optax.OptState:
     """Returns ``opt_state`` with the state of every :func:`add_ewc_penalty` in it replaced.
 
     Works on any nesting of Optax states (``optax.chain``, ``optax.multi_transform``, ...).
 
     Args:
       opt_state: an Optax state containing at least one ``AddEWCPenaltyState``.
-      ewc_state: the new consolidated state, from :func:`consolidate`: an ``EWCState`` or a
-        ``KFACState`` (replacing one type by the other changes the state's structure, so a
-        jitted step compiles once more).
+      ewc_state: the new consolidated state, from :func:`consolidate`: an ``EWCState``, a
+        ``KFACState`` or any :class:`Precision` (replacing one type by another, or a K-FAC
+        state by one with more terms, changes the state's structure or shapes, so a jitted
+        step compiles once more).
 
     Returns:
-      The new optimiser state; shapes and dtypes are unchanged, so jitted steps do not recompile.
+      The new optimiser state; for an ``EWCState`` shapes and dtypes are unchanged, so jitted
+      steps do not recompile.
 
     Raises:
-      ValueError: if ``opt_state`` holds no ``AddEWCPenaltyState`` or the trees differ.
+      ValueError: if ``opt_state`` holds no ``AddEWCPenaltyState`` or the anchors' trees
+        differ.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> params = {"w": jnp.ones(2)}
+      >>> opt_state = ewc_jax.add_ewc_penalty(1.0).init(params)
+      >>> state = ewc_jax.consolidate(None, params, {"w": jnp.full(2, 3.0)})
+      >>> ewc_jax.set_ewc_state(opt_state, state).ewc.precision["w"].tolist()
+      [3.0, 3.0]
     """
-    if not isinstance(ewc_state, EWCState) or _kfac.holds_kfac_state(opt_state):
-        return _kfac.set_state(opt_state, ewc_state)
-    found = optax.tree_utils.tree_get_all_with_path(
-        opt_state, "ewc", filtering=lambda _, value: isinstance(value, EWCState)
-    )
+    is_state = lambda _, value: isinstance(value, Precision)
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ewc", filtering=is_state)
     if not found:
         raise ValueError(
             "opt_state contains no add_ewc_penalty state; build the optimiser with "
@@ -120,9 +133,4 @@ def set_ewc_state(opt_state: Any, ewc_state: EWCState | Any) -> Any:
         )
     for _, old in found:
         check_same_structure(old.anchor, ewc_state.anchor, "the optimiser's EWC anchor", "anchor")
-        check_same_structure(
-            old.precision, ewc_state.precision, "the optimiser's EWC precision", "precision"
-        )
-    return optax.tree_utils.tree_set(
-        opt_state, lambda _, value: isinstance(value, EWCState), ewc=ewc_state
-    )
+    return optax.tree_utils.tree_set(opt_state, is_state, ewc=ewc_state)

@@ -50,6 +50,14 @@ def checks_enabled(enabled: bool) -> Iterator[None]:
 
     Yields:
       None.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, ewc_jax
+      >>> state = ewc_jax.consolidate(None, {"w": jnp.zeros(1)}, {"w": jnp.ones(1)})
+      >>> with ewc_jax.checks_enabled(False):  # traced without the strength check
+      ...     value = jax.jit(lambda s: ewc_jax.penalty({"w": jnp.ones(1)}, state, s))(-1.0)
+      >>> float(value)  # a negative strength, unchecked: ½ · (-1) · 1 · 1²
+      -0.5
     """
     token = _RUNTIME_CHECKS.set(bool(enabled))
     try:

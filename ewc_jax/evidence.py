@@ -49,9 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax._consolidation import EWCState, penalty
-from ewc_jax._kfac import KFACFisher, KFACState
+from ewc_jax._consolidation import EWCState
 from ewc_jax._types import Params
+from ewc_jax.kfac import KFACFisher, KFACState
 
 __all__ = ["Evidence", "evidence_strength", "log_evidence", "relative_curvatures"]
 
@@ -66,6 +66,17 @@ class Evidence(NamedTuple):
       strength: λ that maximises :math:`\\log Z(λ)` at the given parameters.
       log_evidence: :math:`\\log Z` at that λ (plus the ``log_likelihood`` given).
       effective_parameters: :math:`γ(λ) = \\sum_k r_k / (r_k + λ)` at that λ.
+
+    Example:
+      >>> import jax.numpy as jnp, ewc_jax
+      >>> from ewc_jax.evidence import evidence_strength
+      >>> state = ewc_jax.EWCState({"w": jnp.zeros(1)}, {"w": jnp.full(1, 0.5)},
+      ...                          jnp.ones((), jnp.int32))
+      >>> best = evidence_strength(state, {"w": jnp.ones(1)}, {"w": jnp.full(1, 0.5)},
+      ...                          num_examples=1)
+      >>> # r = H / Λ = 1 and q = Λ (θ - θ̄)² = ½: γ(λ) = 1 / (1 + λ) = N λ q at λ = 1
+      >>> round(float(best.strength), 4), round(float(best.effective_parameters), 4)
+      (1.0, 0.5)
     """
 
     strength: jax.Array
@@ -235,7 +246,7 @@ def log_evidence(
 
 def _deviation_quadratic(params: Params, state: EWCState | KFACState) -> jax.Array:
     """:math:`q = (θ - θ̄)^\\top Λ (θ - θ̄)`, from the state's own penalty at strength 2."""
-    return penalty(params, state, 2.0)
+    return state.penalty(params, 2.0)
 
 
 def _log_evidence(strength: jax.Array, relative: jax.Array, q: jax.Array, n: int) -> jax.Array:

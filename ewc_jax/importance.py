@@ -12,3 +12,5 @@ from ewc_jax._mas import mas_importance as mas_importance
 from ewc_jax._si import SIState as SIState
 from ewc_jax._si import si_importance as si_importance
 from ewc_jax._si import si_path_integral as si_path_integral
+
+__all__ = ["SIState", "mas_importance", "si_importance", "si_path_integral"]

@@ -114,8 +114,8 @@ def test_flax_params_round_trip(model_and_data):
     )
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
-def test_tutorial_fisher_loop_equals_ewc_jax_argmax(model_and_data, fast):
+@pytest.mark.parametrize("method", ["one_pass", "general"])
+def test_tutorial_fisher_loop_equals_ewc_jax_argmax(model_and_data, method):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     from benchmarks import torch_tutorial
 
@@ -125,7 +125,7 @@ def test_tutorial_fisher_loop_equals_ewc_jax_argmax(model_and_data, fast):
         torch_tutorial.tutorial_fisher(model, torch.from_numpy(inputs))
     )
     # 48 = 20 + 20 + 8: a partial last chunk.
-    actual = _jax_fisher(weights, inputs, "argmax", chunk_size=20, fast=fast)
+    actual = _jax_fisher(weights, inputs, "argmax", chunk_size=20, method=method)
     for (k, b), (k2, b2) in zip(actual, expected, strict=True):
         assert k.shape == k2.shape and b.shape == b2.shape
         assert k.dtype == b.dtype == np.float32

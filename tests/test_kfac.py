@@ -355,5 +355,7 @@ def test_kfac_rejects_bad_inputs():
         ewc_jax.kfac.kfac_fisher(_model, params, x, estimator="empirical")
     fisher = ewc_jax.kfac.KFACFisher(diagonal=params, layers=())
     ewc = ewc_jax.consolidate(None, params, jax.tree.map(jnp.ones_like, params))
-    with pytest.raises(ValueError, match="start K-FAC consolidation"):
+    with pytest.raises(
+        ValueError, match="is a KFACFisher, which consolidates into its own state type; start its"
+    ):
         ewc_jax.consolidate(ewc, params, fisher)

@@ -44,19 +44,20 @@ def test_fisher_on_8_devices_equals_one_device():
             "auto": jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
         }
         cases = [(LinenMLP(features=(16,), num_classes=5), (7,), e, f, "auto")
-                 for e in ("exact", "sampled", "empirical", "argmax") for f in (True, False)]
-        cases += [(LinenCNN(num_classes=5), (6, 6, 1), "exact", True, m) for m in meshes]
-        for model, shape, estimator, fast, mesh_name in cases:
+                 for e in ("exact", "sampled", "empirical", "argmax")
+                 for f in ("one_pass", "general")]
+        cases += [(LinenCNN(num_classes=5), (6, 6, 1), "exact", "one_pass", m) for m in meshes]
+        for model, shape, estimator, method, mesh_name in cases:
             params = model.init(jax.random.key(0), jnp.ones((1, *shape)))
             # 37 examples: not divisible by 8 devices, nor by the chunk size 3.
             x = jax.random.normal(jax.random.key(1), (37, *shape))
             y = jax.random.randint(jax.random.key(2), (37,), 0, 5)
-            kw = dict(estimator=estimator, key=jax.random.key(3), fast=fast, chunk_size=3)
+            kw = dict(estimator=estimator, key=jax.random.key(3), method=method, chunk_size=3)
             one = ewc_jax.fisher_diagonal(model.apply, params, x, y, **kw)
             many = ewc_jax.fisher_diagonal(model.apply, params, x, y, mesh=meshes[mesh_name], **kw)
             for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one), strict=True):
                 err = float(jnp.max(jnp.abs(a - b)) / jnp.max(b))
-                assert err < 1e-5, (estimator, fast, mesh_name, err)
+                assert err < 1e-5, (estimator, method, mesh_name, err)
         # A dropped or doubled example would change the mean: check against 36 and 38 too.
         params = LinenMLP(features=(16,), num_classes=5).init(jax.random.key(0), jnp.ones((1, 7)))
         x = jax.random.normal(jax.random.key(1), (38, 7))

@@ -83,12 +83,15 @@ same for every method), the shuffling and the Fisher's examples.
 
 from __future__ import annotations
 
+import typing
+
 import ml_collections
 from ml_collections import config_dict
 
+import ewc_jax
 from experiments.training.methods import METHODS
 
-ESTIMATORS = ("exact", "sampled", "empirical", "argmax", "batched")
+ESTIMATORS: tuple[ewc_jax.Estimator, ...] = typing.get_args(ewc_jax.Estimator)
 """The values of :data:`ewc_jax.Estimator`."""
 REGULARIZED = tuple(name for name, entry in METHODS.items() if entry.regularized)
 """The methods with a penalty, hence a ``strengths.<name>`` field."""
