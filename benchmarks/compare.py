@@ -28,10 +28,11 @@ from typing import Any
 
 import jax
 
-from benchmarks import epoch, fisher, harness, workload
+import ewc_jax
+from benchmarks import epoch, fisher, harness, roofline, workload
 from benchmarks.harness import ESTIMATORS, CheckFailed, Config
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _configure_environment() -> None:
@@ -73,6 +74,12 @@ def run(config: Config, command: str = "python -m benchmarks.compare") -> dict[s
         "checks": [],
         "ratios": [],
     }
+    flags = roofline.cpu_flags()
+    report["machine"].update(cpu_flags=flags, cpu_flags_summary=roofline.flags_summary(flags))
+    print("float32 matmul peak ...", flush=True)
+    shapes = roofline.QUICK_PEAK_SHAPES if config.quick else roofline.PEAK_SHAPES
+    peak = roofline.matmul_peak(shapes, config.peak_repeats)
+    report["roofline"] = {"peak_gflops": peak["peak_gflops"], "matmuls": peak["shapes"]}
     checks = harness.Checks()
     with jax.default_matmul_precision(config.matmul_precision):
         for n in config.sizes:
@@ -85,12 +92,54 @@ def run(config: Config, command: str = "python -m benchmarks.compare") -> dict[s
             report["epoch"] = [dataclasses.asdict(e) for e in entries]
             report["ratios"] += epoch.ratios(entries)
     report["checks"] = checks.results
+    _fill_roofline(report, config)
     report["machine"]["loadavg_end"] = harness.load_average()
     if config.out:
         with open(config.out, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
     return report
+
+
+def _fill_roofline(report: dict[str, Any], config: Config) -> None:
+    """Each Fisher entry's GFLOP/s and fraction of peak; the families; the stage profile."""
+    roof = report["roofline"]
+    peak = roof["peak_gflops"]
+    for entry in report["fisher"]:
+        if entry["status"] == "ok" and entry["flops"] and entry["median_s"]:
+            entry["gflops"] = entry["flops"] / entry["median_s"] / 1e9
+            entry["peak_fraction"] = entry["gflops"] / peak
+    n = config.sizes[-1]
+    roof["flops_note"] = (
+        "each row group is credited with the one-pass Fisher's matrix-multiply FLOPs "
+        "(benchmarks.roofline.mlp_fisher_flops)"
+    )
+    for estimator in config.estimators:
+        counted = roofline.program_flops(
+            lambda p, x, e=estimator: ewc_jax.fisher_diagonal(
+                workload.apply_fn(),
+                p,
+                x,
+                _labels(e, n),
+                estimator=e,
+                key=jax.random.key(0),
+                chunk_size=n,
+            ),
+            workload.flax_params(workload.tutorial_weights(config.seed)),
+            jax.ShapeDtypeStruct((n, workload.LAYER_SIZES[0]), "float32"),
+        )
+        roof.setdefault("ewc_jax_program_flops", {})[estimator] = counted
+    if config.families:
+        print("families ...", flush=True)
+        sizes = {f: (8, 64) for f in roofline.FAMILY_SIZES} if config.quick else None
+        roof["families"] = roofline.family_rows(peak, sizes, config.repeats)
+    if config.profile:
+        print("stage profile ...", flush=True)
+        roof["profile"] = roofline.stage_profile(n, config.repeats, config.seed)
+
+
+def _labels(estimator: str, n: int) -> jax.Array | None:
+    return jax.numpy.zeros(n, "int32") if estimator in ("empirical", "batched") else None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -131,6 +180,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument("--no-torch", dest="use_torch", action="store_false")
     parser.add_argument("--torch-threads", type=int, default=None, help="default: PyTorch's")
+    parser.add_argument(
+        "--skip", type=names, default=defaults.skip, help="entries not to run, comma-separated"
+    )
+    parser.add_argument(
+        "--no-torch-chunk-search",
+        dest="tune_torch_chunk",
+        action="store_false",
+        help="torch_hooks at --torch-chunk-size instead of its fastest chunk",
+    )
+    parser.add_argument("--peak-repeats", type=int, default=defaults.peak_repeats)
+    parser.add_argument("--no-families", dest="families", action="store_false")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     options = vars(parser.parse_args(argv))
@@ -139,6 +200,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     unknown = set(config.estimators) - set(ESTIMATORS)
     if unknown:
         parser.error(f"unknown estimators {sorted(unknown)}; choose from {ESTIMATORS}")
+    entries = {name for estimator in ESTIMATORS for name in fisher.methods(estimator)}
+    unknown = set(config.skip) - entries
+    if unknown:
+        parser.error(f"unknown entries to skip {sorted(unknown)}; choose from {sorted(entries)}")
     return config
 
 

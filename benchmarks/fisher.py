@@ -4,6 +4,9 @@ For each estimator and size N, on the same float32 weights and inputs:
 
 * ``jax_default``: ``ewc_jax.fisher_diagonal(apply_fn, params, x, labels, estimator=..., key=...)``
   with the library's defaults (the reference of every check and every ratio);
+* ``jax_calibrated``: the same call with ``EWC_JAX_CALIBRATE=on``, so that its chunk size is
+  measured at compilation (:mod:`ewc_jax._calibration`; its note says what was chosen, its
+  compile time includes the measurement);
 * ``jax_general``: the same with ``method="general"`` (``jax.vmap(jax.grad)``) in chunks of
   ``chunk_size``;
 * argmax and empirical: ``torch_tutorial_loop`` (one example at a time), ``torch_func_vmap``
@@ -12,6 +15,12 @@ For each estimator and size N, on the same float32 weights and inputs:
 * exact: ``torch_hooks``, ``backpack_diag_ggn_exact`` and ``nngeometry_pmatdiag`` (``FIM``);
 * sampled: ``torch_hooks``, ``backpack_diag_ggn_mc`` (``mc_samples=1``) and
   ``nngeometry_pmatdiag_mc`` (``FIM_MonteCarlo``, one trial).
+
+``torch_hooks`` first times its own chunk sizes (the candidates ``ewc_jax`` calibrates with, and
+``torch_chunk_size``) and is then timed at its fastest, so the comparison is against the fastest
+plain PyTorch one pass anyone could tune. Every entry carries ``flops``, the matrix-multiply FLOPs
+of the one-pass Fisher (:func:`benchmarks.roofline.mlp_fisher_flops`), the same for every entry
+of a row group.
 
 Checks before timing: every deterministic result equals ``jax_default`` (``max|a − b| / max|b|``
 per parameter < ``rtol``). A sampled Fisher cannot equal another one draw for draw (each tool has
@@ -22,18 +31,22 @@ its own RNG), so each sampled method is run on the inputs tiled until it has dra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import os
+import statistics
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 import ewc_jax
-from benchmarks import harness, torch_fisher, torch_tutorial, workload
+from benchmarks import harness, roofline, torch_fisher, torch_tutorial, workload
 from benchmarks.harness import Checks, Config, Entry, Runner
 from benchmarks.torch_tutorial import LayerArrays
+from ewc_jax import _calibration
 
 TORCH_METHODS: dict[str, tuple[str, ...]] = {
     "argmax": (
@@ -55,7 +68,7 @@ TORCH_METHODS: dict[str, tuple[str, ...]] = {
 }
 """The PyTorch entries of each estimator, in the order they are run and printed."""
 
-JAX_METHODS = ("jax_default", "jax_general")
+JAX_METHODS = ("jax_default", "jax_calibrated", "jax_general")
 REFERENCE = "jax_default"
 
 
@@ -70,7 +83,11 @@ def _module(method: str) -> str:
 
 
 def skip_reason(method: str, config: Config) -> str | None:
-    """Why a PyTorch ``method`` cannot run here, or ``None`` when it can."""
+    """Why ``method`` cannot or should not run here, or ``None`` when it runs."""
+    if method in config.skip and method != REFERENCE:
+        return "skipped with --skip"
+    if method in JAX_METHODS:
+        return None
     if not config.use_torch:
         return "disabled with --no-torch"
     if not harness.installed("torch"):
@@ -81,16 +98,36 @@ def skip_reason(method: str, config: Config) -> str | None:
     return None
 
 
-def _jax_fisher_fn(estimator: str, fast: bool, chunk_size: int | None) -> Callable[..., Any]:
+def _jax_fisher_fn(estimator: str, method: str, chunk_size: int | None) -> Callable[..., Any]:
+    """The Fisher call of a JAX entry; ``jax_calibrated`` calibrates while it is traced."""
     apply_fn = workload.apply_fn()
-    options = {} if fast else {"method": "general", "chunk_size": chunk_size}
+    options = {"method": "general", "chunk_size": chunk_size} if method == "jax_general" else {}
+    calibrate = "on" if method == "jax_calibrated" else None
 
     def fisher(params: Any, inputs: jax.Array, labels: Any, key: Any) -> Any:
-        return ewc_jax.fisher_diagonal(
-            apply_fn, params, inputs, labels, estimator=estimator, key=key, **options
-        )
+        with _calibration_mode(calibrate):
+            return ewc_jax.fisher_diagonal(
+                apply_fn, params, inputs, labels, estimator=estimator, key=key, **options
+            )
 
     return fisher
+
+
+@contextlib.contextmanager
+def _calibration_mode(mode: str | None) -> Iterator[None]:
+    """``EWC_JAX_CALIBRATE=mode`` inside (``None``: as the environment has it)."""
+    if mode is None:
+        yield
+        return
+    previous = os.environ.get(_calibration.ENV_VAR)
+    os.environ[_calibration.ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_calibration.ENV_VAR]
+        else:
+            os.environ[_calibration.ENV_VAR] = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +141,15 @@ class _Problem:
 
 
 def _torch_call(
-    method: str, problem: _Problem, weights: Sequence[LayerArrays], config: Config
+    method: str,
+    problem: _Problem,
+    weights: Sequence[LayerArrays],
+    config: Config,
+    chunk_size: int | None = None,
 ) -> Callable[[np.ndarray], list[LayerArrays]]:
-    """``method``'s Fisher of given numpy inputs (labels: the problem's, tiled to match)."""
+    """``method``'s Fisher of given numpy inputs (labels: the problem's, tiled to match), in
+    chunks of ``chunk_size`` (default ``config.torch_chunk_size``) for the one-pass tools."""
+    torch_chunk = config.torch_chunk_size if chunk_size is None else chunk_size
     import torch
 
     device = torch_tutorial.default_device()
@@ -132,7 +175,7 @@ def _torch_call(
         if estimator == "empirical":
             copies = len(inputs) // len(problem.labels)
             y = torch.from_numpy(np.tile(problem.labels, copies).astype(np.int64)).to(device)
-        result = tool(model, x, estimator, y, config.torch_chunk_size)
+        result = tool(model, x, estimator, y, torch_chunk)
         torch_tutorial.synchronize(device)
         return torch_tutorial.to_layer_arrays(result)
 
@@ -200,16 +243,21 @@ def run_fisher(
     runners: list[Runner] = []
     entries: list[Entry] = []
     reference: list[LayerArrays] = []
+    flops = roofline.mlp_fisher_flops(workload.LAYER_SIZES, n, estimator)
     for name in JAX_METHODS:
-        fast = name == REFERENCE
+        reason = skip_reason(name, config)
+        if reason is not None:
+            entries.append(Entry(name, estimator, "jax", n, status="skipped", reason=reason))
+            continue
 
-        def mc_call(x: np.ndarray, fast: bool = fast) -> list[LayerArrays]:
+        def mc_call(x: np.ndarray, name: str = name) -> list[LayerArrays]:
             """The sampled Fisher of tiled inputs, for the Monte-Carlo check."""
-            fn = jax.jit(_jax_fisher_fn(estimator, fast, config.chunk_size))
+            fn = jax.jit(_jax_fisher_fn(estimator, name, config.chunk_size))
             return workload.layer_arrays(fn(params, jax.device_put(x), None, key))
 
+        calibrations = len(_calibration.HISTORY)
         compile_s, compiled = harness.compile_ahead(
-            _jax_fisher_fn(estimator, fast, config.chunk_size),
+            _jax_fisher_fn(estimator, name, config.chunk_size),
             params,
             jax.device_put(inputs),
             jax_labels,
@@ -218,11 +266,15 @@ def run_fisher(
         call = harness.blocking(compiled, params, jax.device_put(inputs), jax_labels, key)
         warmup_s, result = harness.timed(call)
         result = workload.layer_arrays(result)
-        if fast:
+        if name == REFERENCE:
             reference = result
-        if not fast or estimator == "sampled":
+        if name != REFERENCE or estimator == "sampled":
             _check(checks, name, problem, result, reference, mc_call, config)
-        note = "library defaults" if fast else f"method=general, chunk_size={config.chunk_size}"
+        note = {
+            REFERENCE: "library defaults",
+            "jax_calibrated": _calibration_note(_calibration.HISTORY[calibrations:]),
+            "jax_general": f"method='general', chunk_size={config.chunk_size}",
+        }[name]
         entry = Entry(name, estimator, "jax", n, compile_s=compile_s, warmup_s=warmup_s, note=note)
         runners.append((entry, call))
         entries.append(entry)
@@ -232,15 +284,58 @@ def run_fisher(
         if reason is not None:
             entries.append(Entry(name, estimator, "torch", n, status="skipped", reason=reason))
             continue
-        torch_call = _torch_call(name, problem, weights, config)
+        note = _note(name, config)
+        chunk = None
+        if name == "torch_hooks" and config.tune_torch_chunk:
+            chunk, note = _fastest_hooks_chunk(problem, weights, config)
+        torch_call = _torch_call(name, problem, weights, config, chunk)
         warmup_s, result = harness.timed(lambda c=torch_call: c(inputs))
         _check(checks, name, problem, result, reference, torch_call, config)
-        entry = Entry(name, estimator, "torch", n, warmup_s=warmup_s, note=_note(name, config))
+        entry = Entry(name, estimator, "torch", n, warmup_s=warmup_s, note=note)
         runners.append((entry, lambda c=torch_call: c(inputs)))
         entries.append(entry)
 
+    for entry in entries:
+        entry.flops = flops
     harness.time_round_robin(runners, config)
     return entries
+
+
+def _calibration_note(found: Sequence[_calibration.Calibration]) -> str:
+    """What ``jax_calibrated``'s compilation measured and chose."""
+    if not found:
+        return "EWC_JAX_CALIBRATE=on: nothing to choose (one candidate, or cached)"
+    last = found[-1]
+    if last.source == "file":
+        return f"EWC_JAX_CALIBRATE=on: chunk_size={last.chosen} (from the JSON cache)"
+    timed = ", ".join(f"{c}: {1e3 * t:.1f}" for c, t in last.seconds.items())
+    return f"EWC_JAX_CALIBRATE=on: chunk_size={last.chosen} (ms per chunk {timed})"
+
+
+def hooks_chunk_candidates(n: int, config: Config) -> tuple[int, ...]:
+    """The chunk sizes ``torch_hooks`` tries: ewc_jax's calibration candidates for N examples
+    (whose memory budget holds all N for this MLP) and ``torch_chunk_size``."""
+    sizes = set(_calibration.candidates(n, n))
+    if config.torch_chunk_size:
+        sizes.add(min(config.torch_chunk_size, n))
+    return tuple(sorted(sizes, reverse=True))
+
+
+def _fastest_hooks_chunk(
+    problem: _Problem, weights: Sequence[LayerArrays], config: Config
+) -> tuple[int, str]:
+    """``torch_hooks``' fastest chunk size (median of two calls each) and its note."""
+    n = len(problem.inputs)
+    seconds = {}
+    for size in hooks_chunk_candidates(n, config):
+        call = _torch_call("torch_hooks", problem, weights, config, size)
+        call(problem.inputs)
+        seconds[size] = statistics.median(
+            harness.timed(lambda c=call: c(problem.inputs))[0] for _ in range(2)
+        )
+    best = min(seconds, key=seconds.__getitem__)
+    tried = ", ".join(f"{c}: {1e3 * t:.0f}" for c, t in seconds.items())
+    return best, f"forward hooks, (δ²)ᵀ(a²) per Linear, chunk_size={best}, fastest of ms {tried}"
 
 
 def _note(method: str, config: Config) -> str:
@@ -262,8 +357,11 @@ def _note(method: str, config: Config) -> str:
 
 
 def ratios(entries: Sequence[Entry]) -> list[dict[str, Any]]:
-    """``jax_default`` against each PyTorch tool, the fastest of them, and ``jax_general``."""
+    """``jax_default`` and ``jax_calibrated`` against each PyTorch tool and the fastest of them,
+    and ``jax_default`` against ``jax_general``."""
+    calibrated = [e for e in entries if e.name == "jax_calibrated"]
     return [
         *harness.speedups(entries, REFERENCE),
+        *(harness.speedups(entries, "jax_calibrated") if calibrated else []),
         harness.within_framework(entries, REFERENCE, "jax_general"),
     ]

@@ -58,7 +58,16 @@ class Config:
       use_torch: run the PyTorch entries (they are skipped, with a reason, without torch).
       torch_threads: ``torch.set_num_threads`` for the PyTorch entries; ``None`` keeps PyTorch's
         default (one per core).
-      quick: tiny sizes for the smoke test (overrides sizes, epoch_examples, chunk sizes, repeats).
+      skip: entries not to run (e.g. ``torch_tutorial_loop``, ``jax_general``: the slow ones);
+        they are listed as skipped. ``jax_default`` always runs.
+      tune_torch_chunk: time ``torch_hooks`` at each candidate chunk size first and keep its
+        fastest (``False``: ``torch_chunk_size``).
+      peak_repeats: timed calls per matmul shape of the peak measurement.
+      families: also measure the sampled Fisher's fraction of peak on the small CNN and the
+        language model's transformer.
+      profile: also split the argmax Fisher's time into stages (forward, backward, contractions).
+      quick: tiny sizes for the smoke test (overrides sizes, epoch_examples, chunk sizes, repeats,
+        the peak's matmul shapes and the families' and profile's sizes).
       out: path of the JSON report, or ``None``.
     """
 
@@ -82,6 +91,11 @@ class Config:
     matmul_precision: str = "highest"
     use_torch: bool = True
     torch_threads: int | None = None
+    skip: tuple[str, ...] = ()
+    tune_torch_chunk: bool = True
+    peak_repeats: int = 5
+    families: bool = True
+    profile: bool = True
     quick: bool = False
     out: str | None = None
 
@@ -205,6 +219,10 @@ class Entry:
       warmup_s: the untimed first call (after compilation).
       repeats: number of timed calls.
       note: how the entry was run, when that needs saying.
+      flops: the work credited to the entry (the same for every entry of a row group; see
+        :mod:`benchmarks.roofline`).
+      gflops: ``flops / median_s / 1e9``.
+      peak_fraction: ``gflops`` over the measured float32 matmul peak.
     """
 
     name: str
@@ -219,6 +237,9 @@ class Entry:
     warmup_s: float | None = None
     repeats: int = 0
     note: str | None = None
+    flops: float | None = None
+    gflops: float | None = None
+    peak_fraction: float | None = None
 
 
 Runner = tuple[Entry, Callable[[], Any]]
@@ -407,18 +428,45 @@ def _fmt_load(load: Sequence[float] | None) -> str:
     return "-" if load is None else "/".join(f"{v:.1f}" for v in load)
 
 
+def _fmt_ratio(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The human-readable summary: medians per entry, then every speed ratio."""
+    """The human-readable summary: the roofline, medians per entry with GFLOP/s and fraction of
+    the matmul peak, every speed ratio, then the other families and the stage profile."""
     machine = report["machine"]
+    roof = report.get("roofline") or {}
     lines = [
         f"device: jax {machine['jax_devices']}, torch {machine['torch_device']}"
         f" ({machine.get('torch_num_threads', '-')} threads,"
         f" OMP_WAIT_POLICY={machine['omp_wait_policy']}),"
         f" CPU {machine['cpu_model']} ({machine['cpus_usable']} usable cores),"
+        f" flags {machine.get('cpu_flags_summary', '-')},"
         f" load average {_fmt_load(machine.get('loadavg_start'))} at start,"
         f" {_fmt_load(machine.get('loadavg_end'))} at end",
+    ]
+    if roof:
+        shapes = ", ".join(f"{r['shape']} {r['gflops']:.0f}" for r in roof["matmuls"])
+        lines.append(
+            f"float32 matmul peak under jax.jit: {roof['peak_gflops']:.0f} GFLOP/s"
+            f" (best of: {shapes} GFLOP/s)"
+        )
+        work = {e["group"]: e["flops"] for e in report["fisher"] if e.get("flops")}
+        counted = roof.get("ewc_jax_program_flops", {})
+        lines.append(
+            "GFLOP credited to every entry of a group (one-pass matmuls; ewc_jax's program by"
+            " XLA/jaxpr in brackets): "
+            + ", ".join(
+                f"{g} {f / 1e9:.2f}"
+                + (f" ({counted[g]['flops'] / 1e9:.2f})" if g in counted else "")
+                for g, f in work.items()
+            )
+        )
+    lines += [
         "",
-        f"{'group':<10} {'method':<26} {'N':>7} {'median':>10} {'compile':>10} {'reps':>5}  note",
+        f"{'group':<10} {'method':<26} {'N':>7} {'median':>10} {'GFLOP/s':>8} {'peak':>5}"
+        f" {'compile':>10} {'reps':>5}  note",
     ]
     for e in report["fisher"] + report["epoch"]:
         head = f"{e['group']:<10} {e['name']:<26} {e['n']:>7}"
@@ -426,11 +474,31 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{head} {'skipped':>10}  {e['reason']}")
             continue
         lines.append(
-            f"{head} {_fmt_s(e['median_s']):>10} {_fmt_s(e['compile_s']):>10}"
-            f" {e['repeats']:>5}  {e['note'] or ''}"
+            f"{head} {_fmt_s(e['median_s']):>10} {_fmt_ratio(e.get('gflops'), '.0f'):>8}"
+            f" {_fmt_ratio(e.get('peak_fraction'), '.0%'):>5}"
+            f" {_fmt_s(e['compile_s']):>10} {e['repeats']:>5}  {e['note'] or ''}"
         )
     lines += ["", f"{'speed-up (other / reference)':<72} {'N':>7} {'value':>9}"]
     for r in report["ratios"]:
         value = "-" if r["value"] is None else f"{r['value']:.2f}x"
         lines.append(f"{r['name']:<72} {r['n']:>7} {value:>9}")
+    if roof.get("families"):
+        lines += [
+            "",
+            f"{'family (ewc_jax defaults)':<26} {'N':>7} {'median':>10} {'GFLOP/s':>8}"
+            f" {'peak':>5}  FLOPs counted by",
+        ]
+        for r in roof["families"]:
+            name = f"{r['family']} w={r['width']} {r['estimator']}"
+            lines.append(
+                f"{name:<26} {r['n']:>7} {_fmt_s(r['median_s']):>10} {r['gflops']:>8.1f}"
+                f" {r['peak_fraction']:>5.0%}  {r['flops_source']}"
+            )
+    if roof.get("profile"):
+        lines += ["", f"{'argmax stage (plain JAX)':<26} {'ms':>8} {'GFLOP':>7} {'GFLOP/s':>8}"]
+        for r in roof["profile"]:
+            lines.append(
+                f"{r['stage']:<26} {r['ms']:>8.1f} {r['gflop']:>7.2f}"
+                f" {_fmt_ratio(r['gflops'], '.0f'):>8}"
+            )
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax import _where
+from ewc_jax import _calibration, _where
 from ewc_jax._engine.cost import Policy, default_chunk_size, num_labels, policy
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
 from ewc_jax._engine.inputs import (
@@ -152,7 +152,10 @@ def fisher_diagonal(
         results do not depend on ``chunk_size``.
       mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count.
       chunk_size: examples per chunk; default: as many as fit in a 512 MiB working-memory
-        budget (``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``).
+        budget (``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``), or, for a large enough call, the
+        fastest of a few sizes within that budget, measured at the first call for this model,
+        shapes and estimator (``EWC_JAX_CALIBRATE=auto|on|off``, see ``ewc_jax._calibration``).
+        Results depend on it only through float rounding.
       batch_size: mini-batch size for ``"batched"``.
       method: ``"auto"`` (default), ``"one_pass"`` or ``"general"``, as above.
       dtype: the dtype of the result; default: float32 for bfloat16/float16 parameters (whose
@@ -256,9 +259,19 @@ def fisher_diagonal(
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     token_shape, num_classes = output_shape(model)
     path = policy(model, num_labels(estimator, num_classes, token_shape), method, selected)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(path.bytes_per_example, path.max_chunk)
     path = dataclasses.replace(path, check_logits=runtime_checks())
+    if chunk_size is None:  # the byte-budget default, or the fastest chunk measured here
+        static = dict(apply_fn=Static(apply_fn), estimator=estimator, policy=path, mesh=mesh)
+        static.update(out_dtypes=out_dtypes, layout=Layout())
+        default = default_chunk_size(path.bytes_per_example, path.max_chunk)
+        chunk_size = _calibration.chunk_size(
+            default,
+            n,
+            _chunked_fisher,
+            (params, inputs, labels, keys, mask),
+            {"model_state": model_state},
+            static,
+        )
     layout = Layout.of(leaves, mesh)
     fisher = logit_errors_as_value_errors(
         _chunked_fisher,

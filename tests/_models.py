@@ -1,7 +1,8 @@
-"""Small models shared by the tests: plain functions, Flax Linen and Flax NNX."""
+"""Small models shared by the tests: plain functions, Flax Linen, Flax NNX and Equinox."""
 
 import itertools
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -143,3 +144,43 @@ class TinyCausalLM(nn.Module):
         x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h, h, mask=mask)
         x = x + nn.Dense(self.width)(jnp.tanh(nn.Dense(8)(nn.LayerNorm()(x))))
         return nn.Dense(self.vocab)(x)
+
+
+class EqxMLP(eqx.Module):
+    """Equinox MLP on one unbatched example: Linear, ReLU, Linear, tanh, Linear."""
+
+    layers: tuple[eqx.nn.Linear, ...]
+
+    def __init__(self, sizes, *, key, dtype=jnp.float32):
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(
+            eqx.nn.Linear(a, b, key=k, dtype=dtype)
+            for (a, b), k in zip(itertools.pairwise(sizes), keys, strict=True)
+        )
+
+    def __call__(self, x):
+        activations = (jax.nn.relu, jnp.tanh)
+        for i, layer in enumerate(self.layers[:-1]):
+            x = activations[i % 2](layer(x))
+        return self.layers[-1](x)
+
+
+class EqxCNN(eqx.Module):
+    """Equinox CNN on one ``[C, H, W]`` example: Conv2d (bias ``[out, 1, 1]``), ReLU, Linear."""
+
+    conv: eqx.nn.Conv2d
+    linear: eqx.nn.Linear
+
+    def __init__(self, *, key, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(2, 3, 3, key=k1, dtype=dtype)
+        self.linear = eqx.nn.Linear(3 * 4 * 4, 4, key=k2, dtype=dtype)
+
+    def __call__(self, x):
+        return self.linear(jax.nn.relu(self.conv(x)).reshape(-1))
+
+
+def eqx_split(model):
+    """``(apply_fn, params)``: the Equinox recipe, ``apply_fn`` vmapped over the batch."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from benchmarks import compare, epoch, fisher, harness, memory, workload
+from benchmarks import compare, epoch, fisher, harness, memory, roofline, workload
 
 TORCH_REASON = "torch is optional (the 'bench' extra); it is needed to compare with the tutorial"
 TOOL_REASONS = {
@@ -42,6 +42,9 @@ ENTRY_KEYS = {
     "warmup_s",
     "repeats",
     "note",
+    "flops",
+    "gflops",
+    "peak_fraction",
 }
 
 
@@ -309,7 +312,7 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "argmax: jax_default vs fastest torch" in printed
 
-    assert report["schema_version"] == compare.SCHEMA_VERSION == 2
+    assert report["schema_version"] == compare.SCHEMA_VERSION == 3
     assert set(report) == {
         "schema_version",
         "command",
@@ -320,7 +323,17 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
         "epoch",
         "checks",
         "ratios",
+        "roofline",
     }
+    roof = report["roofline"]
+    assert roof["peak_gflops"] == max(m["gflops"] for m in roof["matmuls"]) > 0
+    assert set(roof["ewc_jax_program_flops"]) == set(harness.ESTIMATORS)
+    assert [r["family"] for r in roof["families"]] == list(roofline.FAMILY_SIZES)
+    assert [r["stage"] for r in roof["profile"]][-1] == "ewc_jax.fisher_diagonal"
+    assert "float32 matmul peak under jax.jit" in printed and "argmax stage" in printed
+    assert {"cpu_flags", "cpu_flags_summary", "loadavg_start", "loadavg_end"} <= set(
+        report["machine"]
+    )
     assert report["command"] == f"python -m benchmarks.compare --quick --out {out}"
     sizes = report["config"]["sizes"]
     assert report["config"]["quick"] is True
@@ -348,6 +361,9 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
         assert entry["status"] == "ok"
         assert len(entry["samples_s"]) == entry["repeats"] >= 1
         assert entry["median_s"] > 0
+        if entry["group"] != "epoch":
+            assert entry["gflops"] == pytest.approx(entry["flops"] / entry["median_s"] / 1e9)
+            assert entry["peak_fraction"] == pytest.approx(entry["gflops"] / roof["peak_gflops"])
         compiled = entry["framework"] == "jax" or entry["name"] == "torch_compile"
         assert (entry["compile_s"] is not None) == compiled
 
@@ -360,6 +376,76 @@ def test_quick_harness_writes_the_documented_json(tmp_path, capsys):
     for r in report["ratios"]:
         assert set(r) == {"name", "group", "n", "reference", "other", "value"}
         assert r["value"] is None or r["value"] > 0
+
+
+def test_mlp_fisher_flops_known_answer_and_xla_count():
+    # 2N(2·Σ d_in·d_out + K·Σ_{l≥2} d_in·d_out) for 3-4-2: Σ = 12 + 8, the second layer's 8.
+    assert roofline.mlp_fisher_flops((3, 4, 2), 5, "argmax") == 2 * 5 * (2 * 20 + 8)
+    assert roofline.mlp_fisher_flops((3, 4, 2), 5, "exact") == 2 * 5 * (2 * 20 + 2 * 8)
+    # XLA's count of ewc_jax's own argmax program adds only elementwise work to it.
+    weights = workload.tutorial_weights(0)
+    n = 64
+    counted = roofline.program_flops(
+        lambda p, x: ewc_jax.fisher_diagonal(workload.apply_fn(), p, x, estimator="argmax"),
+        workload.flax_params(weights),
+        jax.ShapeDtypeStruct((n, workload.LAYER_SIZES[0]), jnp.float32),
+    )
+    analytic = roofline.mlp_fisher_flops(workload.LAYER_SIZES, n, "argmax")
+    assert counted["source"] == "xla"
+    assert analytic <= counted["xla"] <= 1.02 * analytic
+
+
+def test_jaxpr_flops_counts_a_loop_body_per_iteration():
+    a = jnp.ones((8, 8), jnp.float32)
+
+    def ten_products(a):
+        return jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=10)[0]
+
+    counted = roofline.program_flops(ten_products, a)
+    assert counted["source"] == "jaxpr (loops)"
+    assert counted["flops"] == 10 * 2 * 8**3
+    assert counted["xla"] < counted["flops"]  # XLA counts the loop body once
+
+
+def test_cpu_flags_summary_and_matmul_peak():
+    flags = {"avx2": True, "fma": True, "avx512": ["avx512bw", "avx512f"], "amx": []}
+    assert roofline.flags_summary(flags) == "avx2 fma avx512 (bw, f)"
+    assert roofline.flags_summary({"avx2": False, "avx512": []}) == "none found"
+    assert set(roofline.cpu_flags()) == {"avx2", "fma", "avx512", "amx"}
+    peak = roofline.matmul_peak(((16, 8, 4, False), (8, 16, 4, True)), repeats=1)
+    assert [m["shape"] for m in peak["shapes"]] == ["16x8x4", "8x16x4 (aᵀb)"]
+    assert peak["peak_gflops"] == max(m["gflops"] for m in peak["shapes"]) > 0
+
+
+def test_skip_option_and_hooks_candidates():
+    config = compare.parse_args(["--skip", "torch_tutorial_loop,jax_general,jax_default"])
+    assert fisher.skip_reason("jax_general", config) == "skipped with --skip"
+    assert fisher.skip_reason("jax_default", config) is None  # the reference always runs
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--skip", "no_such_entry"])
+    # ewc_jax's calibration candidates for all N, and the fixed torch_chunk_size.
+    assert fisher.hooks_chunk_candidates(10_000, harness.Config(torch_chunk_size=1024)) == (
+        10_000,
+        5000,
+        2500,
+        1250,
+        1024,
+        625,
+    )
+
+
+def test_stage_profile_adds_up():
+    rows = roofline.stage_profile(32, repeats=1)
+    stages = [r["stage"] for r in rows]
+    assert stages == [
+        "forward",
+        "backward δ",
+        "(a²)ᵀδ² contractions",
+        "total (minimal JAX)",
+        "ewc_jax.fisher_diagonal",
+    ]
+    assert sum(r["gflop"] for r in rows[:3]) == pytest.approx(rows[3]["gflop"])
+    assert sum(r["ms"] for r in rows[:3]) == pytest.approx(rows[3]["ms"])
 
 
 @pytest.mark.slow

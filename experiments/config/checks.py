@@ -171,6 +171,7 @@ _INT_MINIMUMS = {
     "fisher_samples": 1,
     "fisher_batch_size": 0,
     "mesh_devices": 0,
+    "evidence_every": 0,
 }
 """Every int field of :func:`get_config` and its smallest valid value."""
 _BOOL_FIELDS = ("first_task_unpermuted", "relu_on_logits", "reset_optimizer", "data_parallel")
@@ -210,13 +211,20 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     for field in _BOOL_FIELDS:
         if not isinstance(config[field], bool):
             raise ConfigError(f"{field} must be True or False, got {config[field]!r}")
-    strengths = {"strength": config.strength}
+    _check_float("strength", config.strength, 0.0, math.inf)
     for name in REGULARIZED:
         value = config.strengths.get(name)
-        if value is not None:
-            strengths[f"strengths.{name}"] = value
-    for field, value in strengths.items():
-        _check_float(field, value, 0.0, math.inf)
+        if value == EVIDENCE:
+            _check_evidence(config, name)
+        elif value is not None:
+            try:
+                _check_float(f"strengths.{name}", value, 0.0, math.inf)
+            except ConfigError:
+                if not METHODS[name].laplace:
+                    raise
+                raise ConfigError(
+                    f"strengths.{name} must be a finite number >= 0 or {EVIDENCE!r}, got {value!r}"
+                ) from None
     _check_float("gamma", config.gamma, 0.0, 1.0)
     _check_float("learning_rate", config.learning_rate, 0.0, math.inf, open_low=True)
     momentum = config.momentum
@@ -255,6 +263,25 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"num_tasks must be >= 2 (continual learning needs a second task to forget the "
             f"first on), got {config.num_tasks!r}"
+        )
+
+
+EVIDENCE = "evidence"
+"""The value of ``strengths.<method>`` that chooses λ by the Laplace evidence."""
+
+
+def _check_evidence(config: ml_collections.ConfigDict, name: str) -> None:
+    """``strengths.<name>=evidence``: a method whose entry allows it, in a single run."""
+    if not METHODS[name].laplace:
+        allowed = ", ".join(m for m, entry in METHODS.items() if entry.laplace)
+        raise ConfigError(
+            f"strengths.{name}=evidence: method {name!r} has no Fisher precision for the Laplace "
+            f"evidence to choose its strength; evidence works for {allowed}"
+        )
+    if config.sweep.seeds or config.sweep.strengths:
+        raise ConfigError(
+            f"strengths.{name}=evidence chooses the strength in single runs, not in a sweep; "
+            "give the seeds as --config.seeds=0,1,2 instead of sweep.seeds"
         )
 
 

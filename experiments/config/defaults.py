@@ -31,7 +31,8 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   of the penalty ``λ/2 Σ F (θ - θ*)²``) and ``strengths.<method>`` (a per-method override of
   it), ``estimator`` (exact | sampled | empirical | argmax | batched; K-FAC takes the first
   three), ``fisher_samples`` (also MAS's and K-FAC's examples), ``fisher_batch_size``
-  (batched estimator), ``gamma`` (online EWC decay).
+  (batched estimator), ``gamma`` (online EWC decay), ``evidence_every`` (epochs between the
+  evidence's choices of λ for ``strengths.<method>=evidence``; 0: at task ends only).
 
   The defaults of ``strengths.si`` (10), ``strengths.mas`` (0.03) and ``strengths.kfac`` (10)
   are the best final average accuracy of a sweep on the demo (``experiments/configs/demo.py``:
@@ -49,6 +50,19 @@ single run and a sweep read the same object. Fields (override any with ``--confi
 
   (EWC 1000 there: 0.859; finetune 0.737.) A strength carries the method's own scale: SI's
   and MAS's ``c`` of their papers is ``strength = 2c``.
+
+  ``strengths.<method>=evidence`` (ewc, online_ewc and kfac; :attr:`Method.laplace
+  <experiments.training.methods.Method.laplace>`) chooses λ without a sweep: every
+  ``evidence_every`` epochs of a task after the first (0: only at task ends) and at each task's
+  end, λ is set to the maximiser of the Laplace evidence of the current task
+  (:func:`ewc_jax.evidence.evidence_strength`) from the consolidated precision, the current
+  parameters and the current task's own Fisher on ``fisher_samples`` of its examples (the
+  method's own estimator), and training goes on with it; the next task starts from the last
+  choice. Before the first choice (the first ``evidence_every`` epochs of task 2) λ is 1, the
+  strength at which the penalty is the earlier tasks' Laplace posterior itself (prior
+  precision :math:`N Λ`). The λ chosen at each task's end is in ``results.json``
+  (``strengths_per_task``, every choice in ``strength_choices``) and the printed summary.
+  Single runs only (not a sweep).
 * seeds: ``seeds`` (results report mean ± std over them).
 * devices: ``data_parallel`` (split every mini-batch, evaluation chunk and Fisher sample over a
   1-D mesh of devices), ``mesh_devices`` (how many; 0: all), ``param_sharding`` (``replicated``:
@@ -128,11 +142,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.strength = 1000.0
     # A method's own default (SI's, MAS's and K-FAC's were chosen by a sweep on the demo: see
     # the module docstring), or None to take `strength`.
+    # Typed `object` so that a field takes a number or "evidence" (on the command line too).
     config.strengths = ml_collections.ConfigDict(
         {
-            name: config_dict.placeholder(float)
+            name: config_dict.placeholder(object)
             if METHODS[name].default_strength is None
-            else METHODS[name].default_strength
+            else config_dict.FieldReference(METHODS[name].default_strength, field_type=object)
             for name in REGULARIZED
         }
     )
@@ -140,6 +155,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.fisher_samples = 512
     config.fisher_batch_size = 0
     config.gamma = 1.0
+    config.evidence_every = 1
 
     config.seeds = (0,)
 

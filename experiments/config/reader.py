@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments.config.checks import validate
+from experiments.config.checks import EVIDENCE, validate
 from experiments.spec import (
     DataSpec,
     MeshSpec,
@@ -123,15 +123,20 @@ def _methods_split(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _method_spec(config: ml_collections.ConfigDict, name: str) -> MethodSpec:
-    """``name``'s :class:`MethodSpec`: ``strengths.<name>`` when set, else ``strength``."""
+    """``name``'s :class:`MethodSpec`: ``strengths.<name>`` when set, else ``strength``
+    (``evidence``: chosen during training, from 1)."""
     entry = METHODS[name]
-    strength = 0.0
+    strength, evidence = 0.0, False
     if entry.regularized:
         specific = config.strengths.get(name)
-        strength = float(config.strength if specific is None else specific)
+        # The evidence's starting λ is 1: the earlier tasks' Laplace posterior as it is.
+        evidence = specific == EVIDENCE
+        strength = 1.0 if evidence else float(config.strength if specific is None else specific)
     return MethodSpec(
         name=name,
         strength=strength,
+        evidence=evidence,
+        evidence_every=config.evidence_every,
         estimator=config.estimator,
         fisher_samples=config.fisher_samples,
         fisher_batch_size=config.fisher_batch_size or None,

@@ -160,3 +160,45 @@ def summarize(accuracy_matrix: ArrayLike, metric: str = "accuracy") -> dict[str,
         "backward_transfer": backward_transfer(accuracy_matrix, higher_is_better=better),
         "average_forgetting": average_forgetting(accuracy_matrix, higher_is_better=better),
     }
+
+
+def average_ranks(values: ArrayLike) -> np.ndarray:
+    """Ranks ``1..n`` of ``values``, ties sharing the mean of the ranks they span.
+
+    Example:
+        >>> average_ranks([10.0, 30.0, 20.0, 30.0]).tolist()
+        [1.0, 3.5, 2.0, 3.5]
+    """
+    values = np.asarray(values, np.float64).ravel()
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    # Runs of equal values: each gets the mean of the ranks (1-based) it occupies.
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    r"""Spearman's rank correlation: Pearson's correlation of the average ranks of ``x`` and ``y``,
+
+    .. math:: ρ = \frac{\sum_i (r_i - \bar r)(s_i - \bar s)}
+        {\sqrt{\sum_i (r_i - \bar r)^2 \sum_i (s_i - \bar s)^2}},
+
+    ``nan`` for fewer than two pairs or a constant side.
+
+    Example:
+        >>> spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 40.0, 30.0])
+        0.8
+    """
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs pairs: got {x.size} and {y.size} values")
+    if x.size < 2:
+        return float("nan")
+    r, s = average_ranks(x), average_ranks(y)
+    r, s = r - r.mean(), s - s.mean()
+    denominator = np.sqrt(np.sum(r * r) * np.sum(s * s))
+    return float(np.sum(r * s) / denominator) if denominator > 0 else float("nan")

@@ -1,4 +1,5 @@
-"""Figures of a run: learning curves per task, accuracy-matrix heatmaps, a method comparison.
+"""Figures of a run: learning curves per task, accuracy-matrix heatmaps, a method comparison, the
+forgetting forecast.
 
 Matplotlib is imported inside the functions and used through ``matplotlib.figure.Figure`` with
 the Agg canvas, so no display, no pyplot and no global backend state are involved. Every figure
@@ -196,6 +197,62 @@ def plot_method_comparison(
     return _save(figure, path)
 
 
+def forecast_figure(runs: Sequence[RunRecord]) -> Figure:
+    r"""Predicted against measured forgetting, log-log, one colour (one series) per method.
+
+    Each point is an earlier task ``k`` after a later task ``t`` of a run: x is the predicted
+    rise of task ``k``'s mean loss, :math:`\frac12 Δθ^\top F_k Δθ`, y the measured rise on its
+    training data (filled) and test data (open). Pairs whose rise is not positive cannot be
+    drawn on a log axis; the legend counts them. The dashed line is y = x.
+
+    Args:
+        runs: records of every method and seed; those without a forecast are skipped.
+
+    Returns:
+        The figure (its axes hold one ``PathCollection`` per method and data split).
+    """
+    figure = _new_figure(5.0, 4.2)
+    ax = figure.subplots()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run.forecast:
+            by_method.setdefault(run.method, []).extend(run.forecast)
+    low, high = np.inf, 0.0
+    for k, (method, pairs) in enumerate(by_method.items()):
+        predicted = np.asarray([p["predicted"] for p in pairs])
+        for split, filled in (("train", True), ("test", False)):
+            measured = np.asarray([p[f"measured_{split}"] for p in pairs])
+            shown = (predicted > 0) & (measured > 0)
+            hidden = int(np.sum(~shown))
+            label = f"{method} ({split}{f', {hidden} not > 0' if hidden else ''})"
+            ax.scatter(
+                predicted[shown],
+                measured[shown],
+                s=18,
+                color=f"C{k}",
+                facecolors=f"C{k}" if filled else "none",
+                label=label,
+            )
+            if np.any(shown):
+                both = np.r_[predicted[shown], measured[shown]]
+                low, high = min(low, float(both.min())), max(high, float(both.max()))
+    if high > 0:
+        ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted loss rise ½ Δθᵀ F_k Δθ")
+    ax.set_ylabel("measured loss rise of task k")
+    ax.set_title("forgetting forecast (filled: train, open: test)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return figure
+
+
+def plot_forgetting_forecast(runs: Sequence[RunRecord], path: Path) -> Path:
+    """:func:`forecast_figure` written to ``path``."""
+    return _save(forecast_figure(runs), path)
+
+
 def write_figures(
     runs: Sequence[RunRecord],
     summary: dict[str, dict[str, Any]],
@@ -213,13 +270,17 @@ def write_figures(
         metric: the scenario's metric (:data:`experiments.reporting.metrics.METRICS`).
 
     Returns:
-        Paths of ``accuracy_curves.png``, ``accuracy_matrix.png`` and ``method_comparison.png``.
+        Paths of ``accuracy_curves.png``, ``accuracy_matrix.png``, ``method_comparison.png``
+        and, when a run holds a forgetting forecast, ``forgetting_forecast.png``.
     """
-    return [
+    figures = [
         plot_accuracy_curves(runs, task_names, workdir / "accuracy_curves.png", metric),
         plot_accuracy_matrices(summary, task_names, workdir / "accuracy_matrix.png", metric),
         plot_method_comparison(summary, workdir / "method_comparison.png", metric),
     ]
+    if any(run.forecast for run in runs):
+        figures.append(plot_forgetting_forecast(runs, workdir / "forgetting_forecast.png"))
+    return figures
 
 
 def plot_strength_sensitivity(

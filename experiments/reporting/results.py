@@ -49,6 +49,15 @@ class RunRecord:
         fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
         steps_per_task: SGD steps taken on each task.
         metrics: :func:`experiments.reporting.metrics.summarize` of the matrix.
+        strengths_per_task: with ``strengths.<method>=evidence``, the λ chosen at each task's
+            end (None for the first task); else empty.
+        strength_choices: every choice of λ by the evidence
+            (:attr:`experiments.training.loop.Progress.strength_choices`).
+        own_losses: per task, its mean loss ``[train, test]`` at its own end (methods with a
+            Laplace precision; else empty).
+        forecast: the forgetting forecast
+            (:attr:`experiments.training.loop.Progress.forecast`): predicted and measured
+            rises of each earlier task's mean loss after each task.
     """
 
     method: str
@@ -59,6 +68,10 @@ class RunRecord:
     fisher_wall_time_s: list[float]
     steps_per_task: list[int]
     metrics: dict[str, float]
+    strengths_per_task: list[float | None] = dataclasses.field(default_factory=list)
+    strength_choices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    own_losses: list[list[float]] = dataclasses.field(default_factory=list)
+    forecast: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_progress(
@@ -77,6 +90,10 @@ class RunRecord:
             fisher_wall_time_s=progress.fisher_wall_time_s,
             steps_per_task=progress.steps_per_task,
             metrics=metrics.summarize(matrix, metric),
+            strengths_per_task=list(progress.strengths_per_task),
+            strength_choices=list(progress.strength_choices),
+            own_losses=list(progress.own_losses),
+            forecast=list(progress.forecast),
         )
 
 
@@ -120,7 +137,9 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 
     Returns:
         ``{method: {metric: {"mean", "std", "values"}, "final_accuracy": {"mean", "std"},
-        "accuracy_matrix_mean": [[...]], "num_seeds"}}``.
+        "accuracy_matrix_mean": [[...]], "num_seeds"}}``, and, for a strength chosen by the
+        evidence, ``"strengths_per_task"``: per seed, the λ chosen at each task's end; with a
+        forgetting forecast, ``"forgetting_forecast"`` (:func:`forecast_summary`).
     """
     by_method: dict[str, list[RunRecord]] = collections.defaultdict(list)
     for run in runs:
@@ -134,8 +153,27 @@ def summarize_runs(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
         entry["final_accuracy"] = final_accuracy(matrices)
         entry["accuracy_matrix_mean"] = matrices.mean(axis=0).tolist()
         entry["num_seeds"] = len(group)
+        if group[0].strengths_per_task:
+            entry["strengths_per_task"] = [r.strengths_per_task for r in group]
+        if group[0].forecast:
+            entry["forgetting_forecast"] = forecast_summary(group)
         summary[name] = entry
     return summary
+
+
+def forecast_summary(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """How well the quadratic ½ Δθᵀ F_k Δθ ranked the measured forgetting, over every pair
+    (task ``k`` after task ``t``) of every seed: Spearman's ρ against the rise of the mean
+    training loss and of the mean test loss (None for fewer than two pairs or a constant
+    side), and the number of pairs."""
+    pairs = [pair for run in runs for pair in run.forecast]
+    predicted = [p["predicted"] for p in pairs]
+
+    def rho(split: str) -> float | None:
+        value = metrics.spearman(predicted, [p[f"measured_{split}"] for p in pairs])
+        return None if np.isnan(value) else value  # JSON has no NaN
+
+    return {"spearman_train": rho("train"), "spearman_test": rho("test"), "pairs": len(pairs)}
 
 
 def results_document(
@@ -251,4 +289,23 @@ def format_summary(
                 cell(entry["wall_time_s"], 1),
             ]
         )
-    return table([*header, "time s"], rows) + f"\ntasks: {', '.join(task_names)}"
+    lines = [table([*header, "time s"], rows), f"tasks: {', '.join(task_names)}"]
+    for name, entry in summary.items():
+        if entry.get("strengths_per_task"):
+            per_seed = "; ".join(
+                " ".join("-" if v is None else f"{v:.3g}" for v in values)
+                for values in entry["strengths_per_task"]
+            )
+            lines.append(f"{name}: evidence λ per task (per seed): {per_seed}")
+    for name, entry in summary.items():
+        if entry.get("forgetting_forecast"):
+            f = entry["forgetting_forecast"]
+            train, test = (
+                "n/a" if f[key] is None else f"{f[key]:.3f}"
+                for key in ("spearman_train", "spearman_test")
+            )
+            lines.append(
+                f"{name}: forgetting forecast ½ Δθᵀ F_k Δθ vs measured loss rise, Spearman ρ "
+                f"train {train} test {test} ({f['pairs']} pairs)"
+            )
+    return "\n".join(lines)

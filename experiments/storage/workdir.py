@@ -44,6 +44,7 @@ RESULT_FILES = (
     "accuracy_matrix.png",
     "method_comparison.png",
     "strength_sensitivity.png",
+    "forgetting_forecast.png",
 )
 """The files a finished run leaves beside ``results.json`` (all replaced by an overwrite)."""
 

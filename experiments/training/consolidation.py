@@ -12,8 +12,11 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 import ewc_jax
+import ewc_jax.evidence
+from experiments.training import forecast
 from experiments.training.device import TaskData
 from experiments.training.methods import ImportanceInputs, MethodSpec, fisher_importance
 from experiments.training.steps import (
@@ -74,8 +77,9 @@ def consolidate_task(
         method: a regularised method.
 
     Returns:
-        The state with the new EWC state (and, for SI, the reset path integral) and the PRNG
-        key split once for the importance.
+        The state with the new EWC state (and, for SI, the reset path integral), the PRNG
+        key split once for the importance, and, if it keeps a forecast store, the task's own
+        solution and precision in its row (:mod:`experiments.training.forecast`).
     """
     entry = method.method
     key, importance_key = jax.random.split(state.key)
@@ -91,13 +95,79 @@ def consolidate_task(
         method,
     )
     precision, opt_state = entry.importance(inputs)
+    store = state.forecast
+    if store is not None:  # the task's own solution and Fisher, for the forgetting forecast
+        done = state.ewc_state.num_tasks
+        store = forecast.record(store, done, state.params, precision)
     ewc_state = ewc_jax.consolidate(
         state.ewc_state, state.params, precision, mode=entry.mode, gamma=method.gamma
     )
     if entry.kronecker:
         ewc_state = _merge_running(state.ewc_state, ewc_state)
     ewc_state, opt_state = keep_layout((ewc_state, opt_state), setup)
-    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key)
+    return state._replace(ewc_state=ewc_state, opt_state=opt_state, key=key, forecast=store)
+
+
+def choose_strength(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    heads: jax.Array,
+    *,
+    setup: StepSetup,
+    method: MethodSpec,
+    num_examples: int,
+) -> tuple[TrainState, ewc_jax.evidence.Evidence]:
+    r"""The state with λ re-chosen by the Laplace evidence of the current task.
+
+    The current task's curvature :math:`H` is the method's own importance (the Fisher of its
+    estimator, diagonal or K-FAC) at the current parameters on ``images``; λ is the maximiser
+    of
+
+    .. math::
+        \log Z(λ) = -\frac{N λ}{2} (θ - θ̄)^\top Λ (θ - θ̄) + \frac12 \sum_k \log
+            \frac{λ}{r_k + λ}
+
+    (:func:`ewc_jax.evidence.evidence_strength`, :math:`r_k` the eigenvalues of :math:`H`
+    relative to the consolidated precision :math:`Λ`, :math:`N` = ``num_examples``). A
+    non-finite choice (θ at the anchor: every λ fits) keeps the old λ. The strength is a value
+    of the state, so the jitted epoch is not recompiled when it changes.
+
+    Args:
+        state: the state during (or at the end of) a task after the first.
+        images: examples of the current task for its curvature, with their ``labels`` and
+            ``heads``.
+        setup: model and optimiser (:func:`method_setup` of ``method``).
+        method: a method whose entry allows ``evidence``.
+        num_examples: N, the current task's training examples (the mean loss runs over them).
+
+    Returns:
+        The state with the new strength and the PRNG key split once (as for the importance),
+        and the :class:`ewc_jax.evidence.Evidence` of the choice.
+    """
+    key, importance_key = jax.random.split(state.key)
+    inputs = ImportanceInputs(
+        setup.logits,
+        state.params,
+        state.opt_state,
+        images,
+        labels,
+        heads,
+        importance_key,
+        setup.mesh,
+        method,
+    )
+    curvature = method.method.importance(inputs)[0]
+    chosen = ewc_jax.evidence.evidence_strength(
+        state.ewc_state, state.params, curvature, num_examples=num_examples
+    )
+    strength = chosen.strength.astype(state.strength.dtype)
+    strength = jnp.where(jnp.isfinite(strength), strength, state.strength)
+    return state._replace(strength=strength, key=key), chosen
+
+
+choose_strength_jit = jax.jit(choose_strength, static_argnames=("setup", "method", "num_examples"))
+""":func:`choose_strength`, jitted: one compilation per task size, reused for every choice."""
 
 
 def _merge_running(

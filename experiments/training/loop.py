@@ -34,50 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.spec import OptimizerSpec, ScheduleSpec
-from experiments.training import steps
+from experiments.training import forecast, steps
 from experiments.training.device import DeviceScenario, TaskData
 from experiments.training.methods import MethodSpec
+from experiments.training.progress import Progress, fisher_examples
 from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
 
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class Progress:
-    """The host half of a run's state: where it stands and what it has produced (JSON).
-
-    Attributes:
-        task: the task being trained (the number of tasks once finished).
-        steps_done: SGD steps taken in that task.
-        epoch: epochs taken in that task.
-        next_eval: the step count of the task at or past which the curves are evaluated next.
-        global_step: SGD steps taken over all tasks.
-        task_elapsed_s: seconds spent on the current task before the last checkpoint.
-        fisher_rngs: the NumPy generator state choosing the Fisher's examples, per seed.
-        accuracy_rows: per finished task ``i``, the accuracy on every task (per run in a sweep).
-        diverged: per run, whether its loss became non-finite (a sweep keeps going).
-        curves: one entry per evaluation during training: ``task``, ``epoch`` within it, global
-            ``step``, mean training ``loss`` of the epoch, ``accuracy`` on tasks ``0..task``.
-        task_wall_time_s: seconds per task (training, evaluation and consolidation).
-        fisher_wall_time_s: seconds per task spent estimating the Fisher and consolidating.
-        steps_per_task: SGD steps taken on each task.
-    """
-
-    task: int = 0
-    steps_done: int = 0
-    epoch: int = 0
-    next_eval: int = 0
-    global_step: int = 0
-    task_elapsed_s: float = 0.0
-    fisher_rngs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    accuracy_rows: list[Any] = dataclasses.field(default_factory=list)
-    diverged: list[bool] = dataclasses.field(default_factory=list)
-    curves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    task_wall_time_s: list[float] = dataclasses.field(default_factory=list)
-    fisher_wall_time_s: list[float] = dataclasses.field(default_factory=list)
-    steps_per_task: list[int] = dataclasses.field(default_factory=list)
 
 
 class RunState(NamedTuple):
@@ -98,6 +63,8 @@ class StepFns(NamedTuple):
         reset_optimizer: ``state -> state`` with a fresh optimiser state.
         select: the Fisher's example indices, one array per run, as the steps take them.
         unpad: drops the runs that only pad a sweep to the device count (identity otherwise).
+        choose_strength: λ by the evidence (:func:`.consolidation.choose_strength`), or None.
+        mean_loss: the mean loss for the forecast (:func:`.forecast.mean_loss`), or None.
     """
 
     init: Callable[[], steps.TrainState]
@@ -107,6 +74,8 @@ class StepFns(NamedTuple):
     reset_optimizer: Callable[[steps.TrainState], steps.TrainState]
     select: Callable[[list[np.ndarray]], Any]
     unpad: Callable[[np.ndarray], np.ndarray]
+    choose_strength: Callable[..., tuple[steps.TrainState, Any]] | None = None
+    mean_loss: Callable[[Any, TaskData], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +260,10 @@ def _train_epoch(
     progress.steps_done += num_steps
     progress.epoch += 1
     progress.global_step += num_steps
+    every, ending = plan.method.evidence_every, progress.steps_done >= plan.total_steps[task]
+    # λ by the evidence at its cadence (the task's end chooses anyway, after the last epoch).
+    if plan.method.evidence and task and every and progress.epoch % every == 0 and not ending:
+        arrays = _choose_strength(RunState(arrays, progress), plan, fns, data, task)
     if _curves_due(plan, progress, task):
         accuracy = [float(fns.evaluate(arrays.params, data.test[j])) for j in range(task + 1)]
         progress.curves.append(
@@ -323,13 +296,22 @@ def _finish_task(
     """Accuracy on every task, then the Fisher and consolidation; moves to the next task."""
     arrays, progress = state
     row = np.stack([fns.unpad(fns.evaluate(arrays.params, test)) for test in data.test], axis=-1)
+    if arrays.forecast is not None and fns.mean_loss is not None:
+        own, pairs = forecast.measure(
+            arrays.params, arrays.forecast, fns.mean_loss, data, progress.own_losses, task
+        )
+        progress.own_losses.append(own)
+        progress.forecast.extend(pairs)
     fisher_start = time.perf_counter()
+    if plan.method.evidence:
+        progress.strengths_per_task.append(None)
+        if task > 0:
+            arrays = _choose_strength(RunState(arrays, progress), plan, fns, data, task)
+            progress.strengths_per_task[-1] = progress.strength_choices[-1]["strength"]
     if plan.method.regularized:
         images = labels = heads = None
         if plan.method.needs_fisher:
-            own = data.train[task]
-            chosen = fns.select(_fisher_examples(plan, progress, int(own.num_valid)))
-            images, labels, heads = own.images[chosen], own.labels[chosen], own.heads[chosen]
+            images, labels, heads = _task_examples(plan, fns, data, progress, task)
         arrays = fns.consolidate(arrays, images, labels, heads)
         jax.block_until_ready(arrays.ewc_state)
     end = time.perf_counter()
@@ -338,27 +320,47 @@ def _finish_task(
     progress.task_wall_time_s.append(end - start)
     progress.steps_per_task.append(progress.steps_done)
     shown = row.reshape(-1, row.shape[-1]).mean(axis=0)[: task + 1]
+    chosen_strength = (progress.strengths_per_task or [None])[-1]
     print(
         f"{plan.label} task {task + 1}/{plan.num_tasks} {plan.task_names[task]}: "
         f"{'mean ' if row.ndim > 1 else ''}{plan.metric.replace('_', ' ')} "
         f"{' '.join(f'{a:.3f}' for a in shown)} "
-        f"({progress.steps_done} steps, {end - start:.1f} s)",
+        f"({progress.steps_done} steps, {end - start:.1f} s"
+        f"{'' if chosen_strength is None else f', evidence λ {chosen_strength:.4g}'})",
         flush=True,
     )
     progress.task, progress.steps_done, progress.task_elapsed_s = task + 1, 0, 0.0
     return RunState(arrays, progress)
 
 
-def _fisher_examples(plan: Plan, progress: Progress, num_valid: int) -> list[np.ndarray]:
-    """Per run, the sorted indices of the Fisher's examples; advances each seed's generator."""
-    by_seed = {}
-    for index, seed in enumerate(dict.fromkeys(plan.seeds)):
-        rng = np.random.default_rng()
-        rng.bit_generator.state = progress.fisher_rngs[index]
-        count = min(num_valid, plan.method.fisher_samples)
-        by_seed[seed] = np.sort(rng.choice(num_valid, count, replace=False))
-        progress.fisher_rngs[index] = rng.bit_generator.state
-    return [by_seed[seed] for seed in plan.seeds]
+def _task_examples(
+    plan: Plan, fns: StepFns, data: DeviceScenario, progress: Progress, task: int
+) -> tuple[Any, Any, Any]:
+    """``fisher_samples`` of task ``task``'s training examples (images, labels, heads), drawn
+    by each seed's generator in ``progress``."""
+    own = data.train[task]
+    count, valid = plan.method.fisher_samples, int(own.num_valid)
+    chosen = fns.select(fisher_examples(progress, plan.seeds, count, valid))
+    return own.images[chosen], own.labels[chosen], own.heads[chosen]
+
+
+def _choose_strength(
+    state: RunState, plan: Plan, fns: StepFns, data: DeviceScenario, task: int
+) -> steps.TrainState:
+    """The arrays with λ re-chosen by the evidence of task ``task`` on ``fisher_samples`` of
+    its training examples (drawn as the Fisher's are), appended to ``strength_choices``."""
+    arrays, progress = state
+    examples = _task_examples(plan, fns, data, progress, task)
+    num_examples = int(data.train[task].num_valid)
+    arrays, evidence = fns.choose_strength(arrays, *examples, num_examples=num_examples)
+    progress.strength_choices.append(
+        {"task": task, "epoch": progress.epoch, "strength": float(arrays.strength)}
+        | {
+            name: float(getattr(evidence, name))
+            for name in ("log_evidence", "effective_parameters")
+        }
+    )
+    return arrays
 
 
 def divergence_message(plan: Plan, arrays: steps.TrainState, task: int) -> str:

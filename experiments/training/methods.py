@@ -5,8 +5,10 @@ how its importance (the precision :math:`\Omega` of the penalty
 :math:`\frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \theta^*_i)^2`) is computed at the end of a
 task, how it is folded into the consolidated state (``mode``), whether it needs examples of the
 finished task, what it trains on (``joint``: every task so far), what it does to the optimiser
-(SI) and what configs it refuses. No other module names a method; adding one is an entry here
-plus its test (``docs/experiments.md`` has a worked example).
+(SI), what configs it refuses, and whether its precision is a Laplace approximation (``laplace``:
+the evidence may choose its strength, ``--config.strengths.<name>=evidence``, and its precision
+forecasts forgetting). No other module names a method; adding one is an entry here plus its
+test (``docs/experiments.md`` has a worked example).
 
 Importance functions take an :class:`ImportanceInputs` and return ``(precision, opt_state)``:
 the optimiser state comes back because SI's importance reads (and resets) the path integral it
@@ -78,6 +80,12 @@ class Method:
         estimators: the Fisher estimators it takes (None: every one of
             :data:`ewc_jax.Estimator`).
         sequence_models: whether it runs on a language model's sequence outputs.
+        laplace: whether the importance is the task's Fisher (diagonal, or K-FAC merged into
+            one Kronecker term per layer), the precision of a Laplace approximation. Then
+            ``strengths.<name>=evidence`` may choose the strength by the Laplace evidence
+            (:func:`ewc_jax.evidence.evidence_strength`, the current task's curvature from the
+            same estimator), and every single run keeps each task's own Fisher and solution to
+            forecast its forgetting (:mod:`experiments.training.forecast`).
     """
 
     name: str
@@ -92,6 +100,7 @@ class Method:
     wrap_optimizer: Callable[[optax.GradientTransformation], Any] | None = None
     estimators: tuple[str, ...] | None = None
     sequence_models: bool = True
+    laplace: bool = False
 
     @property
     def regularized(self) -> bool:
@@ -196,6 +205,7 @@ _TABLE = (
         "diagonal Fisher, one quadratic per task (Kirkpatrick et al. 2017)",
         importance=fisher_importance,
         needs_examples=True,
+        laplace=True,
     ),
     Method(
         "online_ewc",
@@ -204,6 +214,7 @@ _TABLE = (
         mode="online",
         needs_examples=True,
         decays=True,
+        laplace=True,
     ),
     Method(
         "si",
@@ -231,6 +242,7 @@ _TABLE = (
         kronecker=True,
         estimators=tuple(ewc_jax.kfac.KFAC_ESTIMATORS),
         sequence_models=False,
+        laplace=True,
     ),
     Method(
         "joint",
@@ -262,6 +274,10 @@ class MethodSpec:
         fisher_batch_size: mini-batch size of the ``"batched"`` estimator.
         gamma: decay of the old precision (1 unless the method ``decays``).
         damping: SI's ``ξ`` in ``Ω = ω / (Δθ² + ξ)`` (Zenke et al.'s 0.1 for MNIST).
+        evidence: the strength is re-chosen by the Laplace evidence during training
+            (``strengths.<name>=evidence``); ``strength`` is then only its starting value.
+        evidence_every: with ``evidence``, re-choose it every this many epochs of a task (0:
+            at task ends only), and always at a task's end.
     """
 
     name: str
@@ -271,6 +287,8 @@ class MethodSpec:
     fisher_batch_size: int | None = None
     gamma: float = 1.0
     damping: float = 0.1
+    evidence: bool = False
+    evidence_every: int = 1
 
     def __post_init__(self) -> None:
         method_named(self.name)

@@ -11,6 +11,7 @@ strength on that scenario, to float rounding (``tests/test_sweep.py`` checks it)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.training import consolidation, steps
+from experiments.training import consolidation, forecast, steps
 from experiments.training.device import DeviceScenario, data_sharding
 from experiments.training.loop import StepFns
 from experiments.training.methods import MethodSpec
@@ -30,6 +31,8 @@ def single_run_fns(
 ) -> StepFns:
     """The :class:`StepFns` of one run: the jitted steps as they are."""
     setup = steps.method_setup(setup, method)
+    if method.method.laplace:  # keeps every task's solution and Fisher for the forecast
+        setup = dataclasses.replace(setup, forecast_tasks=len(data.scenario.task_names))
     return StepFns(
         init=lambda: steps.init_state(
             jax.random.key(seed), data.test[0].images[:1], method.strength, setup=setup
@@ -42,6 +45,10 @@ def single_run_fns(
         reset_optimizer=functools.partial(steps.reset_optimizer, setup=setup),
         select=lambda chosen: chosen[0],
         unpad=lambda values: values,
+        choose_strength=functools.partial(
+            consolidation.choose_strength_jit, setup=setup, method=method
+        ),
+        mean_loss=functools.partial(forecast.mean_loss, setup=setup),
     )
 
 

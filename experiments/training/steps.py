@@ -38,7 +38,9 @@ import ewc_jax
 from experiments import models
 from experiments.scenarios import Scenario
 from experiments.spec import ModelSpec, OptimizerSpec, ScheduleSpec
+from experiments.training import forecast
 from experiments.training.device import TaskData, data_sharding, param_shardings, replicated
+from experiments.training.forecast import ForecastStore
 from experiments.training.methods import MethodSpec
 
 
@@ -60,6 +62,9 @@ class StepSetup:
         param_sharding: ``"replicated"`` (every device holds the whole state) or ``"fsdp"``:
             params, optimiser and EWC state split over the mesh's data axis
             (:func:`experiments.training.device.param_shardings`); needs a mesh.
+        forecast_tasks: the tasks whose solution and own precision the state keeps for the
+            forgetting forecast (:class:`experiments.training.forecast.ForecastStore`); 0:
+            none (a method without a Laplace precision, or a sweep).
     """
 
     model: nn.Module
@@ -71,6 +76,7 @@ class StepSetup:
     metric: str = "accuracy"
     kronecker: bool = False
     param_sharding: str = "replicated"
+    forecast_tasks: int = 0
 
     @property
     def num_devices(self) -> int:
@@ -95,6 +101,8 @@ class TrainState(NamedTuple):
         ewc_state: the consolidated tasks' anchor and precision (a K-FAC state for ``kfac``).
         key: the PRNG key the next epoch and Fisher split from.
         strength: the penalty strength λ, float32.
+        forecast: every task's solution and own precision for the forgetting forecast, or
+            None (:attr:`StepSetup.forecast_tasks` 0).
     """
 
     params: Any
@@ -102,6 +110,7 @@ class TrainState(NamedTuple):
     ewc_state: ewc_jax.EWCState | ewc_jax.kfac.KFACState
     key: jax.Array
     strength: jax.Array
+    forecast: ForecastStore | None = None
 
 
 def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
@@ -188,12 +197,22 @@ def init_state(
         ewc_state = _empty_kronecker_state(params, (example_images, heads), setup)
     else:
         ewc_state = ewc_jax.empty_state(params)
+    store = None
+    if setup.forecast_tasks:
+        precision = params
+        if setup.kronecker:
+            precision = jax.eval_shape(
+                lambda p: ewc_jax.kfac.kfac_fisher(setup.logits, p, (example_images, heads)),
+                params,
+            )
+        store = forecast.empty_store(params, precision, setup.forecast_tasks)
     state = TrainState(
         params=params,
         opt_state=setup.tx.init(params),
         ewc_state=ewc_state,
         key=key,
         strength=jnp.asarray(strength, jnp.float32),
+        forecast=store,
     )
     return keep_layout(state, setup)
 
