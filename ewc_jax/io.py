@@ -294,7 +294,14 @@ def _check_tree(path: Path, manifest: dict[str, Any], like: State) -> list[Any]:
         )
     if manifest["tree"] is not None and _layout(like) != _layout(_build(manifest["tree"], paths)):
         raise ValueError(f"{path} holds K-FAC layers of other leaves than like=.")
-    return [getattr(x, "sharding", None) for _, x in flat]
+    shardings = [getattr(x, "sharding", None) for _, x in flat]
+    for s, (p, _) in zip(shardings, flat, strict=True):
+        if isinstance(getattr(s, "mesh", None), jax.sharding.AbstractMesh):
+            raise ValueError(
+                f"like= has a sharding over an abstract mesh at {jax.tree_util.keystr(p)} (from "
+                f"jax.eval_shape?); give shardings over devices to load {path}."
+            )
+    return shardings
 
 
 def _restore(path: Path, records: list[dict[str, Any]], shardings: list[Any]) -> list[Any]:
@@ -336,12 +343,12 @@ def load_state(path: str | os.PathLike[str], like: State | type | None = None) -
       path: the directory :func:`save_state` wrote.
       like: the state expected, for its kind, its tree and its shardings: an
         :class:`ewc_jax.EWCState` or :class:`ewc_jax.kfac.KFACState` whose leaves are arrays
-        or ``jax.ShapeDtypeStruct`` (e.g. ``ewc_jax.empty_state(params)`` for a diagonal file,
-        or ``jax.eval_shape`` of the computation that made the state); each array is restored
-        with the sharding of its ``like`` leaf. A class (``ewc_jax.EWCState``) checks the kind
-        only. ``None``: any kind, arrays on the default device; a tree of node types the file
-        cannot describe (anything but dicts with string keys, lists, tuples and ``None``, such
-        as a Flax ``FrozenDict``) then needs ``like``.
+        or ``jax.ShapeDtypeStruct`` (e.g. ``ewc_jax.empty_state(params)`` for a diagonal
+        file); each array is restored with the sharding of its ``like`` leaf (over devices,
+        not an abstract mesh), and with the file's shape and dtype. A class
+        (``ewc_jax.EWCState``) checks the kind only. ``None``: any kind, arrays on the default
+        device; a tree the file cannot describe (a node other than a dict with string keys, a
+        list, a tuple or ``None``, such as a Flax ``FrozenDict``) then needs ``like``.
 
     Returns:
       The state, of the kind the file records.
