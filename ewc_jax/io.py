@@ -34,7 +34,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +44,9 @@ import orbax.checkpoint as ocp
 
 from ewc_jax._consolidation import EWCState
 from ewc_jax._kfac_state import KFACState, KroneckerTerms
+from ewc_jax._validation import is_traced
 
-State: TypeAlias = EWCState | KFACState
-"""The states a file holds."""
+__all__ = ["load_state", "save_state"]
 
 FORMAT = "ewc_jax.state"
 VERSION = 1
@@ -84,7 +84,7 @@ def _describe(tree: Any, leaves: list[Any]) -> Any:
         return {"dict": {k: _describe(tree[k], leaves) for k in sorted(tree)}}
     if type(tree) in (list, tuple):
         return {type(tree).__name__: [_describe(v, leaves) for v in tree]}
-    if isinstance(tree, jax.Array | np.ndarray | np.generic):
+    if isinstance(tree, jax.Array | np.ndarray):
         leaves.append(tree)
         return {"leaf": len(leaves) - 1}
     raise _Opaque(type(tree).__name__)
@@ -137,10 +137,11 @@ def _sealed(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _manifest(state: State) -> tuple[dict[str, Any], list[Any]]:
+def _manifest(state: EWCState | KFACState) -> tuple[dict[str, Any], list[Any]]:
     """The manifest of ``state`` (without checksums) and its leaves, as arrays."""
+    state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), state)
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    leaves = [x if isinstance(x, jax.Array | np.ndarray) else np.asarray(x) for _, x in flat]
+    leaves = [x for _, x in flat]
     described: list[Any] = []
     try:
         tree = _describe(state, described)
@@ -170,7 +171,7 @@ def _is_state_file(path: Path) -> bool:
         return False
 
 
-def save_state(path: str | os.PathLike[str], state: State) -> Path:
+def save_state(path: str | os.PathLike[str], state: EWCState | KFACState) -> Path:
     r"""Writes ``state`` to ``path`` (a directory), atomically: the old file or the new, whole.
 
     The arrays go to an Orbax checkpoint; ``manifest.json`` records the state's kind, the format
@@ -203,6 +204,8 @@ def save_state(path: str | os.PathLike[str], state: State) -> Path:
         raise ValueError(
             f"save_state writes an EWCState or a KFACState, got {type(state).__name__}."
         )
+    if is_traced(state):
+        raise ValueError("save_state writes concrete arrays; call it outside jax.jit.")
     path = Path(path).absolute()
     if path.exists() and not _is_state_file(path):
         raise ValueError(f"{path} exists and is not an ewc_jax state file; refusing to replace it.")
@@ -277,10 +280,10 @@ def _layout(state: Any) -> list[Any]:
 
 def _check_kind(path: Path, kind: str, expected: type) -> None:
     if expected is not _KINDS[kind]:
-        raise ValueError(f"{path} holds a {kind}, not the {expected.__name__} that like= expects.")
+        raise ValueError(f"{path} holds {kind}, not the {expected.__name__} that like= expects.")
 
 
-def _check_tree(path: Path, manifest: dict[str, Any], like: State) -> list[Any]:
+def _check_tree(path: Path, manifest: dict[str, Any], like: EWCState | KFACState) -> list[Any]:
     """Refuses a ``like`` of another tree than the file's; returns its leaves' shardings."""
     flat = jax.tree_util.tree_flatten_with_path(like)[0]
     paths = [jax.tree_util.keystr(p) for p, _ in flat]
@@ -334,7 +337,9 @@ def _restore(path: Path, records: list[dict[str, Any]], shardings: list[Any]) ->
     return leaves
 
 
-def load_state(path: str | os.PathLike[str], like: State | type | None = None) -> State:
+def load_state(
+    path: str | os.PathLike[str], like: EWCState | KFACState | type | None = None
+) -> EWCState | KFACState:
     r"""Reads the state :func:`save_state` wrote: the same arrays, bit for bit, and dtypes.
 
     Before any array is read, the manifest's SHA-256 and the SHA-256 of every file are checked.
@@ -370,7 +375,7 @@ def load_state(path: str | os.PathLike[str], like: State | type | None = None) -
       1.0
       >>> ewc_jax.io.load_state(path, like=ewc_jax.kfac.KFACState)  # doctest: +ELLIPSIS
       Traceback (most recent call last):
-      ValueError: .../task-a holds a EWCState, not the KFACState that like= expects.
+      ValueError: .../task-a holds EWCState, not the KFACState that like= expects.
     """
     path = Path(path).absolute()
     manifest = _read_manifest(path)

@@ -168,7 +168,7 @@ def test_a_kfac_file_where_an_ewc_state_is_expected_is_refused(tmp_path):
     ewc_like = ewc_jax.empty_state(_params())
     for like in (ewc_jax.EWCState, ewc_like):
         _one_line_error(
-            "holds a KFACState, not the EWCState that like= expects",
+            "holds KFACState, not the EWCState that like= expects",
             ewc_jax.io.load_state,
             path,
             like=like,
@@ -262,3 +262,12 @@ def test_sharded_state_restores_sharded_on_two_devices(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_saving_under_jit_is_refused(tmp_path):
+    def save(state):
+        ewc_jax.io.save_state(tmp_path / "traced", state)
+        return state.num_tasks
+
+    _one_line_error("outside jax.jit", jax.jit(save), ewc_jax.empty_state(_params()))
+    assert not (tmp_path / "traced").exists()
