@@ -18,12 +18,27 @@ import jax.numpy as jnp
 from ewc_jax._engine.chunking import chunked_sum
 from ewc_jax._engine.cost import MAX_SMALL_CHUNK, bytes_per_example, default_chunk_size
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
-from ewc_jax._engine.inputs import check_key, check_positive, checked_labels, num_examples
+from ewc_jax._engine.inputs import (
+    check_key,
+    check_positive,
+    checked_labels,
+    checked_mask,
+    num_examples,
+)
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
 from ewc_jax._fisher import fisher_diagonal
+from ewc_jax._kfac_sequence import (
+    SequenceMode,
+    check_sequence,
+    dense_over_positions,
+    input_sum,
+    output_sum,
+    position_weights,
+    positions,
+)
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
 from ewc_jax._types import ApplyFn, Params, PyTree
 
@@ -44,6 +59,8 @@ def kfac_fisher(
     *,
     estimator: KFACEstimator = "exact",
     key: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    sequence: SequenceMode = "expand",
     chunk_size: int | None = None,
 ) -> KFACFisher:
     r"""Kronecker-factored Fisher of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
@@ -122,32 +139,40 @@ def kfac_fisher(
         raise ValueError(
             f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
         )
+    check_sequence(sequence)
     check_positive("chunk_size", chunk_size)
     check_params(params)
     n = num_examples(inputs)
     model = Model.of(apply_fn, params, inputs)
     token_shape, num_classes = output_shape(model)
     check_classes(num_classes)
-    if token_shape:
-        raise ValueError(
-            "kfac_fisher needs logits of shape [B, C]; sequence outputs [B, T, C] are not "
-            "supported (use fisher_diagonal)."
-        )
     if estimator == "empirical":
         if labels is None:
             raise ValueError("estimator='empirical' needs labels (the true class of each input).")
-        labels = checked_labels(labels, (n,), num_classes)
+        labels = checked_labels(labels, (n, *token_shape), num_classes)
     else:
         labels = None
+    mask = checked_mask(mask, (n, *token_shape))
     if estimator == "sampled":
         check_key(key)
     plan = make_plan(apply_fn, model.params_tree(), model.example_tree())
     layers = _layers(plan)
+    if mask is not None:
+        for node, _, _, _ in layers:
+            if positions(plan.nodes[node]) is not None:
+                position_weights(plan.nodes[node], mask[:1], token_shape, 1, jnp.float32)
     covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
     if len(covered) < len(leaves):
         diagonal = fisher_diagonal(
-            apply_fn, params, inputs, labels, estimator=estimator, key=key, chunk_size=chunk_size
+            apply_fn,
+            params,
+            inputs,
+            labels,
+            estimator=estimator,
+            key=key,
+            mask=mask,
+            chunk_size=chunk_size,
         )
         diag_leaves = jax.tree.leaves(diagonal)
     else:
@@ -161,8 +186,11 @@ def kfac_fisher(
         inputs,
         labels,
         keys,
+        mask,
         apply_fn=Static(apply_fn),
         estimator=estimator,
+        sequence=sequence,
+        token_shape=token_shape,
         chunk_size=min(
             int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
         ),
@@ -195,7 +223,7 @@ def _layers(
     for tap in plan.taps:
         if tap.layout:
             continue
-        kernel = _kernel_axes(plan, tap)
+        kernel = _kernel_axes(plan, tap) or dense_over_positions(plan, tap)
         if kernel is None:
             continue
         axes, out_features = kernel
@@ -267,6 +295,8 @@ def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array
     inputs = recorded[(node, 1 - kernel_operand)]
     if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
         return conv_patches(plan.nodes[node], inputs, dtype)
+    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, in]
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
     return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
 
 
@@ -278,37 +308,81 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         d = stack_examples(delta.astype(dtype), out_spec[0])
         d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
         return d.reshape(d.shape[0], -1, d.shape[-1])
+    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, out]
+        return delta.reshape(delta.shape[0], -1, delta.shape[-1]).astype(dtype)
     return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "layers"))
-def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, layers):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "apply_fn",
+        "estimator",
+        "sequence",
+        "token_shape",
+        "chunk_size",
+        "layers",
+    ),
+)
+def _factors(
+    params,
+    inputs,
+    labels,
+    keys,
+    mask,
+    *,
+    apply_fn,
+    estimator,
+    sequence,
+    token_shape,
+    chunk_size,
+    layers,
+):
+    """``[(A, G)]`` per layer: chunked sums of ``ā āᵀ`` (with the count they average over) and
+    of ``δ δᵀ``, the latter divided by N."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
     def sums(data, weight):
-        x, y, k = data
+        x, y, k, m = data
         example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
         plan = make_plan(apply_fn.fn, params, example)
         logits, pullback, recorded = tapped_vjp(
             plan, leaves, jax.tree.leaves(x), [node for node, _, _, _ in layers]
         )
-        num_labels, target = label_targets(logits, estimator, y, k, None, weight)
+        num_labels, target = label_targets(logits, estimator, y, k, m, weight)
         dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, _, _ in layers]
+        batch = weight.shape[0]
+        # [B, S] counted positions of each Dense layer applied over extra axes; None otherwise.
+        counted = [
+            None
+            if positions(plan.nodes[node]) is None
+            else position_weights(plan.nodes[node], m, token_shape, batch, dtype)
+            for (node, _, _, _), dtype in zip(layers, dtypes, strict=True)
+        ]
         a_sums = []
-        for (node, _, bias, _), dtype in zip(layers, dtypes, strict=True):
+        for (node, _, bias, _), dtype, c in zip(layers, dtypes, counted, strict=True):
             a = _layer_inputs(plan, node, recorded, dtype)
             if bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
+            if c is not None:  # K-FAC-expand or -reduce (Eschenhagen et al. 2023).
+                a_sums.append(input_sum(a, c, weight, sequence))
+                continue
             # Σ over output positions (Grosse & Martens 2016; one position for Dense).
-            a_sums.append(jnp.einsum("n,nsi,nsj->ij", weight.astype(dtype), a, a))
+            w = weight.astype(dtype)
+            a_sums.append((jnp.einsum("n,nsi,nsj->ij", w, a, a), jnp.sum(w)))
 
         def add_label(g_sums, label):
             cotangent, w = target(label)
             (deltas,) = pullback(cotangent.astype(logits.dtype))
             new = []
-            for total, (node, _, _, _), dtype in zip(g_sums, layers, dtypes, strict=True):
+            for total, (node, _, _, _), dtype, c in zip(
+                g_sums, layers, dtypes, counted, strict=True
+            ):
                 d = _layer_deltas(plan, node, deltas[node], dtype)
+                if c is not None:
+                    new.append(total + output_sum(d, c, w, sequence))
+                    continue
                 # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
                 scale = jnp.asarray(1.0 / d.shape[1], dtype)
                 new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
@@ -322,7 +396,7 @@ def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, l
             g_sums, _ = add_label(zero, 0)
         else:
             g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-        return [(a, g) for a, g in zip(a_sums, g_sums, strict=True)]
+        return [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
 
-    total = chunked_sum(sums, (inputs, labels, keys), chunk_size)
-    return [(a / n, g / n) for a, g in total]
+    total = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
+    return [(a / count, g / n) for a, count, g in total]
