@@ -118,7 +118,7 @@ def input_sum(
         return jnp.einsum("ns,nsi,nsj->ij", mw, a, a), jnp.sum(mw)
     counted = jnp.sum(m, axis=1)
     mean = jnp.einsum("ns,nsi->ni", m, a) / jnp.maximum(counted, 1)[:, None]
-    w = w * (counted > 0)
+    w = w * (counted > 0).astype(w.dtype)
     return jnp.einsum("n,ni,nj->ij", w, mean, mean), jnp.sum(w)
 
 
