@@ -91,29 +91,77 @@ def kfac_fisher(
     positions). Its rows ``W̄`` are the kernel transposed to ``[in, spatial..., out]`` and
     flattened (see :class:`KroneckerFactors`).
 
+    **Dense layers over extra axes** (a kernel ``[in, out]`` applied at every position ``t`` of
+    a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
+    ``[B, T, D]``, ``x @ w + b`` in plain JAX) are factored by K-FAC-expand or K-FAC-reduce
+    (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
+    example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
+
+    .. math:: \text{expand:}\quad A = \frac{\sum_{n,t} m_{nt} ā_{nt} ā_{nt}^\top}
+              {\sum_{n,t} m_{nt}},\qquad
+              G = \frac1N \sum_{n,t} m_{nt}\, \mathbb{E}_y\big[g_{nt} g_{nt}^\top\big]
+
+    .. math:: \text{reduce:}\quad â_n = \frac{\sum_t m_{nt} ā_{nt}}{\sum_t m_{nt}},\quad
+              ĝ_n = \sum_t m_{nt} g_{nt},\qquad A = \frac{1}{N'} \sum_n â_n â_n^\top,\qquad
+              G = \frac1N \sum_n \mathbb{E}_y\big[ĝ_n ĝ_n^\top\big]
+
+    (``N'``: examples with a counted position). These are the paper's sums over the data set
+    divided by ``N``, with ``A`` averaged over what it counts, so that ``A ⊗ G`` is the mean
+    Fisher block exactly where the paper proves each exact (deep linear networks with the
+    positions sharing the kernel: expand for a loss with one term per position, reduce for a
+    loss of the positions' mean) and an approximation elsewhere. ``"expand"`` (default) suits
+    a per-token loss (a language model), ``"reduce"`` a sequence-level one (a classifier of
+    pooled tokens). With one position both equal the Dense factors above.
+
+    **Sequence outputs.** ``apply_fn`` may return ``[B, T, C]`` logits (labels ``[N, T]``), as
+    for :func:`fisher_diagonal`: an example's log-likelihood is
+    :math:`\sum_t m_{nt} \log p(y_{nt} \mid x_n, t)`; ``"exact"`` takes every (token, class)
+    pair (T·C backward passes per chunk: small T·C only), ``"sampled"`` one label per token
+    (one pass; the estimator for a large vocabulary), ``"empirical"`` the given labels. A
+    masked token contributes nothing: its label term is left out, and a Dense layer applied
+    over the same ``[T]`` positions as the logits leaves its input and output gradient out of
+    ``A`` and ``G`` (its own mask is the token mask; a layer over other positions with a mask
+    given is refused).
+
     Layers are found in the traced program, as the one-pass Fisher finds them
-    (``ewc_jax._engine.plan``): Flax ``Dense``/``Conv``, NNX ``Linear``/``Conv``, or ``x @ w + b``
-    and ``lax.conv_general_dilated`` in plain JAX. Every other parameter (grouped
-    convolutions, Dense layers applied over a sequence, normalisation scales, shared weights)
-    keeps its diagonal Fisher from :func:`fisher_diagonal`.
+    (``ewc_jax._engine.plan``): Flax ``Dense``/``DenseGeneral``/``Conv``, NNX
+    ``Linear``/``Conv``, or ``x @ w + b`` and ``lax.conv_general_dilated`` in plain JAX. Every
+    other parameter keeps its diagonal Fisher from :func:`fisher_diagonal`, which is exact for
+    it: grouped convolutions; ``DenseGeneral`` kernels of more than two axes (attention's
+    per-head ``q``/``k``/``v`` projections ``[D, H, Dh]`` and its output projection
+    ``[H, Dh, D]``) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
+    nested ``vmap``); normalisation scales and biases of unfactored layers; embeddings (a
+    gather of one-hot rows: their ``A`` would be the diagonal ``diag(token frequency)``, so
+    the diagonal Fisher loses only ``G``'s off-diagonal terms and avoids a ``V × V`` input
+    factor); and any parameter used more than once (a tied embedding, a kernel applied twice):
+    the sum of Kronecker products over its uses is not one Kronecker product, and no block is
+    formed for it rather than a wrong one.
 
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]``; examples independent.
+      apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]`` or ``[B, T, C]``;
+        examples independent.
       params: a pytree of floating-point arrays.
       inputs: an array or pytree of arrays with a leading example axis N.
-      labels: int labels ``[N]``; required for ``"empirical"``.
+      labels: int labels ``[N]`` (``[N, T]`` for sequence outputs); required for
+        ``"empirical"``.
       estimator: ``"exact"``, ``"sampled"`` or ``"empirical"``.
       key: PRNG key for ``"sampled"``.
+      mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count (as
+        in :func:`fisher_diagonal`).
+      sequence: ``"expand"`` (default) or ``"reduce"``: how Dense layers applied over extra
+        axes are factored (see above).
       chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256.
 
     Returns:
       A :class:`KFACFisher` (factors in float32 at least).
 
     Raises:
-      ValueError: unknown estimator, missing labels/key, logits not ``[B, C]``.
+      ValueError: unknown estimator or sequence mode, missing labels/key, labels or mask of
+        the wrong shape, a mask with a Dense layer applied over positions other than the
+        logits' tokens.
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -134,6 +182,8 @@ def kfac_fisher(
       Curvature", ICML 2015.
       Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
       layers", ICML 2016.
+      Eschenhagen, Immer, Turner, Schneider & Hennig, "Kronecker-Factored Approximate
+      Curvature for Modern Neural Network Architectures", NeurIPS 2023.
     """
     if estimator not in KFAC_ESTIMATORS:
         raise ValueError(
