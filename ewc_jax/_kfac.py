@@ -32,6 +32,7 @@ from ewc_jax._engine.targets import label_targets
 from ewc_jax._fisher import fisher_diagonal
 from ewc_jax._kfac_sequence import (
     SequenceMode,
+    check_mask_fits,
     check_sequence,
     dense_over_positions,
     input_sum,
@@ -210,7 +211,7 @@ def kfac_fisher(
     if mask is not None:
         for node, _, _, _ in layers:
             if positions(plan.nodes[node]) is not None:
-                position_weights(plan.nodes[node], mask[:1], token_shape, 1, jnp.float32)
+                check_mask_fits(plan.nodes[node], token_shape)
     covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
     if len(covered) < len(leaves):

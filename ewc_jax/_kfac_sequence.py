@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, TypeAlias, get_args
 
 import jax
@@ -94,18 +95,22 @@ def position_weights(
 ) -> jax.Array:
     """``[B, S]``: which of the layer's ``S`` positions count (the token mask where the layer's
     positions are the logits' tokens; all of them without a mask)."""
-    shape = positions(node)
-    size = 1
-    for d in shape:
-        size *= d
+    size = math.prod(positions(node))
     if mask is None:
         return jnp.ones((batch, size), dtype)
+    check_mask_fits(node, token_shape)
+    return mask.reshape(batch, size).astype(dtype)
+
+
+def check_mask_fits(node: Node, token_shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless the layer's positions are the logits' tokens (which a mask
+    selects)."""
+    shape = positions(node)
     if shape != token_shape:
         raise ValueError(
             f"mask has the logits' token shape {token_shape}, but a Dense layer is applied over "
             f"positions of shape {shape}; K-FAC cannot tell which of its positions to leave out."
         )
-    return mask.reshape(batch, size).astype(dtype)
 
 
 def input_sum(

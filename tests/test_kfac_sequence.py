@@ -9,6 +9,11 @@ position's logits are then equal while every layer's inputs differ, which is the
 setting with ``Λ`` in place of the identity.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -368,3 +373,63 @@ def test_refusals():
         mask = jnp.ones((N, T - 1), bool)
         with pytest.raises(ValueError, match="applied over positions of shape"):
             ewc_jax.kfac.kfac_fisher(pooled_tokens, params, x, mask=mask)
+
+
+MESH_CODE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ewc_jax
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+assert jax.device_count() == 8, jax.devices()
+# Auto axes: XLA's partitioner (GSPMD) places the computation from the arguments' shardings.
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def model(p, x):
+    h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"][None, None])
+    h = jnp.cumsum(h, axis=1) / jnp.arange(1, x.shape[1] + 1, dtype=h.dtype)[None, :, None]
+    return h @ p["l1"]["w"]
+
+
+k = jax.random.split(jax.random.key(0), 5)
+params = {
+    "l0": {"w": jax.random.normal(k[0], (8, 16)) / 3, "b": jax.random.normal(k[1], (16,))},
+    "l1": {"w": jax.random.normal(k[2], (16, 4)) / 3},
+}
+x = jax.random.normal(k[3], (8, 6, 8))
+mask = jnp.arange(6)[None, :] < jax.random.randint(k[4], (8, 1), 1, 7)
+spec = {"l0": {"w": P(None, "model"), "b": P("model")}, "l1": {"w": P("model", None)}}
+sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, spec)
+x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+mask_sharded = jax.device_put(mask, NamedSharding(mesh, P("data")))
+assert not sharded["l0"]["w"].sharding.is_fully_replicated
+for sequence in ("expand", "reduce"):
+    kw = dict(estimator="sampled", key=jax.random.key(1), sequence=sequence, chunk_size=4)
+    one = ewc_jax.kfac.kfac_fisher(model, params, x, mask=mask, **kw)
+    many = ewc_jax.kfac.kfac_fisher(model, sharded, x_sharded, mask=mask_sharded, **kw)
+    assert len(one.layers) == len(many.layers) == 2
+    for a, b in zip(one.layers, many.layers, strict=True):
+        np.testing.assert_allclose(np.asarray(b.a), np.asarray(a.a), rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(b.g), np.asarray(a.g), rtol=1e-10, atol=1e-13)
+    state = ewc_jax.consolidate(None, sharded, many)
+    moved = jax.tree.map(lambda a: a + 0.1, sharded)
+    reference = ewc_jax.consolidate(None, params, one)
+    want = ewc_jax.penalty(jax.tree.map(lambda a: a + 0.1, params), reference, 2.0)
+    np.testing.assert_allclose(float(ewc_jax.penalty(moved, state, 2.0)), float(want), rtol=1e-10)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_factors_on_a_2x4_mesh_equal_one_device():
+    """Params sharded over "model", examples over "data" of 8 simulated CPU devices (XLA fixes
+    the device count at start-up: a subprocess): the same factors and penalty as one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_CODE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    assert "ok" in result.stdout
