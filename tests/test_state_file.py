@@ -271,3 +271,15 @@ def test_saving_under_jit_is_refused(tmp_path):
 
     _one_line_error("outside jax.jit", jax.jit(save), ewc_jax.empty_state(_params()))
     assert not (tmp_path / "traced").exists()
+
+
+def test_import_ewc_jax_does_not_import_orbax():
+    probe = (
+        "import sys, ewc_jax; print(sorted(m for m in sys.modules"
+        " if m == 'ewc_jax.io' or m.split('.')[0] == 'orbax'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
