@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -84,7 +83,7 @@ def _describe(tree: Any, leaves: list[Any]) -> Any:
         return {"dict": {k: _describe(tree[k], leaves) for k in sorted(tree)}}
     if type(tree) in (list, tuple):
         return {type(tree).__name__: [_describe(v, leaves) for v in tree]}
-    if isinstance(tree, jax.Array | np.ndarray):
+    if isinstance(tree, jax.Array):
         leaves.append(tree)
         return {"leaf": len(leaves) - 1}
     raise _Opaque(type(tree).__name__)
@@ -137,9 +136,16 @@ def _sealed(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _layout(state: Any) -> list[Any]:
+    """The static metadata a key path does not show: each K-FAC layer's leaf indices."""
+    layers = getattr(state, "layers", ())
+    return [[_to_json(getattr(t, k)) for k in _TERMS_META] for t in layers]
+
+
 def _manifest(state: EWCState | KFACState) -> tuple[dict[str, Any], list[Any]]:
     """The manifest of ``state`` (without checksums) and its leaves, as arrays."""
-    state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), state)
+    # NumPy and Python leaves as JAX would hold them (float64 only where x64 is on).
+    state = jax.tree.map(jnp.asarray, state)
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     leaves = [x for _, x in flat]
     described: list[Any] = []
@@ -156,6 +162,7 @@ def _manifest(state: EWCState | KFACState) -> tuple[dict[str, Any], list[Any]]:
         "kind": type(state).__name__,
         "tree": tree,
         "opaque": opaque,
+        "layout": _layout(state),
         "leaves": [
             {"path": jax.tree_util.keystr(p), "shape": list(x.shape), "dtype": x.dtype.name}
             for (p, _), x in zip(flat, leaves, strict=True)
@@ -272,12 +279,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _layout(state: Any) -> list[Any]:
-    """The static metadata a key path does not show: each K-FAC layer's leaf indices."""
-    layers = getattr(state, "layers", ())
-    return [[_to_json(getattr(t, k)) for k in _TERMS_META] for t in layers]
-
-
 def _check_kind(path: Path, kind: str, expected: type) -> None:
     if expected is not _KINDS[kind]:
         raise ValueError(f"{path} holds {kind}, not the {expected.__name__} that like= expects.")
@@ -295,7 +296,7 @@ def _check_tree(path: Path, manifest: dict[str, Any], like: EWCState | KFACState
         raise ValueError(
             f"{path} holds another tree than like= (like has {ours} where the file has {theirs})."
         )
-    if manifest["tree"] is not None and _layout(like) != _layout(_build(manifest["tree"], paths)):
+    if _layout(like) != manifest["layout"]:
         raise ValueError(f"{path} holds K-FAC layers of other leaves than like=.")
     shardings = [getattr(x, "sharding", None) for _, x in flat]
     for s, (p, _) in zip(shardings, flat, strict=True):

@@ -6,6 +6,7 @@ penalty computed from it here against the one a fresh Python process computes fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -283,3 +284,22 @@ def test_import_ewc_jax_does_not_import_orbax():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_numpy_and_python_leaves_are_saved_as_jax_holds_them(tmp_path):
+    state = ewc_jax.EWCState(
+        anchor={"w": np.arange(3, dtype=np.float32)},
+        precision={"w": np.ones(3, np.float32)},
+        num_tasks=1,
+    )
+    loaded = ewc_jax.io.load_state(ewc_jax.io.save_state(tmp_path / "numpy", state))
+    _assert_identical(loaded, jax.tree.map(jnp.asarray, state))
+    assert loaded.num_tasks.dtype == jnp.int32  # JAX's int without x64
+
+
+def test_kfac_layers_of_other_leaves_are_refused(tmp_path):
+    state = _kfac_state()
+    path = ewc_jax.io.save_state(tmp_path / "kfac", state)
+    first, *rest = state.layers
+    swapped = state._replace(layers=(dataclasses.replace(first, bias=None), *rest))
+    _one_line_error("K-FAC layers of other leaves", ewc_jax.io.load_state, path, like=swapped)
