@@ -33,14 +33,11 @@ def _params():
 
 
 def _ewc_state():
-    """Two tasks, a bfloat16 anchor, a float32 precision, a where= selection (a MaskedNode)."""
+    """A bfloat16 anchor, a float32 precision, a where= selection (a MaskedNode)."""
     params = _params()
-    x = jax.random.normal(jax.random.key(1), (6, 4))
     where = {"layer0": {"w": True, "b": False}, "layer1": True}
-    fisher = ewc_jax.fisher_diagonal(plain_mlp, params, x, estimator="exact")
-    state = ewc_jax.consolidate(None, params, fisher, where=where, anchor_dtype=jnp.bfloat16)
-    moved = jax.tree.map(lambda p: p + 0.25, params)
-    return ewc_jax.consolidate(state, moved, fisher, where=where, mode="online", gamma=0.5), where
+    fisher = jax.tree.map(lambda p: p * p + 0.5, params)  # any positive precision will do
+    return ewc_jax.consolidate(None, params, fisher, where=where, anchor_dtype=jnp.bfloat16), where
 
 
 def _kfac_state(tasks=2):
@@ -93,7 +90,7 @@ def test_kfac_state_round_trip_is_bit_identical(tmp_path, tasks):
     _assert_identical(ewc_jax.io.load_state(path, like=state), state)
 
 
-def test_a_fresh_process_computes_the_same_penalty(tmp_path):
+def test_a_fresh_process_computes_the_same_penalty_and_the_root_skips_orbax(tmp_path):
     ewc, where = _ewc_state()
     kfac = _kfac_state()
     ewc_jax.io.save_state(tmp_path / "ewc", ewc)
@@ -105,7 +102,9 @@ def test_a_fresh_process_computes_the_same_penalty(tmp_path):
     }
     assert float.fromhex(want["kfac"]) > 0 and float.fromhex(want["ewc"]) > 0
     script = textwrap.dedent(f"""
-        import json, jax, ewc_jax, ewc_jax.io
+        import json, sys, jax, ewc_jax
+        assert "ewc_jax.io" not in sys.modules and "orbax" not in sys.modules  # not on the root
+        import ewc_jax.io
         from tests._models import init_plain_mlp
         params = jax.tree.map(lambda p: p * 1.5 - 0.5, init_plain_mlp(jax.random.key(0), (4, 3, 2)))
         where = {where!r}
@@ -272,18 +271,6 @@ def test_saving_under_jit_is_refused(tmp_path):
 
     _one_line_error("outside jax.jit", jax.jit(save), ewc_jax.empty_state(_params()))
     assert not (tmp_path / "traced").exists()
-
-
-def test_import_ewc_jax_does_not_import_orbax():
-    probe = (
-        "import sys, ewc_jax; print(sorted(m for m in sys.modules"
-        " if m == 'ewc_jax.io' or m.split('.')[0] == 'orbax'))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
 
 
 def test_numpy_and_python_leaves_are_saved_as_jax_holds_them(tmp_path):
