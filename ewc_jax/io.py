@@ -53,7 +53,7 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
 _KINDS: dict[str, type] = {"EWCState": EWCState, "KFACState": KFACState}
-# A registered dataclass: its array fields, then its static (metadata) fields.
+# KroneckerTerms, a registered dataclass: its array fields, then its static (metadata) fields.
 _TERMS_DATA = ("a", "g", "anchor")
 _TERMS_META = ("kernel", "bias", "kernel_axes")
 
