@@ -1231,13 +1231,13 @@ assert len(epoch_traces) == 1  # still one compiled program: λ and the state ar
 # %% [markdown]
 # **What the evidence says.** $\log Z(\lambda)$ has one sharp maximum, at MacKay's fixed point
 # $\gamma(\lambda^\star) = N\lambda^\star q$ (asserted). It judges the prior by the parameters
-# the run reached: EWC stayed near $ar	heta$ (small $q$), so a strong prior explains task 2's
+# the run reached: EWC stayed near $\bar\theta$ (small $q$), so a strong prior explains task 2's
 # data well and $\lambda^\star$ comes out far above the $\lambda$ it was trained with;
-# fine-tuning wandered off, and its $\lambda^\star$ is much weaker. Used during training
-# (`--config.strengths.ewc=evidence` in the experiments re-chooses λ every few epochs and at
-# each task's end), that judgement feeds back: a stronger λ keeps θ nearer $ar	heta$, which
-# shrinks $q$ and asks for a stronger λ still. `docs/results.md` measures how close it comes to
-# a sweep's best strength.
+# fine-tuning wandered off, and its $\lambda^\star$ is much weaker. In the experiments,
+# `--config.strengths.ewc=evidence` chooses λ this way at the end of each task, for the next
+# one. Re-chosen every epoch as well (`--config.evidence_every=1`), that judgement feeds back: a
+# stronger λ keeps θ nearer $\bar\theta$, which shrinks $q$ and asks for a stronger λ still.
+# `docs/results.md` measures both against a sweep's best strength.
 #
 # **What the forecast says.** The quadratic orders the two runs correctly: fine-tuning moved
 # further by $F_k$'s measure and forgot more, in every pair. But it under-predicts every pair,

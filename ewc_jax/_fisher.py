@@ -21,8 +21,8 @@ from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
 from ewc_jax._engine.inputs import (
     check_key,
     check_positive,
-    checked_labels,
     checked_mask,
+    estimator_labels,
     num_examples,
 )
 from ewc_jax._engine.model import (
@@ -308,14 +308,7 @@ def _checked_model_and_data(
     model = Model.of(apply_fn, params, inputs, model_state)
     token_shape, num_classes = output_shape(model)
     check_classes(num_classes)
-    if estimator in ("empirical", "batched"):
-        if labels is None:
-            raise ValueError(
-                f"estimator={estimator!r} needs labels (the true class of each input)."
-            )
-        labels = checked_labels(labels, (n, *token_shape), num_classes)
-    else:
-        labels = None
+    labels = estimator_labels(estimator, labels, (n, *token_shape), num_classes)
     mask = checked_mask(mask, (n, *token_shape))
     if estimator == "sampled":
         check_key(key)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from ewc_jax._engine.chunking import chunked_sum
 from ewc_jax._engine.cost import MAX_SMALL_CHUNK, bytes_per_example, default_chunk_size
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
-from ewc_jax._engine.inputs import check_key, check_positive, checked_labels, num_examples
+from ewc_jax._engine.inputs import check_key, check_positive, estimator_labels, num_examples
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
@@ -133,12 +133,7 @@ def kfac_fisher(
             "kfac_fisher needs logits of shape [B, C]; sequence outputs [B, T, C] are not "
             "supported (use fisher_diagonal)."
         )
-    if estimator == "empirical":
-        if labels is None:
-            raise ValueError("estimator='empirical' needs labels (the true class of each input).")
-        labels = checked_labels(labels, (n,), num_classes)
-    else:
-        labels = None
+    labels = estimator_labels(estimator, labels, (n,), num_classes)
     if estimator == "sampled":
         check_key(key)
     plan = make_plan(apply_fn, model.params_tree(), model.example_tree())

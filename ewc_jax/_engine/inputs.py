@@ -54,6 +54,18 @@ def checked_labels(labels: Any, shape: tuple[int, ...], num_classes: int) -> jax
     return jnp.asarray(labels, jnp.int32)
 
 
+def estimator_labels(
+    estimator: str, labels: Any, shape: tuple[int, ...], num_classes: int
+) -> jax.Array | None:
+    """The checked labels for the estimators that use them (``"empirical"``, ``"batched"``),
+    None for the others (they draw or choose their own)."""
+    if estimator not in ("empirical", "batched"):
+        return None
+    if labels is None:
+        raise ValueError(f"estimator={estimator!r} needs labels (the true class of each input).")
+    return checked_labels(labels, shape, num_classes)
+
+
 def checked_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
     if mask is None:
         return None
