@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from flax.core import FrozenDict
 
 import ewc_jax
 import ewc_jax.io
+from tests import _state_file_worker
 from tests._models import init_plain_mlp, plain_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +292,35 @@ def test_kfac_layers_of_other_leaves_are_refused(tmp_path):
     first, *rest = state.layers
     swapped = state._replace(layers=(dataclasses.replace(first, bias=None), *rest))
     _one_line_error("K-FAC layers of other leaves", ewc_jax.io.load_state, path, like=swapped)
+
+
+@pytest.mark.slow
+def test_a_state_sharded_over_two_processes_is_saved_and_read_by_a_third(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "two-processes"
+    worker = str(ROOT / "tests" / "_state_file_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(port), str(i), str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-5000:]
+    params, precision = _state_file_worker.problem()
+    want = ewc_jax.consolidate(None, jax.tree.map(jnp.asarray, params), precision)
+    _assert_identical(ewc_jax.io.load_state(path), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-processes"]
