@@ -132,7 +132,7 @@ def _fill_roofline(report: dict[str, Any], config: Config) -> None:
     if config.families:
         print("families ...", flush=True)
         sizes = {f: (8, 64) for f in roofline.FAMILY_SIZES} if config.quick else None
-        roof["families"] = roofline.family_rows(peak, sizes, config.repeats)
+        roof["families"] = roofline.family_rows(peak, sizes, min(config.repeats, 3))
     if config.profile:
         print("stage profile ...", flush=True)
         roof["profile"] = roofline.stage_profile(n, config.repeats, config.seed)

@@ -277,7 +277,7 @@ def _median(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
-FAMILY_SIZES: dict[str, tuple[int, int]] = {"conv": (32, 4096), "tiny_lm": (64, 4096)}
+FAMILY_SIZES: dict[str, tuple[int, int]] = {"conv": (16, 1024), "tiny_lm": (64, 2048)}
 """``family: (width, N)`` for :func:`family_rows`: the small CNN (two 3x3 convolutions on 8x8x3
 inputs) and the language model's transformer (tokens ``[N, 8]``, logits ``[N, 8, 16]``)."""
 

@@ -67,7 +67,9 @@ REPEATS = 3
 AUTO_MIN_FLOPS = 1e12
 """``auto`` calibrates calls of at least this many FLOPs by XLA's count (about 5 s at 200 GFLOP/s):
 calibrating costs one compilation per candidate (about 1 s each for the tutorial MLP on 2 cores),
-which a 10-30% faster chunk repays within the first call or two."""
+which a 10-30% faster chunk repays within the first call or two. XLA counts a loop body once, so
+the exact Fisher's scan over the classes counts as one class: it is calibrated later than its work
+warrants."""
 WEIGHT_REUSE = 64
 """``auto`` does not even lower the program (about 1 s) when ``2 · N · parameters``, the FLOPs of a
 forward pass that uses each weight once per example, is below ``AUTO_MIN_FLOPS / WEIGHT_REUSE``:

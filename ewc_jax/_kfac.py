@@ -18,12 +18,28 @@ import jax.numpy as jnp
 from ewc_jax._engine.chunking import chunked_sum
 from ewc_jax._engine.cost import MAX_SMALL_CHUNK, bytes_per_example, default_chunk_size
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
-from ewc_jax._engine.inputs import check_key, check_positive, estimator_labels, num_examples
+from ewc_jax._engine.inputs import (
+    check_key,
+    check_positive,
+    checked_mask,
+    estimator_labels,
+    num_examples,
+)
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
 from ewc_jax._fisher import fisher_diagonal
+from ewc_jax._kfac_sequence import (
+    SequenceMode,
+    check_mask_fits,
+    check_sequence,
+    dense_over_positions,
+    input_sum,
+    output_sum,
+    position_weights,
+    positions,
+)
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
 from ewc_jax._types import ApplyFn, Params, PyTree
 
@@ -44,6 +60,8 @@ def kfac_fisher(
     *,
     estimator: KFACEstimator = "exact",
     key: jax.Array | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    sequence: SequenceMode = "expand",
     chunk_size: int | None = None,
 ) -> KFACFisher:
     r"""Kronecker-factored Fisher of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
@@ -74,29 +92,77 @@ def kfac_fisher(
     positions). Its rows ``W̄`` are the kernel transposed to ``[in, spatial..., out]`` and
     flattened (see :class:`KroneckerFactors`).
 
+    **Dense layers over extra axes** (a kernel ``[in, out]`` applied at every position ``t`` of
+    a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
+    ``[B, T, D]``, ``x @ w + b`` in plain JAX) are factored by K-FAC-expand or K-FAC-reduce
+    (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
+    example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
+
+    .. math:: \text{expand:}\quad A = \frac{\sum_{n,t} m_{nt} ā_{nt} ā_{nt}^\top}
+              {\sum_{n,t} m_{nt}},\qquad
+              G = \frac1N \sum_{n,t} m_{nt}\, \mathbb{E}_y\big[g_{nt} g_{nt}^\top\big]
+
+    .. math:: \text{reduce:}\quad â_n = \frac{\sum_t m_{nt} ā_{nt}}{\sum_t m_{nt}},\quad
+              ĝ_n = \sum_t m_{nt} g_{nt},\qquad A = \frac{1}{N'} \sum_n â_n â_n^\top,\qquad
+              G = \frac1N \sum_n \mathbb{E}_y\big[ĝ_n ĝ_n^\top\big]
+
+    (``N'``: examples with a counted position). These are the paper's sums over the data set
+    divided by ``N``, with ``A`` averaged over what it counts, so that ``A ⊗ G`` is the mean
+    Fisher block exactly where the paper proves each exact (deep linear networks with the
+    positions sharing the kernel: expand for a loss with one term per position, reduce for a
+    loss of the positions' mean) and an approximation elsewhere. ``"expand"`` (default) suits
+    a per-token loss (a language model), ``"reduce"`` a sequence-level one (a classifier of
+    pooled tokens). With one position both equal the Dense factors above.
+
+    **Sequence outputs.** ``apply_fn`` may return ``[B, T, C]`` logits (labels ``[N, T]``), as
+    for :func:`fisher_diagonal`: an example's log-likelihood is
+    :math:`\sum_t m_{nt} \log p(y_{nt} \mid x_n, t)`; ``"exact"`` takes every (token, class)
+    pair (T·C backward passes per chunk: small T·C only), ``"sampled"`` one label per token
+    (one pass; the estimator for a large vocabulary), ``"empirical"`` the given labels. A
+    masked token contributes nothing: its label term is left out, and a Dense layer applied
+    over the same ``[T]`` positions as the logits leaves its input and output gradient out of
+    ``A`` and ``G`` (its own mask is the token mask; a layer over other positions with a mask
+    given is refused).
+
     Layers are found in the traced program, as the one-pass Fisher finds them
-    (``ewc_jax._engine.plan``): Flax ``Dense``/``Conv``, NNX ``Linear``/``Conv``, or ``x @ w + b``
-    and ``lax.conv_general_dilated`` in plain JAX. Every other parameter (grouped
-    convolutions, Dense layers applied over a sequence, normalisation scales, shared weights)
-    keeps its diagonal Fisher from :func:`fisher_diagonal`.
+    (``ewc_jax._engine.plan``): Flax ``Dense``/``DenseGeneral``/``Conv``, NNX
+    ``Linear``/``Conv``, or ``x @ w + b`` and ``lax.conv_general_dilated`` in plain JAX. Every
+    other parameter keeps its diagonal Fisher from :func:`fisher_diagonal`, which is exact for
+    it: grouped convolutions; ``DenseGeneral`` kernels of more than two axes (attention's
+    per-head ``q``/``k``/``v`` projections ``[D, H, Dh]`` and its output projection
+    ``[H, Dh, D]``) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
+    nested ``vmap``); normalisation scales and biases of unfactored layers; embeddings (a
+    gather of one-hot rows: their ``A`` would be the diagonal ``diag(token frequency)``, so
+    the diagonal Fisher loses only ``G``'s off-diagonal terms and avoids a ``V × V`` input
+    factor); and any parameter used more than once (a tied embedding, a kernel applied twice):
+    the sum of Kronecker products over its uses is not one Kronecker product, and no block is
+    formed for it rather than a wrong one.
 
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]``; examples independent.
+      apply_fn: ``apply_fn(params, inputs_batch) -> logits [B, C]`` or ``[B, T, C]``;
+        examples independent.
       params: a pytree of floating-point arrays.
       inputs: an array or pytree of arrays with a leading example axis N.
-      labels: int labels ``[N]``; required for ``"empirical"``.
+      labels: int labels ``[N]`` (``[N, T]`` for sequence outputs); required for
+        ``"empirical"``.
       estimator: ``"exact"``, ``"sampled"`` or ``"empirical"``.
       key: PRNG key for ``"sampled"``.
+      mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count (as
+        in :func:`fisher_diagonal`).
+      sequence: ``"expand"`` (default) or ``"reduce"``: how Dense layers applied over extra
+        axes are factored (see above).
       chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256.
 
     Returns:
       A :class:`KFACFisher` (factors in float32 at least).
 
     Raises:
-      ValueError: unknown estimator, missing labels/key, logits not ``[B, C]``.
+      ValueError: unknown estimator or sequence mode, missing labels/key, labels or mask of
+        the wrong shape, a mask with a Dense layer applied over positions other than the
+        logits' tokens.
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -117,32 +183,42 @@ def kfac_fisher(
       Curvature", ICML 2015.
       Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
       layers", ICML 2016.
+      Eschenhagen, Immer, Turner, Schneider & Hennig, "Kronecker-Factored Approximate
+      Curvature for Modern Neural Network Architectures", NeurIPS 2023.
     """
     if estimator not in KFAC_ESTIMATORS:
         raise ValueError(
             f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
         )
+    check_sequence(sequence)
     check_positive("chunk_size", chunk_size)
     check_params(params)
     n = num_examples(inputs)
     model = Model.of(apply_fn, params, inputs)
     token_shape, num_classes = output_shape(model)
     check_classes(num_classes)
-    if token_shape:
-        raise ValueError(
-            "kfac_fisher needs logits of shape [B, C]; sequence outputs [B, T, C] are not "
-            "supported (use fisher_diagonal)."
-        )
-    labels = estimator_labels(estimator, labels, (n,), num_classes)
+    labels = estimator_labels(estimator, labels, (n, *token_shape), num_classes)
+    mask = checked_mask(mask, (n, *token_shape))
     if estimator == "sampled":
         check_key(key)
     plan = make_plan(apply_fn, model.params_tree(), model.example_tree())
     layers = _layers(plan)
+    if mask is not None:
+        for node, _, _, _ in layers:
+            if positions(plan.nodes[node]) is not None:
+                check_mask_fits(plan.nodes[node], token_shape)
     covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
     if len(covered) < len(leaves):
         diagonal = fisher_diagonal(
-            apply_fn, params, inputs, labels, estimator=estimator, key=key, chunk_size=chunk_size
+            apply_fn,
+            params,
+            inputs,
+            labels,
+            estimator=estimator,
+            key=key,
+            mask=mask,
+            chunk_size=chunk_size,
         )
         diag_leaves = jax.tree.leaves(diagonal)
     else:
@@ -156,8 +232,11 @@ def kfac_fisher(
         inputs,
         labels,
         keys,
+        mask,
         apply_fn=Static(apply_fn),
         estimator=estimator,
+        sequence=sequence,
+        token_shape=token_shape,
         chunk_size=min(
             int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
         ),
@@ -190,7 +269,7 @@ def _layers(
     for tap in plan.taps:
         if tap.layout:
             continue
-        kernel = _kernel_axes(plan, tap)
+        kernel = _kernel_axes(plan, tap) or dense_over_positions(plan, tap)
         if kernel is None:
             continue
         axes, out_features = kernel
@@ -262,6 +341,8 @@ def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array
     inputs = recorded[(node, 1 - kernel_operand)]
     if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
         return conv_patches(plan.nodes[node], inputs, dtype)
+    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, in]
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
     return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
 
 
@@ -273,37 +354,81 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         d = stack_examples(delta.astype(dtype), out_spec[0])
         d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
         return d.reshape(d.shape[0], -1, d.shape[-1])
+    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, out]
+        return delta.reshape(delta.shape[0], -1, delta.shape[-1]).astype(dtype)
     return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "chunk_size", "layers"))
-def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, layers):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "apply_fn",
+        "estimator",
+        "sequence",
+        "token_shape",
+        "chunk_size",
+        "layers",
+    ),
+)
+def _factors(
+    params,
+    inputs,
+    labels,
+    keys,
+    mask,
+    *,
+    apply_fn,
+    estimator,
+    sequence,
+    token_shape,
+    chunk_size,
+    layers,
+):
+    """``[(A, G)]`` per layer: chunked sums of ``ā āᵀ`` (with the count they average over) and
+    of ``δ δᵀ``, the latter divided by N."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
     def sums(data, weight):
-        x, y, k = data
+        x, y, k, m = data
         example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
         plan = make_plan(apply_fn.fn, params, example)
         logits, pullback, recorded = tapped_vjp(
             plan, leaves, jax.tree.leaves(x), [node for node, _, _, _ in layers]
         )
-        num_labels, target = label_targets(logits, estimator, y, k, None, weight)
+        num_labels, target = label_targets(logits, estimator, y, k, m, weight)
         dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, _, _ in layers]
+        batch = weight.shape[0]
+        # [B, S] counted positions of each Dense layer applied over extra axes; None otherwise.
+        counted = [
+            None
+            if positions(plan.nodes[node]) is None
+            else position_weights(plan.nodes[node], m, token_shape, batch, dtype)
+            for (node, _, _, _), dtype in zip(layers, dtypes, strict=True)
+        ]
         a_sums = []
-        for (node, _, bias, _), dtype in zip(layers, dtypes, strict=True):
+        for (node, _, bias, _), dtype, c in zip(layers, dtypes, counted, strict=True):
             a = _layer_inputs(plan, node, recorded, dtype)
             if bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
+            if c is not None:  # K-FAC-expand or -reduce (Eschenhagen et al. 2023).
+                a_sums.append(input_sum(a, c, weight, sequence))
+                continue
             # Σ over output positions (Grosse & Martens 2016; one position for Dense).
-            a_sums.append(jnp.einsum("n,nsi,nsj->ij", weight.astype(dtype), a, a))
+            w = weight.astype(dtype)
+            a_sums.append((jnp.einsum("n,nsi,nsj->ij", w, a, a), jnp.sum(w)))
 
         def add_label(g_sums, label):
             cotangent, w = target(label)
             (deltas,) = pullback(cotangent.astype(logits.dtype))
             new = []
-            for total, (node, _, _, _), dtype in zip(g_sums, layers, dtypes, strict=True):
+            for total, (node, _, _, _), dtype, c in zip(
+                g_sums, layers, dtypes, counted, strict=True
+            ):
                 d = _layer_deltas(plan, node, deltas[node], dtype)
+                if c is not None:
+                    new.append(total + output_sum(d, c, w, sequence))
+                    continue
                 # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
                 scale = jnp.asarray(1.0 / d.shape[1], dtype)
                 new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
@@ -317,7 +442,7 @@ def _factors(params, inputs, labels, keys, *, apply_fn, estimator, chunk_size, l
             g_sums, _ = add_label(zero, 0)
         else:
             g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-        return [(a, g) for a, g in zip(a_sums, g_sums, strict=True)]
+        return [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
 
-    total = chunked_sum(sums, (inputs, labels, keys), chunk_size)
-    return [(a / n, g / n) for a, g in total]
+    total = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
+    return [(a / count, g / n) for a, count, g in total]

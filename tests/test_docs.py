@@ -20,7 +20,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PUBLIC_MODULES = ("ewc_jax", "ewc_jax.kfac", "ewc_jax.importance", "ewc_jax.evidence")
+PUBLIC_MODULES = (
+    "ewc_jax",
+    "ewc_jax.kfac",
+    "ewc_jax.importance",
+    "ewc_jax.evidence",
+    "ewc_jax.io",
+)
 DOC_FILES = [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)]
 
 

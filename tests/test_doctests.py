@@ -16,7 +16,13 @@ import io
 import jax
 import pytest
 
-PUBLIC_MODULES = ("ewc_jax", "ewc_jax.kfac", "ewc_jax.importance", "ewc_jax.evidence")
+PUBLIC_MODULES = (
+    "ewc_jax",
+    "ewc_jax.kfac",
+    "ewc_jax.importance",
+    "ewc_jax.evidence",
+    "ewc_jax.io",
+)
 
 
 def _public_callables() -> dict[str, object]:

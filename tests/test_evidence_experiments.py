@@ -169,8 +169,9 @@ def _without_timings(tree):
 
 
 def _evidence_config():
-    """The resume tests' tiny run, EWC only, λ by the evidence after every epoch."""
-    config = tiny_config(methods=("ewc",), optimizer="adam", learning_rate=3e-3)
+    """The resume tests' tiny run, EWC only, λ by the evidence after every epoch (not the
+    default, task ends only, so that checkpoints fall between choices within a task)."""
+    config = tiny_config(methods=("ewc",), optimizer="adam", learning_rate=3e-3, evidence_every=1)
     config.strengths.ewc = "evidence"
     return config
 
@@ -234,6 +235,7 @@ def test_sigkill_mid_task_evidence_run_resumes_bit_identical(tmp_path, evidence_
         "--config.optimizer=adam",
         "--config.learning_rate=3e-3",
         "--config.strengths.ewc=evidence",
+        "--config.evidence_every=1",
     ]
     resumed = kill_after_line_then_resume(
         args, tmp_path / "killed", "[ewc seed 0] checkpoint", "(task 2, step 90)", tmp_path

@@ -1,21 +1,17 @@
-"""The Fisher engine beyond [B, C] classifiers: sequence outputs with masks, the auto path on
-every layer family, mixed precision and float32 accuracy, each against a float64 reference."""
-
-import typing
+"""The Fisher engine beyond [B, C] classifiers: sequence masks and argument errors, the plan and
+cost model of the one-pass path, tracing and compiling once. Values against dense references:
+tests/test_reference_matrix.py (every family, estimator and path) and tests/test_precision.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _models import LinenMLP, TinyCausalLM, init_plain_mlp, plain_mlp
-from jax.flatten_util import ravel_pytree
 
 import ewc_jax
-from benchmarks.families import FAMILIES, build
+from benchmarks.families import build
 from ewc_jax._engine import cost
 from ewc_jax._engine import plan as plan_lib
-
-METHODS = ("auto", "one_pass", "general")
 
 
 def _max_rel_err(a, b, floor=0.0):
@@ -52,68 +48,6 @@ def _lm_problem(n=5, t=4):
     return model.apply, params, tokens, labels, mask
 
 
-def _dense_sequence_reference(apply_fn, params, tokens, labels, mask, estimator, key=None, bs=2):
-    """diag of the Fisher from jacrev of the per-token logits, sequence by sequence."""
-    flat, unravel = ravel_pytree(params)
-    n, t = tokens.shape
-
-    def logits_fn(theta, seq):
-        return apply_fn(unravel(theta), seq[None])[0]  # [T, V]
-
-    def token_scores(theta, seq):
-        jac = jax.jacrev(logits_fn)(theta, seq)  # [T, V, P]
-        probs = jax.nn.softmax(logits_fn(theta, seq))  # [T, V]
-        eye = jnp.eye(probs.shape[-1], dtype=probs.dtype)
-        # score[t, c] = ∇θ log p(y_t = c) = J_tᵀ (e_c − p_t)
-        return jnp.einsum("tvp,tcv->tcp", jac, eye[None] - probs[:, None]), probs
-
-    keys = jax.random.split(key, n) if estimator == "sampled" else None
-    scores = []
-    diag = jnp.zeros_like(flat)
-    for i in range(n):
-        s, probs = token_scores(flat, tokens[i])
-        m = mask[i].astype(flat.dtype)
-        if estimator == "exact":
-            diag = diag + jnp.einsum("t,tc,tcp->p", m, probs, s**2)
-            continue
-        if estimator in ("empirical", "batched"):
-            y = labels[i]
-        elif estimator == "argmax":
-            y = jnp.argmax(logits_fn(flat, tokens[i]), axis=-1)
-        else:
-            y = jax.random.categorical(keys[i], logits_fn(flat, tokens[i]))
-        g = jnp.einsum("t,tp->p", m, s[jnp.arange(t), y])  # the whole sequence's score
-        scores.append(g)
-        diag = diag + g**2
-    if estimator == "batched":
-        means = [sum(scores[j : j + bs]) / len(scores[j : j + bs]) for j in range(0, n, bs)]
-        return unravel(sum(g**2 for g in means) / len(means))
-    return unravel(diag / n)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("estimator", typing.get_args(ewc_jax.Estimator))
-def test_sequence_outputs_match_dense_reference(estimator, method):
-    x64, promotion = _float64()
-    with x64, promotion:
-        apply_fn, params, tokens, labels, mask = _lm_problem()
-        key = jax.random.key(7)
-        want = _dense_sequence_reference(apply_fn, params, tokens, labels, mask, estimator, key)
-        got = ewc_jax.fisher_diagonal(
-            apply_fn,
-            params,
-            tokens,
-            labels,
-            estimator=estimator,
-            key=key,
-            mask=mask,
-            batch_size=2,
-            chunk_size=3,  # two chunks, the second overlapping the first
-            method=method,
-        )
-        assert _max_rel_err(got, want, floor=1e-9) < 1e-6
-
-
 def test_sequence_mask_drops_tokens_and_defaults_to_all():
     x64, promotion = _float64()
     with x64, promotion:
@@ -146,24 +80,7 @@ def test_sequence_argument_errors():
         ewc_jax.fisher_diagonal(plain_mlp, mlp_params, jnp.ones((4, 3)), method="fastest")
 
 
-# ---- every layer family, every path ------------------------------------------------------
-
-
-@pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical", "argmax"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_path_agrees_on_every_family(family, estimator):
-    apply_fn, params, x, y = build(family, width=4, n=6)
-    key = jax.random.key(3)
-    results = {
-        m: ewc_jax.fisher_diagonal(
-            apply_fn, params, x, y, estimator=estimator, key=key, method=m, chunk_size=4
-        )
-        for m in METHODS
-    }
-    # The general path is jax.vmap(jax.grad): the reference the others are held to. Leaves
-    # that are zero in exact arithmetic (an attention key bias) are compared at 1e-6 of the max.
-    for m in ("auto", "one_pass"):
-        assert _max_rel_err(results[m], results["general"], floor=1e-6) < 1e-4, m
+# ---- the one-pass plan and the cost model ------------------------------------------------
 
 
 def test_grouped_convolution_kernels_come_from_patches_not_a_batched_grouped_conv():
@@ -230,80 +147,6 @@ def test_eager_calls_trace_the_model_once():
     for _ in range(3):
         ewc_jax.fisher_diagonal(apply_fn, params, 2 * x)
     assert len(traces) == first
-
-
-# ---- precision ----------------------------------------------------------------------------
-
-
-def test_float16_contraction_does_not_overflow():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    p = {"w": (jax.random.normal(k1, (6, 5)) / 30).astype(jnp.float16)}
-    x = (30 * jax.random.normal(k2, (2048, 6))).astype(jnp.float16)
-    apply_fn = lambda p, x: x @ p["w"]
-    with jax.enable_x64(True):
-        want = ewc_jax.fisher_diagonal(
-            apply_fn, jax.tree.map(lambda a: a.astype(jnp.float64), p), x.astype(jnp.float64)
-        )
-    for method in METHODS:
-        got = ewc_jax.fisher_diagonal(apply_fn, p, x, method=method)
-        assert got["w"].dtype == jnp.float32
-        assert bool(jnp.all(jnp.isfinite(got["w"])))
-        assert _max_rel_err(got, want) < 2e-2, method  # float16 logits: ~1e-3 per example
-
-
-@pytest.mark.parametrize("low", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
-def test_low_precision_mlp_against_float64(low):
-    model = LinenMLP(features=(32, 16), num_classes=5)
-    params = model.init(jax.random.key(0), jnp.ones((1, 12)))
-    x = jax.random.normal(jax.random.key(1), (300, 12))
-    params_low = jax.tree.map(lambda p: p.astype(low), params)
-    with jax.enable_x64(True):
-        # The reference: the same low-precision weights and inputs, exactly, in float64.
-        want = ewc_jax.fisher_diagonal(
-            model.apply,
-            jax.tree.map(lambda p: p.astype(jnp.float64), params_low),
-            x.astype(low).astype(jnp.float64),
-            estimator="exact",
-            method="general",
-        )
-    tolerance = 0.03 if low == jnp.float16 else 0.2  # bfloat16 keeps 8 bits of mantissa
-    for method in METHODS:
-        got = ewc_jax.fisher_diagonal(
-            model.apply, params_low, x.astype(low), estimator="exact", method=method
-        )
-        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
-        assert _max_rel_err(got, want) < tolerance, method
-    state = ewc_jax.consolidate(None, params_low, got)
-    assert jax.tree.leaves(state.precision)[0].dtype == jnp.float32
-    assert jax.tree.leaves(state.anchor)[0].dtype == low
-    moved = jax.tree.map(lambda p: (p + 0.01).astype(low), params_low)
-    value = ewc_jax.penalty(moved, state, 2.0)
-    assert value.dtype == jnp.float32 and float(value) > 0
-    twice = ewc_jax.consolidate(state, moved, got)
-    assert jax.tree.leaves(twice.precision)[0].dtype == jnp.float32
-
-
-# ---- float32 accuracy ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [10_000, pytest.param(100_000, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("method", ["one_pass", "general"])
-def test_float32_fisher_within_1e6_of_float64(n, method):
-    # A smooth (tanh) model, so float32 and float64 take the same branches everywhere; with
-    # ReLU, the few pre-activations within rounding of zero flip and move the Fisher by a
-    # discrete amount that no accumulation can recover (see BENCHMARKS.md).
-    params = init_plain_mlp(jax.random.key(0), (64, 64, 64, 10))
-    x = jax.random.uniform(jax.random.key(1), (n, 64))
-    got = ewc_jax.fisher_diagonal(plain_mlp, params, x, estimator="argmax", method=method)
-    with jax.enable_x64(True):
-        want = ewc_jax.fisher_diagonal(
-            plain_mlp,
-            jax.tree.map(lambda p: p.astype(jnp.float64), params),
-            x.astype(jnp.float64),
-            estimator="argmax",
-            method="one_pass",
-        )
-    assert _max_rel_err(got, want) < 1e-6
 
 
 def test_auto_runs_the_chosen_paths_own_executable():

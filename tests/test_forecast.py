@@ -201,3 +201,19 @@ def test_summary_prints_the_rank_correlation(tiny_run):
         f"ewc: forgetting forecast ½ Δθᵀ F_k Δθ vs measured loss rise, Spearman ρ train "
         f"{f['spearman_train']:.3f} test {f['spearman_test']:.3f} (3 pairs)"
     ) in text
+
+
+def test_summary_of_a_single_pair_has_no_correlation():
+    summary = results.forecast_summary([_record("ewc", [(1e-3, 1e-2, 2e-2)])])
+    assert summary == {"spearman_train": None, "spearman_test": None, "pairs": 1}
+    entry = {
+        "num_seeds": 1,
+        "average_accuracy": {"mean": 0.5},
+        "backward_transfer": {"mean": 0.0},
+        "average_forgetting": {"mean": 0.0},
+        "final_accuracy": {"mean": [0.5]},
+        "wall_time_s": {"mean": 1.0},
+        "forgetting_forecast": summary,
+    }
+    text = results.format_summary({"ewc": entry}, ["t0"])
+    assert "Spearman ρ train n/a test n/a (1 pairs)" in text

@@ -288,7 +288,7 @@ class MethodSpec:
     gamma: float = 1.0
     damping: float = 0.1
     evidence: bool = False
-    evidence_every: int = 1
+    evidence_every: int = 0
 
     def __post_init__(self) -> None:
         method_named(self.name)
