@@ -382,17 +382,20 @@ for name, fisher in [("default", fisher_digits), ('method="general"', fisher_gen
 # from the installed source, so the quote cannot go stale):
 
 # %%
-fisher_source = Path(inspect.getsourcefile(ewc_jax.fisher_diagonal))
-source_lines = fisher_source.read_text().splitlines()
-landmarks = {
-    "∇θ per example (VJP, vmap)": "per_example = jax.vmap(score",
-    "square, times p(c | x_n, θ)": "jnp.tensordot(w.astype(t.dtype), jnp.square(g",
-    "class weights p(c | x_n, θ)": "probs = jax.nn.softmax(logits.astype(",
-    "mean over the N examples": "(t / n).astype(d)",
+package = Path(inspect.getsourcefile(ewc_jax.fisher_diagonal)).parent
+landmarks = {  # (file in ewc_jax/, what the line computes, the line)
+    "∇θ per example (VJP, vmap)": ("_engine/targets.py", "per_example = jax.vmap(score"),
+    "square, times p(c | x_n, θ)": (
+        "_engine/targets.py",
+        "jnp.tensordot(w.astype(t.dtype), jnp.square(g",
+    ),
+    "class weights p(c | x_n, θ)": ("_engine/targets.py", "probs = jax.nn.softmax(logits.astype("),
+    "mean over the N examples": ("_fisher.py", "(t / n).astype(d)"),
 }
-for meaning, needle in landmarks.items():
+for meaning, (file, needle) in landmarks.items():
+    source_lines = (package / file).read_text().splitlines()
     (number,) = [i for i, line in enumerate(source_lines, 1) if needle in line]
-    print(f"{meaning:30s} {fisher_source.name}:{number:<4d} {source_lines[number - 1].strip()}")
+    print(f"{meaning:30s} {file}:{number:<4d} {source_lines[number - 1].strip()}")
 
 # %% [markdown]
 # With the default `method="auto"`, Dense and convolution layers skip the per-example gradients:
