@@ -53,9 +53,9 @@ class Problem:
     apply_fn: Callable[..., jax.Array]  # what the library is given
     params: Any
     inputs: Any
-    labels: jax.Array
     mask: jax.Array | None = None
     model_state: Any = None
+    labels: jax.Array | None = None  # random classes, drawn by `problem`
 
     def logits_of(self, params, x):
         """The model as the reference sees it: model state closed over."""
@@ -78,13 +78,13 @@ def _linen(model, shape, **call):
     x = jax.random.normal(jax.random.key(1), (N, *shape), jnp.float64)
     params = _f64(jax.jit(functools.partial(model.init, **call))(jax.random.key(0), x[:1]))
     apply_fn = (lambda p, xb: model.apply(p, xb, **call)) if call else model.apply
-    return apply_fn, params, x
+    return Problem(apply_fn, params, x)
 
 
 def _nnx(model, shape):
     graphdef, state = nnx.split(model)
     x = jax.random.normal(jax.random.key(1), (N, *shape), jnp.float64)
-    return nnx_apply(graphdef), _f64(state), x
+    return Problem(nnx_apply(graphdef), _f64(state), x)
 
 
 def _benchmark_family(name):
@@ -93,7 +93,7 @@ def _benchmark_family(name):
     make_model, make_inputs = FAMILIES[name]
     model = make_model(4)
     x = _f64(jnp.asarray(make_inputs(N, 4, np.random.default_rng(0))))
-    return model.apply, _f64(jax.jit(model.init)(jax.random.key(0), x[:1])), x
+    return Problem(model.apply, _f64(jax.jit(model.init)(jax.random.key(0), x[:1])), x)
 
 
 class _BatchNormMLP(nn.Module):
@@ -116,7 +116,7 @@ def _batchnorm():
         }
     }
     apply_fn = lambda p, s, xb: model.apply({"params": p, "batch_stats": s}, xb)
-    return apply_fn, variables["params"], x, stats
+    return Problem(apply_fn, variables["params"], x, model_state=stats)
 
 
 def _lm(model, tokens_shape, vocab):
@@ -124,15 +124,21 @@ def _lm(model, tokens_shape, vocab):
     params = _f64(jax.jit(model.init)(jax.random.key(0), tokens[:1]))
     lengths = jnp.array([4, 2, 3, 1, 4, 3])  # ragged: padding after each sequence's length
     mask = jnp.arange(tokens_shape[0])[None] < lengths[:, None]
-    return model.apply, params, tokens, mask
+    return Problem(model.apply, params, tokens, mask=mask)
 
 
 def _plain():
     params = init_plain_mlp(jax.random.key(0), (5, 6, 4), jnp.float64)
-    return plain_mlp, params, jax.random.normal(jax.random.key(1), (N, 5), jnp.float64)
+    return Problem(plain_mlp, params, jax.random.normal(jax.random.key(1), (N, 5), jnp.float64))
 
 
-BUILDERS: dict[str, Callable[[], tuple]] = {
+def _lm_family():
+    lm = _benchmark_family("tiny_lm")
+    lengths = jnp.array([8, 3, 5, 1, 8, 6])
+    return dataclasses.replace(lm, mask=jnp.arange(lm.inputs.shape[1])[None] < lengths[:, None])
+
+
+BUILDERS: dict[str, Callable[[], Problem]] = {
     "plain_mlp": _plain,
     "linen_mlp": lambda: _linen(LinenMLP(features=(6, 5), num_classes=4), (5,)),
     "linen_cnn": lambda: _linen(LinenCNN(), (6, 6, 2)),
@@ -149,15 +155,8 @@ BUILDERS: dict[str, Callable[[], tuple]] = {
     "causal_lm": lambda: _lm(TinyCausalLM(), (4,), 5),
     "batchnorm_state": _batchnorm,
     "scanned_layers": lambda: _benchmark_family("scanned_layers"),
-    "tiny_lm": lambda: _lm_family(),
+    "tiny_lm": _lm_family,
 }
-
-
-def _lm_family():
-    apply_fn, params, tokens = _benchmark_family("tiny_lm")
-    lengths = jnp.array([8, 3, 5, 1, 8, 6])
-    mask = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
-    return apply_fn, params, tokens, mask
 
 
 def _float64():
@@ -178,12 +177,8 @@ def _fast_compiles():
 
 @functools.cache
 def problem(family: str) -> Problem:
-    built = BUILDERS[family]()
-    apply_fn, params, x = built[:3]
-    mask = built[3] if family in ("causal_lm", "tiny_lm") else None
-    state = built[3] if family == "batchnorm_state" else None
-    out = Problem(apply_fn, params, x, jnp.zeros(()), mask, state)
-    logits = jax.eval_shape(out.logits_of, params, jax.tree.map(lambda a: a[:1], x))
+    out = BUILDERS[family]()
+    logits = jax.eval_shape(out.logits_of, out.params, jax.tree.map(lambda a: a[:1], out.inputs))
     labels = jax.random.randint(jax.random.key(2), (N, *logits.shape[1:-1]), 0, logits.shape[-1])
     return dataclasses.replace(out, labels=labels)
 
