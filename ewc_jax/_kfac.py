@@ -26,6 +26,7 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
+from ewc_jax._engine.placement import Layout
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
@@ -227,12 +228,13 @@ def kfac_fisher(
     if not layers:
         return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
+    # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
+    # axes, partitioned by XLA, as fisher_diagonal runs it; the small factors come back
+    # replicated over the params' own mesh.
+    layout = Layout.of(leaves, None)
     factors = _factors(
-        params,
-        inputs,
-        labels,
-        keys,
-        mask,
+        layout.enter(params),
+        *layout.enter_examples((inputs, labels, keys, mask)),
         apply_fn=Static(apply_fn),
         estimator=estimator,
         sequence=sequence,
@@ -242,6 +244,9 @@ def kfac_fisher(
         ),
         layers=layers,
     )
+    if layout.shardings:
+        replicated = jax.NamedSharding(layout.shardings[0].mesh, jax.sharding.PartitionSpec())
+        factors = jax.device_put(factors, replicated)
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(

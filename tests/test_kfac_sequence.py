@@ -383,8 +383,7 @@ import ewc_jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 assert jax.device_count() == 8, jax.devices()
-# Auto axes: XLA's partitioner (GSPMD) places the computation from the arguments' shardings.
-mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+mesh = jax.make_mesh((2, 4), ("data", "model"))
 
 
 def model(p, x):
@@ -413,6 +412,7 @@ for sequence in ("expand", "reduce"):
     for a, b in zip(one.layers, many.layers, strict=True):
         np.testing.assert_allclose(np.asarray(b.a), np.asarray(a.a), rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(np.asarray(b.g), np.asarray(a.g), rtol=1e-10, atol=1e-13)
+    assert many.layers[0].a.sharding.mesh.axis_names == ("data", "model")
     state = ewc_jax.consolidate(None, sharded, many)
     moved = jax.tree.map(lambda a: a + 0.1, sharded)
     reference = ewc_jax.consolidate(None, params, one)
