@@ -139,6 +139,11 @@ def kfac_fisher(
     the sum of Kronecker products over its uses is not one Kronecker product, and no block is
     formed for it rather than a wrong one.
 
+    Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
+    are: the computation is partitioned by XLA over their mesh (examples already placed on it,
+    e.g. split over its data axis, stay there), and the factors, small ``[in, in]`` and
+    ``[out, out]`` matrices, come back replicated over that mesh.
+
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
 

@@ -12,6 +12,7 @@ setting with ``Λ`` in place of the identity.
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import flax.linen as nn
@@ -364,6 +365,8 @@ def test_refusals():
     with jax.enable_x64(True):
         params = _tanh_params(jax.random.key(22))
         x = jax.random.normal(jax.random.key(23), (N, T, D), jnp.float64)
+        assert typing.get_args(ewc_jax.kfac.SequenceMode) == ewc_jax.kfac.SEQUENCE_MODES
+        assert ewc_jax.kfac.SEQUENCE_MODES == ("expand", "reduce")
         with pytest.raises(ValueError, match="Unknown sequence 'mean'"):
             ewc_jax.kfac.kfac_fisher(_tanh_tokens, params, x, sequence="mean")
 
