@@ -182,6 +182,18 @@ def kfac_fisher(
       >>> layer.g.tolist()  # E_y[δ δᵀ] = diag(p) - p pᵀ at p = (½, ½)
       [[0.25, -0.25], [-0.25, 0.25]]
 
+      The same kernel applied at two positions (``[N, T, in]`` inputs, per-token logits):
+      expand averages the positions' ``a aᵀ``, reduce takes the outer product of their mean:
+
+      >>> tokens = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # N = 1, T = 2
+      >>> w_only = {"w": jnp.zeros((3, 2))}
+      >>> seq = lambda p, x: x @ p["w"]
+      >>> for mode in ("expand", "reduce"):
+      ...     fisher = ewc_jax.kfac.kfac_fisher(seq, w_only, tokens, sequence=mode)
+      ...     print(mode, fisher.layers[0].a[:2, :2].tolist())
+      expand [[0.5, 0.0], [0.0, 0.5]]
+      reduce [[0.25, 0.25], [0.25, 0.25]]
+
     References:
       Ritter, Botev & Barber, "Online Structured Laplace Approximations for Overcoming
       Catastrophic Forgetting", NeurIPS 2018.
