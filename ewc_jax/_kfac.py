@@ -95,7 +95,9 @@ def kfac_fisher(
 
     **Dense layers over extra axes** (a kernel ``[in, out]`` applied at every position ``t`` of
     a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
-    ``[B, T, D]``, ``x @ w + b`` in plain JAX) are factored by K-FAC-expand or K-FAC-reduce
+    ``[B, T, D]``, ``x @ w + b`` in plain JAX; also a kernel ``[*in, out]`` contracted over
+    several trailing input axes, as attention's output projection ``DenseGeneral(D,
+    axis=(-2, -1))`` with kernel ``[H, Dh, D]``, whose ``in`` is then ``H·Dh``) are factored by K-FAC-expand or K-FAC-reduce
     (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
     example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
 
@@ -129,9 +131,10 @@ def kfac_fisher(
     (``ewc_jax._engine.plan``): Flax ``Dense``/``DenseGeneral``/``Conv``, NNX
     ``Linear``/``Conv``, or ``x @ w + b`` and ``lax.conv_general_dilated`` in plain JAX. Every
     other parameter keeps its diagonal Fisher from :func:`fisher_diagonal`, which is exact for
-    it: grouped convolutions; ``DenseGeneral`` kernels of more than two axes (attention's
-    per-head ``q``/``k``/``v`` projections ``[D, H, Dh]`` and its output projection
-    ``[H, Dh, D]``) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
+    it: grouped convolutions; ``DenseGeneral`` kernels with more than one output axis
+    (attention's per-head ``q``/``k``/``v`` projections ``[D, H, Dh]``: the state keeps one
+    output axis), ``dot_general`` forms other than these (a batch axis, an ``einsum`` that
+    XLA lowers differently) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
     nested ``vmap``); normalisation scales and biases of unfactored layers; embeddings (a
     gather of one-hot rows: their ``A`` would be the diagonal ``diag(token frequency)``, so
     the diagonal Fisher loses only ``G``'s off-diagonal terms and avoids a ``V × V`` input
@@ -363,8 +366,8 @@ def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array
     inputs = recorded[(node, 1 - kernel_operand)]
     if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
         return conv_patches(plan.nodes[node], inputs, dtype)
-    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, in]
-        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
+    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *in]
+        return inputs.reshape(inputs.shape[0], math.prod(extra), -1).astype(dtype)
     return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
 
 

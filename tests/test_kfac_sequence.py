@@ -333,7 +333,7 @@ class _Attention(nn.Module):
         v = nn.DenseGeneral((2, 3), name="v")(x)
         att = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), axis=-1)
         h = jnp.einsum("bhts,bshd->bthd", att, v)
-        h = nn.DenseGeneral(D, axis=(-2, -1), name="o")(h)  # two contracting axes, no block
+        h = nn.DenseGeneral(D, axis=(-2, -1), name="o")(h)  # [H, Dh, D]: a block, in = H·Dh
         h = nn.Dense(H1, name="mlp")(nn.LayerNorm(name="ln")(h + x))
         return nn.DenseGeneral(C, name="head")(jax.nn.gelu(h))
 
@@ -350,15 +350,70 @@ def test_flax_attention_block_factors_its_dense_layers():
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         blocks = {paths[f.kernel]: paths[f.bias] for f in fisher.layers}
         assert blocks == {
+            "['o']['kernel']": "['o']['bias']",
             "['mlp']['kernel']": "['mlp']['bias']",
             "['head']['kernel']": "['head']['bias']",
         }
         diagonal = ewc_jax.fisher_diagonal(apply_fn, params, x, estimator="exact")
-        for name in ("q", "k", "v", "o", "ln"):
+        for name in ("q", "k", "v", "ln"):
             for leaf in fisher.diagonal[name]:
                 np.testing.assert_allclose(
                     fisher.diagonal[name][leaf], diagonal[name][leaf], rtol=1e-10, atol=1e-20
                 )
+
+
+@pytest.mark.parametrize("sequence", ["expand", "reduce"])
+def test_two_contracted_axes_equal_the_flattened_dense_layer(sequence):
+    """A kernel ``[H, Dh, out]`` contracted over both input axes (attention's output
+    projection, as Flax's ``DenseGeneral`` writes it) has the factors of the same layer
+    written as ``[H·Dh, out]``."""
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(26), 3)
+        params = {
+            "o": jax.random.normal(k[0], (2, 3, D), jnp.float64) / 2,
+            "b": jax.random.normal(k[1], (D,), jnp.float64) / 2,
+            "out": jax.random.normal(k[2], (D, C), jnp.float64) / 2,
+        }
+        flat = {**params, "o": params["o"].reshape(6, D)}
+        heads = jax.random.normal(jax.random.key(27), (N, T, 2, 3), jnp.float64)
+
+        def two_axes(p, h):
+            return (
+                jnp.tanh(
+                    jax.lax.dot_general(h, p["o"], (((2, 3), (0, 1)), ((), ())))
+                    + p["b"][None, None]
+                )
+                @ p["out"]
+            )
+
+        def one_axis(p, h):
+            return jnp.tanh(h.reshape(*h.shape[:2], -1) @ p["o"] + p["b"][None, None]) @ p["out"]
+
+        kw = dict(estimator="exact", sequence=sequence)
+        got = ewc_jax.kfac.kfac_fisher(two_axes, params, heads, **kw)
+        want = ewc_jax.kfac.kfac_fisher(one_axis, flat, heads, **kw)
+        assert len(got.layers) == len(want.layers) == 2
+        for g, w in zip(got.layers, want.layers, strict=True):
+            assert (g.kernel, g.bias) == (w.kernel, w.bias)
+            np.testing.assert_allclose(g.a, w.a, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(g.g, w.g, rtol=1e-12, atol=1e-14)
+        # Leaves in tree order: b, o, out.
+        assert {(f.kernel, f.bias, f.kernel_axes) for f in got.layers} == {
+            (1, 0, (0, 1, 2)),
+            (2, None, (0, 1)),
+        }
+        moved = jax.tree.map(lambda a: a + 0.1, params)
+        moved_flat = {**moved, "o": moved["o"].reshape(6, D)}
+        np.testing.assert_allclose(
+            ewc_jax.penalty(moved, ewc_jax.consolidate(None, params, got), 3.0),
+            ewc_jax.penalty(moved_flat, ewc_jax.consolidate(None, flat, want), 3.0),
+            rtol=1e-12,
+        )
+        grads = jax.grad(ewc_jax.penalty)(moved, ewc_jax.consolidate(None, params, got), 3.0)
+        grads_flat = jax.grad(ewc_jax.penalty)(
+            moved_flat, ewc_jax.consolidate(None, flat, want), 3.0
+        )
+        np.testing.assert_allclose(grads["o"].reshape(6, D), grads_flat["o"], rtol=1e-12)
 
 
 def test_refusals():
