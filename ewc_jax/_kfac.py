@@ -97,9 +97,10 @@ def kfac_fisher(
     a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
     ``[B, T, D]``, ``x @ w + b`` in plain JAX; also a kernel ``[*in, out]`` contracted over
     several trailing input axes, as attention's output projection ``DenseGeneral(D,
-    axis=(-2, -1))`` with kernel ``[H, Dh, D]``, whose ``in`` is then ``H·Dh``) are factored by K-FAC-expand or K-FAC-reduce
-    (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
-    example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
+    axis=(-2, -1))`` with kernel ``[H, Dh, D]``, whose ``in`` is then ``H·Dh``) are factored
+    by K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023), chosen by ``sequence``; with
+    ``g_{nt}`` the gradient of the example's log-likelihood at the layer's output at position
+    ``t`` and ``m`` the mask:
 
     .. math:: \text{expand:}\quad A = \frac{\sum_{n,t} m_{nt} ā_{nt} ā_{nt}^\top}
               {\sum_{n,t} m_{nt}},\qquad
