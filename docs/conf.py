@@ -64,7 +64,7 @@ napoleon_use_ivar = True  # NamedTuple fields: documented once, by autodoc
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|equinox|eqx|chex)(\..*)?"),
-    (r"py:.*", r"(typing|collections\.abc|contextlib|types|enum)\..*"),
+    (r"py:.*", r"(typing|collections\.abc|contextlib|types|enum|os|pathlib)\..*"),
     (r"py:.*", r"(Array|ArrayLike|DTypeLike|Any|Callable|Sequence|Mapping|Literal|Self)"),
     # Private aliases that the signatures show by name; each argument's docstring says what it is.
     (r"py:.*", r"(PyTree|Params|ApplyFn|Where|Method|PrecisionT|Curvature)"),

@@ -287,9 +287,9 @@ def _layers(
     plain JAX ``x @ W``, kernel ``[in, out]``) or as the left operand over its second axis
     (Equinox ``W @ x`` under ``vmap``, kernel ``[out, in]``). A convolution kernel: a leaf
     reaching a ``conv_general_dilated`` unchanged as its kernel, without feature or batch
-    groups. A bias: a leaf of ``out`` elements (``[out]``, or ``[out, 1, 1]`` as Equinox's
-    convolutions keep it) added, alone and once, to the layer's output or, for a Dense layer,
-    to that output moved by layout-only operations (the transpose ``vmap`` puts after ``W @ x``).
+    groups. A bias: a leaf of ``out`` elements (``[out]``, or ``[1, out]``) added, alone and
+    once, to the layer's output or, for a Dense layer, to that output moved by layout-only
+    operations (the transpose ``vmap`` puts after ``W @ x``).
     """
     layers = []
     for tap in plan.taps:

@@ -19,8 +19,10 @@ or missing file, another format version, or a state of another kind than ``like`
 with a one-line ``ValueError`` naming the file.
 
 Sharded arrays restore sharded: each leaf takes the sharding of the matching leaf of ``like``
-(arrays or ``jax.ShapeDtypeStruct``); without ``like`` every array lands on the default device.
-One process writes a file; any number of processes may read it.
+(arrays or ``jax.ShapeDtypeStruct``); without ``like`` every array lands on the process's first
+device. A state sharded over several processes is saved by all of them calling
+:func:`save_state` (each writes its own shards, process 0 the manifest); any number of processes
+may read a file.
 
 Needs Orbax (``pip install "ewc-jax[files]"``); ``import ewc_jax`` does not import this module.
 """
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ewc_jax._consolidation import EWCState
 from ewc_jax._kfac_state import KFACState, KroneckerTerms
@@ -54,7 +57,7 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
 _KINDS: dict[str, type] = {"EWCState": EWCState, "KFACState": KFACState}
-# A registered dataclass: its array fields, then its static (metadata) fields.
+# KroneckerTerms, a registered dataclass: its array fields, then its static (metadata) fields.
 _TERMS_DATA = ("a", "g", "anchor")
 _TERMS_META = ("kernel", "bias", "kernel_axes")
 
@@ -84,7 +87,7 @@ def _describe(tree: Any, leaves: list[Any]) -> Any:
         return {"dict": {k: _describe(tree[k], leaves) for k in sorted(tree)}}
     if type(tree) in (list, tuple):
         return {type(tree).__name__: [_describe(v, leaves) for v in tree]}
-    if isinstance(tree, jax.Array | np.ndarray):
+    if isinstance(tree, jax.Array):
         leaves.append(tree)
         return {"leaf": len(leaves) - 1}
     raise _Opaque(type(tree).__name__)
@@ -137,9 +140,16 @@ def _sealed(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _layout(state: Any) -> list[Any]:
+    """The static metadata a key path does not show: each K-FAC layer's leaf indices."""
+    layers = getattr(state, "layers", ())
+    return [[_to_json(getattr(t, k)) for k in _TERMS_META] for t in layers]
+
+
 def _manifest(state: EWCState | KFACState) -> tuple[dict[str, Any], list[Any]]:
     """The manifest of ``state`` (without checksums) and its leaves, as arrays."""
-    state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), state)
+    # NumPy and Python leaves as JAX would hold them (float64 only where x64 is on).
+    state = jax.tree.map(jnp.asarray, state)
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     leaves = [x for _, x in flat]
     described: list[Any] = []
@@ -156,6 +166,7 @@ def _manifest(state: EWCState | KFACState) -> tuple[dict[str, Any], list[Any]]:
         "kind": type(state).__name__,
         "tree": tree,
         "opaque": opaque,
+        "layout": _layout(state),
         "leaves": [
             {"path": jax.tree_util.keystr(p), "shape": list(x.shape), "dtype": x.dtype.name}
             for (p, _), x in zip(flat, leaves, strict=True)
@@ -210,22 +221,54 @@ def save_state(path: str | os.PathLike[str], state: EWCState | KFACState) -> Pat
     if path.exists() and not _is_state_file(path):
         raise ValueError(f"{path} exists and is not an ewc_jax state file; refusing to replace it.")
     manifest, leaves = _manifest(state)
-    stored = {f"leaf{i:05d}": x for i, x in enumerate(leaves) if x.size}
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    stored = {f"leaf{i:05d}": _global(x) for i, x in enumerate(leaves) if x.size}
+    primary = jax.process_index() == 0
+    tmp = path.with_name(f".{path.name}.tmp-{_token()}")
     try:
-        tmp.mkdir()
-        if stored:
+        if primary:
+            tmp.mkdir()
+        _sync("ewc_jax.io.save_state: temporary directory made")
+        if stored:  # every process writes its own shards; Orbax waits for all of them
             ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(tmp / ARRAYS, stored)
-        manifest["checksums"] = _checksums(tmp)
-        manifest["manifest_sha256"] = _sealed(manifest)
-        with open(tmp / MANIFEST, "w") as handle:
-            handle.write(json.dumps(manifest, indent=1) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        _move_into_place(tmp, path)
+        if primary:
+            manifest["checksums"] = _checksums(tmp)
+            manifest["manifest_sha256"] = _sealed(manifest)
+            with open(tmp / MANIFEST, "w") as handle:
+                handle.write(json.dumps(manifest, indent=1) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            _move_into_place(tmp, path)
+        _sync("ewc_jax.io.save_state: file in place")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _global(x: jax.Array) -> jax.Array:
+    """``x``, or with several processes a process-local ``x`` as a global replicated array
+    (Orbax writes global arrays only; the processes' copies must be equal, as ``num_tasks``)."""
+    if jax.process_count() == 1 or not x.is_fully_addressable:
+        return x
+    everywhere = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec()
+    )
+    host = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, everywhere, lambda index: host[index])
+
+
+def _token() -> str:
+    """A fresh name for the temporary directory, the same in every process."""
+    token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+    if jax.process_count() > 1:
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    return bytes(token.astype(np.uint8)).hex()
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
@@ -272,12 +315,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _layout(state: Any) -> list[Any]:
-    """The static metadata a key path does not show: each K-FAC layer's leaf indices."""
-    layers = getattr(state, "layers", ())
-    return [[_to_json(getattr(t, k)) for k in _TERMS_META] for t in layers]
-
-
 def _check_kind(path: Path, kind: str, expected: type) -> None:
     if expected is not _KINDS[kind]:
         raise ValueError(f"{path} holds {kind}, not the {expected.__name__} that like= expects.")
@@ -295,7 +332,7 @@ def _check_tree(path: Path, manifest: dict[str, Any], like: EWCState | KFACState
         raise ValueError(
             f"{path} holds another tree than like= (like has {ours} where the file has {theirs})."
         )
-    if manifest["tree"] is not None and _layout(like) != _layout(_build(manifest["tree"], paths)):
+    if _layout(like) != manifest["layout"]:
         raise ValueError(f"{path} holds K-FAC layers of other leaves than like=.")
     shardings = [getattr(x, "sharding", None) for _, x in flat]
     for s, (p, _) in zip(shardings, flat, strict=True):
@@ -308,8 +345,8 @@ def _check_tree(path: Path, manifest: dict[str, Any], like: EWCState | KFACState
 
 
 def _restore(path: Path, records: list[dict[str, Any]], shardings: list[Any]) -> list[Any]:
-    """The arrays of the file, each with its sharding (None: the default device)."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """The arrays of the file, each with its sharding (None: the process's first device)."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = [
         jax.ShapeDtypeStruct(tuple(r["shape"]), jnp.dtype(r["dtype"]), sharding=s or default)
         for r, s in zip(records, shardings, strict=True)
@@ -351,9 +388,10 @@ def load_state(
         or ``jax.ShapeDtypeStruct`` (e.g. ``ewc_jax.empty_state(params)`` for a diagonal
         file); each array is restored with the sharding of its ``like`` leaf (over devices,
         not an abstract mesh), and with the file's shape and dtype. A class
-        (``ewc_jax.EWCState``) checks the kind only. ``None``: any kind, arrays on the default
-        device; a tree the file cannot describe (a node other than a dict with string keys, a
-        list, a tuple or ``None``, such as a Flax ``FrozenDict``) then needs ``like``.
+        (``ewc_jax.EWCState``) checks the kind only. ``None``: any kind, arrays on the
+        process's first device; a tree the file cannot describe (a node other than a dict
+        with string keys, a list, a tuple or ``None``, such as a Flax ``FrozenDict``) then
+        needs ``like``.
 
     Returns:
       The state, of the kind the file records.

@@ -6,8 +6,10 @@ penalty computed from it here against the one a fresh Python process computes fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from flax.core import FrozenDict
 
 import ewc_jax
 import ewc_jax.io
+from tests import _state_file_worker
 from tests._models import init_plain_mlp, plain_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +35,11 @@ def _params():
 
 
 def _ewc_state():
-    """Two tasks, a bfloat16 anchor, a float32 precision, a where= selection (a MaskedNode)."""
+    """A bfloat16 anchor, a float32 precision, a where= selection (a MaskedNode)."""
     params = _params()
-    x = jax.random.normal(jax.random.key(1), (6, 4))
     where = {"layer0": {"w": True, "b": False}, "layer1": True}
-    fisher = ewc_jax.fisher_diagonal(plain_mlp, params, x, estimator="exact")
-    state = ewc_jax.consolidate(None, params, fisher, where=where, anchor_dtype=jnp.bfloat16)
-    moved = jax.tree.map(lambda p: p + 0.25, params)
-    return ewc_jax.consolidate(state, moved, fisher, where=where, mode="online", gamma=0.5), where
+    fisher = jax.tree.map(lambda p: p * p + 0.5, params)  # any positive precision will do
+    return ewc_jax.consolidate(None, params, fisher, where=where, anchor_dtype=jnp.bfloat16), where
 
 
 def _kfac_state(tasks=2):
@@ -92,7 +92,7 @@ def test_kfac_state_round_trip_is_bit_identical(tmp_path, tasks):
     _assert_identical(ewc_jax.io.load_state(path, like=state), state)
 
 
-def test_a_fresh_process_computes_the_same_penalty(tmp_path):
+def test_a_fresh_process_computes_the_same_penalty_and_the_root_skips_orbax(tmp_path):
     ewc, where = _ewc_state()
     kfac = _kfac_state()
     ewc_jax.io.save_state(tmp_path / "ewc", ewc)
@@ -104,7 +104,9 @@ def test_a_fresh_process_computes_the_same_penalty(tmp_path):
     }
     assert float.fromhex(want["kfac"]) > 0 and float.fromhex(want["ewc"]) > 0
     script = textwrap.dedent(f"""
-        import json, jax, ewc_jax, ewc_jax.io
+        import json, sys, jax, ewc_jax
+        assert "ewc_jax.io" not in sys.modules and "orbax" not in sys.modules  # not on the root
+        import ewc_jax.io
         from tests._models import init_plain_mlp
         params = jax.tree.map(lambda p: p * 1.5 - 0.5, init_plain_mlp(jax.random.key(0), (4, 3, 2)))
         where = {where!r}
@@ -271,3 +273,54 @@ def test_saving_under_jit_is_refused(tmp_path):
 
     _one_line_error("outside jax.jit", jax.jit(save), ewc_jax.empty_state(_params()))
     assert not (tmp_path / "traced").exists()
+
+
+def test_numpy_and_python_leaves_are_saved_as_jax_holds_them(tmp_path):
+    state = ewc_jax.EWCState(
+        anchor={"w": np.arange(3, dtype=np.float32)},
+        precision={"w": np.ones(3, np.float32)},
+        num_tasks=1,
+    )
+    loaded = ewc_jax.io.load_state(ewc_jax.io.save_state(tmp_path / "numpy", state))
+    _assert_identical(loaded, jax.tree.map(jnp.asarray, state))
+    assert loaded.num_tasks.dtype == jnp.int32  # JAX's int without x64
+
+
+def test_kfac_layers_of_other_leaves_are_refused(tmp_path):
+    state = _kfac_state()
+    path = ewc_jax.io.save_state(tmp_path / "kfac", state)
+    first, *rest = state.layers
+    swapped = state._replace(layers=(dataclasses.replace(first, bias=None), *rest))
+    _one_line_error("K-FAC layers of other leaves", ewc_jax.io.load_state, path, like=swapped)
+
+
+@pytest.mark.slow
+def test_a_state_sharded_over_two_processes_is_saved_and_read_by_a_third(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "two-processes"
+    worker = str(ROOT / "tests" / "_state_file_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(port), str(i), str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-5000:]
+    params, precision = _state_file_worker.problem()
+    want = ewc_jax.consolidate(None, jax.tree.map(jnp.asarray, params), precision)
+    _assert_identical(ewc_jax.io.load_state(path), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-processes"]
