@@ -26,6 +26,7 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
+from ewc_jax._engine.placement import Layout
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
@@ -94,9 +95,12 @@ def kfac_fisher(
 
     **Dense layers over extra axes** (a kernel ``[in, out]`` applied at every position ``t`` of
     a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
-    ``[B, T, D]``, ``x @ w + b`` in plain JAX) are factored by K-FAC-expand or K-FAC-reduce
-    (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
-    example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
+    ``[B, T, D]``, ``x @ w + b`` in plain JAX; also a kernel ``[*in, out]`` contracted over
+    several trailing input axes, as attention's output projection ``DenseGeneral(D,
+    axis=(-2, -1))`` with kernel ``[H, Dh, D]``, whose ``in`` is then ``H·Dh``) are factored
+    by K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023), chosen by ``sequence``; with
+    ``g_{nt}`` the gradient of the example's log-likelihood at the layer's output at position
+    ``t`` and ``m`` the mask:
 
     .. math:: \text{expand:}\quad A = \frac{\sum_{n,t} m_{nt} ā_{nt} ā_{nt}^\top}
               {\sum_{n,t} m_{nt}},\qquad
@@ -128,15 +132,21 @@ def kfac_fisher(
     (``ewc_jax._engine.plan``): Flax ``Dense``/``DenseGeneral``/``Conv``, NNX
     ``Linear``/``Conv``, or ``x @ w + b`` and ``lax.conv_general_dilated`` in plain JAX. Every
     other parameter keeps its diagonal Fisher from :func:`fisher_diagonal`, which is exact for
-    it: grouped convolutions; ``DenseGeneral`` kernels of more than two axes (attention's
-    per-head ``q``/``k``/``v`` projections ``[D, H, Dh]`` and its output projection
-    ``[H, Dh, D]``) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
+    it: grouped convolutions; ``DenseGeneral`` kernels with more than one output axis
+    (attention's per-head ``q``/``k``/``v`` projections ``[D, H, Dh]``: the state keeps one
+    output axis), ``dot_general`` forms other than these (a batch axis, an ``einsum`` that
+    XLA lowers differently) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
     nested ``vmap``); normalisation scales and biases of unfactored layers; embeddings (a
     gather of one-hot rows: their ``A`` would be the diagonal ``diag(token frequency)``, so
     the diagonal Fisher loses only ``G``'s off-diagonal terms and avoids a ``V × V`` input
     factor); and any parameter used more than once (a tied embedding, a kernel applied twice):
     the sum of Kronecker products over its uses is not one Kronecker product, and no block is
     formed for it rather than a wrong one.
+
+    Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
+    are: the computation is partitioned by XLA over their mesh (examples already placed on it,
+    e.g. split over its data axis, stay there), and the factors, small ``[in, in]`` and
+    ``[out, out]`` matrices, come back replicated over that mesh.
 
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
@@ -175,6 +185,18 @@ def kfac_fisher(
       [1.0, 2.0, 0.0, 1.0]
       >>> layer.g.tolist()  # E_y[δ δᵀ] = diag(p) - p pᵀ at p = (½, ½)
       [[0.25, -0.25], [-0.25, 0.25]]
+
+      The same kernel applied at two positions (``[N, T, in]`` inputs, per-token logits):
+      expand averages the positions' ``a aᵀ``, reduce takes the outer product of their mean:
+
+      >>> tokens = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # N = 1, T = 2
+      >>> w_only = {"w": jnp.zeros((3, 2))}
+      >>> seq = lambda p, x: x @ p["w"]
+      >>> for mode in ("expand", "reduce"):
+      ...     fisher = ewc_jax.kfac.kfac_fisher(seq, w_only, tokens, sequence=mode)
+      ...     print(mode, fisher.layers[0].a[:2, :2].tolist())
+      expand [[0.5, 0.0], [0.0, 0.5]]
+      reduce [[0.25, 0.25], [0.25, 0.25]]
 
     References:
       Ritter, Botev & Barber, "Online Structured Laplace Approximations for Overcoming
@@ -227,12 +249,13 @@ def kfac_fisher(
     if not layers:
         return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
+    # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
+    # axes, partitioned by XLA, as fisher_diagonal runs it; the small factors come back
+    # replicated over the params' own mesh.
+    layout = Layout.of(leaves, None)
     factors = _factors(
-        params,
-        inputs,
-        labels,
-        keys,
-        mask,
+        layout.enter(params),
+        *layout.enter_examples((inputs, labels, keys, mask)),
         apply_fn=Static(apply_fn),
         estimator=estimator,
         sequence=sequence,
@@ -242,6 +265,9 @@ def kfac_fisher(
         ),
         layers=layers,
     )
+    if layout.shardings:
+        replicated = jax.NamedSharding(layout.shardings[0].mesh, jax.sharding.PartitionSpec())
+        factors = jax.device_put(factors, replicated)
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(
@@ -341,8 +367,8 @@ def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array
     inputs = recorded[(node, 1 - kernel_operand)]
     if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
         return conv_patches(plan.nodes[node], inputs, dtype)
-    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, in]
-        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
+    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *in]
+        return inputs.reshape(inputs.shape[0], math.prod(extra), -1).astype(dtype)
     return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
 
 

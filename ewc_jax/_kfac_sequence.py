@@ -63,31 +63,36 @@ def check_sequence(sequence: object) -> None:
 
 
 def positions(node: Node) -> tuple[int, ...] | None:
-    """The extra axes ``P`` of a Dense layer ``x @ W`` applied over ``x [1, *P, in]`` (the
-    per-example program has a batch axis of 1), or None for any other operation."""
+    """The extra axes ``P`` of a Dense layer applied over ``x [1, *P, *in]`` (the per-example
+    program has a batch axis of 1) with a kernel ``[*in, out]`` contracted over its leading
+    axes (``x @ W``; Flax ``DenseGeneral(out, axis=(-2, -1))``, attention's output
+    projection), or None for any other operation."""
     if node.eqn.primitive.name != "dot_general":
         return None
     (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
     x_shape, w_shape = node.inputs[0].aval.shape, node.inputs[1].aval.shape
+    k = len(w_shape) - 1  # contracted axes: all of the kernel's but the output
     if (
         batch != ((), ())
-        or len(w_shape) != 2
-        or len(x_shape) < 3
+        or k < 1
+        or len(x_shape) < k + 2
         or x_shape[0] != 1
-        or tuple(contract_l) != (len(x_shape) - 1,)
-        or tuple(contract_r) != (0,)
+        or tuple(contract_l) != tuple(range(len(x_shape) - k, len(x_shape)))
+        or tuple(contract_r) != tuple(range(k))
     ):
         return None
-    return tuple(int(d) for d in x_shape[1:-1])
+    return tuple(int(d) for d in x_shape[1 : len(x_shape) - k])
 
 
 def dense_over_positions(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], int] | None:
-    """``((0, 1), out)`` when the tapped leaf is the ``[in, out]`` kernel of a Dense layer
-    applied over extra axes (the right operand of ``x [1, *P, in] @ W``); else None."""
+    """``((0, ..., k), out)`` when the tapped leaf is the ``[*in, out]`` kernel of a Dense
+    layer applied over extra axes (the right operand of ``x [1, *P, *in] @ W``); else None.
+    Its rows ``W̄`` are the kernel reshaped to ``[prod(in), out]``."""
     node = plan.nodes[tap.node]
-    if tap.operand != 1 or plan.inputs[tap.leaf].aval.ndim != 2 or positions(node) is None:
+    if tap.operand != 1 or positions(node) is None:
         return None
-    return (0, 1), plan.inputs[tap.leaf].aval.shape[1]
+    shape = plan.inputs[tap.leaf].aval.shape
+    return tuple(range(len(shape))), shape[-1]
 
 
 def position_weights(

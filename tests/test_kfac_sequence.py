@@ -12,6 +12,7 @@ setting with ``Λ`` in place of the identity.
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import flax.linen as nn
@@ -332,7 +333,7 @@ class _Attention(nn.Module):
         v = nn.DenseGeneral((2, 3), name="v")(x)
         att = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), axis=-1)
         h = jnp.einsum("bhts,bshd->bthd", att, v)
-        h = nn.DenseGeneral(D, axis=(-2, -1), name="o")(h)  # two contracting axes, no block
+        h = nn.DenseGeneral(D, axis=(-2, -1), name="o")(h)  # [H, Dh, D]: a block, in = H·Dh
         h = nn.Dense(H1, name="mlp")(nn.LayerNorm(name="ln")(h + x))
         return nn.DenseGeneral(C, name="head")(jax.nn.gelu(h))
 
@@ -349,21 +350,78 @@ def test_flax_attention_block_factors_its_dense_layers():
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         blocks = {paths[f.kernel]: paths[f.bias] for f in fisher.layers}
         assert blocks == {
+            "['o']['kernel']": "['o']['bias']",
             "['mlp']['kernel']": "['mlp']['bias']",
             "['head']['kernel']": "['head']['bias']",
         }
         diagonal = ewc_jax.fisher_diagonal(apply_fn, params, x, estimator="exact")
-        for name in ("q", "k", "v", "o", "ln"):
+        for name in ("q", "k", "v", "ln"):
             for leaf in fisher.diagonal[name]:
                 np.testing.assert_allclose(
                     fisher.diagonal[name][leaf], diagonal[name][leaf], rtol=1e-10, atol=1e-20
                 )
 
 
+@pytest.mark.parametrize("sequence", ["expand", "reduce"])
+def test_two_contracted_axes_equal_the_flattened_dense_layer(sequence):
+    """A kernel ``[H, Dh, out]`` contracted over both input axes (attention's output
+    projection, as Flax's ``DenseGeneral`` writes it) has the factors of the same layer
+    written as ``[H·Dh, out]``."""
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(26), 3)
+        params = {
+            "o": jax.random.normal(k[0], (2, 3, D), jnp.float64) / 2,
+            "b": jax.random.normal(k[1], (D,), jnp.float64) / 2,
+            "out": jax.random.normal(k[2], (D, C), jnp.float64) / 2,
+        }
+        flat = {**params, "o": params["o"].reshape(6, D)}
+        heads = jax.random.normal(jax.random.key(27), (N, T, 2, 3), jnp.float64)
+
+        def two_axes(p, h):
+            return (
+                jnp.tanh(
+                    jax.lax.dot_general(h, p["o"], (((2, 3), (0, 1)), ((), ())))
+                    + p["b"][None, None]
+                )
+                @ p["out"]
+            )
+
+        def one_axis(p, h):
+            return jnp.tanh(h.reshape(*h.shape[:2], -1) @ p["o"] + p["b"][None, None]) @ p["out"]
+
+        kw = dict(estimator="exact", sequence=sequence)
+        got = ewc_jax.kfac.kfac_fisher(two_axes, params, heads, **kw)
+        want = ewc_jax.kfac.kfac_fisher(one_axis, flat, heads, **kw)
+        assert len(got.layers) == len(want.layers) == 2
+        for g, w in zip(got.layers, want.layers, strict=True):
+            assert (g.kernel, g.bias) == (w.kernel, w.bias)
+            np.testing.assert_allclose(g.a, w.a, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(g.g, w.g, rtol=1e-12, atol=1e-14)
+        # Leaves in tree order: b, o, out.
+        assert {(f.kernel, f.bias, f.kernel_axes) for f in got.layers} == {
+            (1, 0, (0, 1, 2)),
+            (2, None, (0, 1)),
+        }
+        moved = jax.tree.map(lambda a: a + 0.1, params)
+        moved_flat = {**moved, "o": moved["o"].reshape(6, D)}
+        np.testing.assert_allclose(
+            ewc_jax.penalty(moved, ewc_jax.consolidate(None, params, got), 3.0),
+            ewc_jax.penalty(moved_flat, ewc_jax.consolidate(None, flat, want), 3.0),
+            rtol=1e-12,
+        )
+        grads = jax.grad(ewc_jax.penalty)(moved, ewc_jax.consolidate(None, params, got), 3.0)
+        grads_flat = jax.grad(ewc_jax.penalty)(
+            moved_flat, ewc_jax.consolidate(None, flat, want), 3.0
+        )
+        np.testing.assert_allclose(grads["o"].reshape(6, D), grads_flat["o"], rtol=1e-12)
+
+
 def test_refusals():
     with jax.enable_x64(True):
         params = _tanh_params(jax.random.key(22))
         x = jax.random.normal(jax.random.key(23), (N, T, D), jnp.float64)
+        assert typing.get_args(ewc_jax.kfac.SequenceMode) == ewc_jax.kfac.SEQUENCE_MODES
+        assert ewc_jax.kfac.SEQUENCE_MODES == ("expand", "reduce")
         with pytest.raises(ValueError, match="Unknown sequence 'mean'"):
             ewc_jax.kfac.kfac_fisher(_tanh_tokens, params, x, sequence="mean")
 
@@ -383,8 +441,7 @@ import ewc_jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 assert jax.device_count() == 8, jax.devices()
-# Auto axes: XLA's partitioner (GSPMD) places the computation from the arguments' shardings.
-mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+mesh = jax.make_mesh((2, 4), ("data", "model"))
 
 
 def model(p, x):
@@ -413,6 +470,7 @@ for sequence in ("expand", "reduce"):
     for a, b in zip(one.layers, many.layers, strict=True):
         np.testing.assert_allclose(np.asarray(b.a), np.asarray(a.a), rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(np.asarray(b.g), np.asarray(a.g), rtol=1e-10, atol=1e-13)
+    assert many.layers[0].a.sharding.mesh.axis_names == ("data", "model")
     state = ewc_jax.consolidate(None, sharded, many)
     moved = jax.tree.map(lambda a: a + 0.1, sharded)
     reference = ewc_jax.consolidate(None, params, one)
