@@ -161,6 +161,16 @@ def test_forecast_figure_has_a_series_per_method_and_split():
     np.testing.assert_array_equal(ax.collections[1].get_offsets(), [[1e-3, 2e-2]])
 
 
+def test_forecast_figure_without_a_positive_rise_is_still_written(tmp_path):
+    # A later task can lower an earlier task's loss (one language helping another): no point
+    # can be drawn on log axes, and the figure must still be written.
+    runs = [_record("ewc", [(1e-3, -0.5, -0.4)])]
+    path = plots.plot_forgetting_forecast(runs, tmp_path / "forecast.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = plots.forecast_figure(runs).axes
+    assert [len(c.get_offsets()) for c in ax.collections] == [0, 0]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("forecast")

@@ -238,6 +238,10 @@ def forecast_figure(runs: Sequence[RunRecord]) -> Figure:
                 low, high = min(low, float(both.min())), max(high, float(both.max()))
     if high > 0:
         ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
+    else:  # nothing drawable (every rise <= 0, e.g. a later task helped the earlier one)
+        ax.set_xlim(1e-6, 1.0)
+        ax.set_ylim(1e-6, 1.0)
+        ax.text(1e-3, 1e-3, "no pair with positive rises", ha="center", fontsize=9)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("predicted loss rise ½ Δθᵀ F_k Δθ")
