@@ -16,7 +16,7 @@ WITH_TORCH ?= 1
 BENCH_NO_DEPS ?= backpack-for-pytorch==1.7.1 nngeometry==0.4
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs lint format bench clean
+.PHONY: demo test test-exhaustive docs lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not exhaustive" $(PYTEST_ARGS)
+
+# The reference matrix's whole cross product (tests/test_reference_matrix.py), beyond the entries
+# `make test` runs (every family, estimator and path at least once).
+test-exhaustive: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -m exhaustive $(PYTEST_ARGS)
 
 # -W --keep-going: every warning is an error, all of them reported; -n: every cross-reference
 # must resolve. No network: no intersphinx, the tutorial's stored outputs are shown as they are.

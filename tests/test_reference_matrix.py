@@ -7,9 +7,10 @@ rounding: ``rtol=1e-8`` per entry, plus ``1e-11`` of the tree's largest entry fo
 are zero in exact arithmetic (an attention key bias).
 
 Budget: unmarked, every family appears once (21 entries); the rest of the 253-entry cross
-product is ``slow``. A family's model, data and reference Jacobians are built once
-(``functools.cache``) and shared by its entries, and XLA's optimisation passes are off in this
-module (most of the compile time of programs this small).
+product is ``exhaustive`` (``make test-exhaustive``; ``make test`` leaves it out). A family's
+model, data and reference Jacobians are built once (``functools.cache``) and shared by its
+entries, and XLA's optimisation passes are off in this module (most of the compile time of
+programs this small).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def assert_close_to_reference(got, want):
         )
 
 
-# The whole cross product runs under `make test` (slow). Unmarked, every family appears once,
+# The rest of the cross product is marked `exhaustive`: `make test-exhaustive` runs it (about 3
+# minutes on 2 cores), `make test` does not. Unmarked, every family appears once,
 # with (estimator, path) pairs that rotate so that each of the 4 x 3 pairs is unmarked for at
 # least one family, and "batched" (one path: mini-batch mean gradients) on a classifier and a
 # masked sequence model.
@@ -220,9 +222,9 @@ def _cases():
         for estimator in _ESTIMATORS:
             for method in METHODS:
                 slow = (estimator, method) != unmarked
-                marks = (pytest.mark.slow,) if slow else ()
+                marks = (pytest.mark.exhaustive,) if slow else ()
                 cases.append(pytest.param(family, estimator, method, marks=marks))
-        marks = () if family in _BATCHED_UNMARKED else (pytest.mark.slow,)
+        marks = () if family in _BATCHED_UNMARKED else (pytest.mark.exhaustive,)
         cases.append(pytest.param(family, "batched", "auto", marks=marks))
     return cases
 
@@ -253,7 +255,7 @@ _MAS_UNMARKED = {("mixed", "one_pass"), ("linen_cnn", "one_pass"), ("tiny_lm", "
 
 def _mas_cases():
     return [
-        pytest.param(f, m, marks=() if (f, m) in _MAS_UNMARKED else (pytest.mark.slow,))
+        pytest.param(f, m, marks=() if (f, m) in _MAS_UNMARKED else (pytest.mark.exhaustive,))
         for f in BUILDERS
         if f != "batchnorm_state"
         for m in ("auto", "one_pass", "general")
