@@ -82,18 +82,7 @@ def consolidate_task(
         solution and precision in its row (:mod:`experiments.training.forecast`).
     """
     entry = method.method
-    key, importance_key = jax.random.split(state.key)
-    inputs = ImportanceInputs(
-        setup.logits,
-        state.params,
-        state.opt_state,
-        images,
-        labels,
-        heads,
-        importance_key,
-        setup.mesh,
-        method,
-    )
+    key, inputs = _importance_inputs(state, images, labels, heads, setup, method)
     precision, opt_state = entry.importance(inputs)
     store = state.forecast
     if store is not None:  # the task's own solution and Fisher, for the forgetting forecast
@@ -145,18 +134,7 @@ def choose_strength(
         The state with the new strength and the PRNG key split once (as for the importance),
         and the :class:`ewc_jax.evidence.Evidence` of the choice.
     """
-    key, importance_key = jax.random.split(state.key)
-    inputs = ImportanceInputs(
-        setup.logits,
-        state.params,
-        state.opt_state,
-        images,
-        labels,
-        heads,
-        importance_key,
-        setup.mesh,
-        method,
-    )
+    key, inputs = _importance_inputs(state, images, labels, heads, setup, method)
     curvature = method.method.importance(inputs)[0]
     chosen = ewc_jax.evidence.evidence_strength(
         state.ewc_state, state.params, curvature, num_examples=num_examples
@@ -240,3 +218,20 @@ def sweep_consolidate(
 def sweep_reset_optimizer(states: TrainState, *, setup: StepSetup) -> TrainState:
     """:func:`reset_optimizer` of every run."""
     return jax.vmap(functools.partial(reset_optimizer, setup=setup))(states)
+
+
+def _importance_inputs(
+    state: TrainState,
+    images: jax.Array | None,
+    labels: jax.Array | None,
+    heads: jax.Array | None,
+    setup: StepSetup,
+    method: MethodSpec,
+) -> tuple[jax.Array, ImportanceInputs]:
+    """The state's next PRNG key and the importance's inputs, with the key split once for it."""
+    key, importance_key = jax.random.split(state.key)
+    inputs = ImportanceInputs(
+        setup.logits, state.params, state.opt_state, images, labels, heads, importance_key,
+        setup.mesh, method,
+    )  # fmt: skip
+    return key, inputs
