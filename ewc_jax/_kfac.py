@@ -35,7 +35,7 @@ from ewc_jax._kfac_sequence import (
     SequenceMode,
     check_mask_fits,
     check_sequence,
-    dense_over_positions,
+    dense_kernel,
     input_sum,
     output_sum,
     position_weights,
@@ -226,10 +226,10 @@ def kfac_fisher(
     plan = make_plan(apply_fn, model.params_tree(), model.example_tree())
     layers = _layers(plan)
     if mask is not None:
-        for node, _, _, _ in layers:
+        for node, *_ in layers:
             if positions(plan.nodes[node]) is not None:
                 check_mask_fits(plan.nodes[node], token_shape)
-    covered = {i for _, kernel, bias, _ in layers for i in (kernel, bias) if i is not None}
+    covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
     if len(covered) < len(leaves):
         diagonal = fisher_diagonal(
@@ -272,33 +272,36 @@ def kfac_fisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(
             KroneckerFactors(a, g, kernel, bias, axes)
-            for (a, g), (_, kernel, bias, axes) in zip(factors, layers, strict=True)
+            for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)
         ),
     )
 
 
 def _layers(
     plan: Plan,
-) -> tuple[tuple[int, int, int | None, tuple[int, ...]], ...]:
-    """``(node, kernel leaf, bias leaf or None, kernel axes)`` for every factored layer.
+) -> tuple[tuple[int, int, int | None, tuple[int, ...], int], ...]:
+    """``(node, kernel leaf, bias leaf or None, kernel axes, out features)`` for every factored
+    layer.
 
-    A Dense kernel: a 2-D leaf reaching a ``dot_general`` unchanged, contracted with a
-    ``[1, in]`` per-example input, either as the right operand over its first axis (Flax and
-    plain JAX ``x @ W``, kernel ``[in, out]``) or as the left operand over its second axis
-    (Equinox ``W @ x`` under ``vmap``, kernel ``[out, in]``). A convolution kernel: a leaf
-    reaching a ``conv_general_dilated`` unchanged as its kernel, without feature or batch
-    groups. A bias: a leaf of ``out`` elements (``[out]``, or ``[1, out]``) added, alone and
-    once, to the layer's output or, for a Dense layer, to that output moved by layout-only
-    operations (the transpose ``vmap`` puts after ``W @ x``).
+    A Dense kernel: a leaf reaching a ``dot_general`` unchanged, either as the right operand
+    ``[*in, *out]`` contracted over its leading axes with the trailing axes of a per-example
+    input ``[1, *P, *in]`` (Flax ``Dense``/``DenseGeneral``, plain JAX ``x @ W``; ``P`` are
+    extra axes such as a sequence's) or as the 2-D left operand over its second axis (Equinox
+    ``W @ x`` under ``vmap``, kernel ``[out, in]``). A convolution kernel: a leaf reaching a
+    ``conv_general_dilated`` unchanged as its kernel, without feature or batch groups. A bias:
+    a leaf of the output's shape (``[*out]``, up to axes of size 1: ``[out]``, ``[1, out]``,
+    ``[H, Dh]``) added, alone and once, to the layer's output or, for a Dense layer, to that
+    output moved by layout-only operations (the transpose ``vmap`` puts after ``W @ x``).
     """
     layers = []
     for tap in plan.taps:
         if tap.layout:
             continue
-        kernel = _kernel_axes(plan, tap) or dense_over_positions(plan, tap)
+        kernel = _kernel_axes(plan, tap) or dense_kernel(plan, tap)
         if kernel is None:
             continue
-        axes, out_features = kernel
+        axes, out_shape = kernel
+        squeezed = tuple(d for d in out_shape if d != 1)
         outputs = _carried_outputs(plan, tap.node)
         bias = None
         for other in plan.taps:
@@ -307,17 +310,17 @@ def _layers(
             if (
                 adder.eqn.primitive.name == "add"
                 and any(adder.inputs[1 - other.operand] is out for out in outputs)
-                and math.prod(shape) == out_features
-                and sum(d != 1 for d in shape) <= 1
+                and tuple(d for d in shape if d != 1) == squeezed
             ):
                 bias = other.leaf
-        layers.append((tap.node, tap.leaf, bias, axes))
+        layers.append((tap.node, tap.leaf, bias, axes, math.prod(out_shape)))
     return tuple(layers)
 
 
-def _kernel_axes(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], int] | None:
-    """``(kernel axes in the order (input, spatial..., output), output features)`` when the
-    tapped leaf is the kernel of a Dense layer or an ungrouped convolution; else None."""
+def _kernel_axes(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(kernel axes in the order (input, spatial..., output), output shape)`` when the
+    tapped leaf is the kernel of an ungrouped convolution or the ``[out, in]`` kernel of
+    Equinox's ``W @ x``; else None (a Dense ``x @ W`` kernel: :func:`dense_kernel`)."""
     node = plan.nodes[tap.node]
     name = node.eqn.primitive.name
     leaf_shape = plan.inputs[tap.leaf].aval.shape
@@ -329,7 +332,7 @@ def _kernel_axes(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], int] | None:
             return None
         rhs_spec = params["dimension_numbers"].rhs_spec
         axes = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
-        return tuple(int(a) for a in axes), leaf_shape[rhs_spec[0]]
+        return tuple(int(a) for a in axes), (leaf_shape[rhs_spec[0]],)
     if name != "dot_general" or len(leaf_shape) != 2 or not tap.one_term:
         return None
     (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
@@ -337,10 +340,8 @@ def _kernel_axes(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], int] | None:
     other_shape = node.inputs[1 - tap.operand].aval.shape
     if batch != ((), ()):
         return None
-    if tap.operand == 1 and other_shape == (1, leaf_shape[0]) and contract == ((1,), (0,)):
-        return (0, 1), leaf_shape[1]  # x @ W, W [in, out]
     if tap.operand == 0 and other_shape == (1, leaf_shape[1]) and contract == ((1,), (1,)):
-        return (1, 0), leaf_shape[0]  # vmap(W @ x), W [out, in]
+        return (1, 0), (leaf_shape[0],)  # vmap(W @ x), W [out, in]
     return None
 
 
@@ -380,8 +381,8 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         d = stack_examples(delta.astype(dtype), out_spec[0])
         d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
         return d.reshape(d.shape[0], -1, d.shape[-1])
-    if positions(plan.nodes[node]) is not None:  # [B, 1, *P, out]
-        return delta.reshape(delta.shape[0], -1, delta.shape[-1]).astype(dtype)
+    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *out]
+        return delta.reshape(delta.shape[0], math.prod(extra), -1).astype(dtype)
     return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
 
 
@@ -420,20 +421,20 @@ def _factors(
         example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
         plan = make_plan(apply_fn.fn, params, example)
         logits, pullback, recorded = tapped_vjp(
-            plan, leaves, jax.tree.leaves(x), [node for node, _, _, _ in layers]
+            plan, leaves, jax.tree.leaves(x), [node for node, *_ in layers]
         )
         num_labels, target = label_targets(logits, estimator, y, k, m, weight)
-        dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, _, _ in layers]
+        dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, *_ in layers]
         batch = weight.shape[0]
         # [B, S] counted positions of each Dense layer applied over extra axes; None otherwise.
         counted = [
             None
             if positions(plan.nodes[node]) is None
             else position_weights(plan.nodes[node], m, token_shape, batch, dtype)
-            for (node, _, _, _), dtype in zip(layers, dtypes, strict=True)
+            for (node, *_), dtype in zip(layers, dtypes, strict=True)
         ]
         a_sums = []
-        for (node, _, bias, _), dtype, c in zip(layers, dtypes, counted, strict=True):
+        for (node, _, bias, *_), dtype, c in zip(layers, dtypes, counted, strict=True):
             a = _layer_inputs(plan, node, recorded, dtype)
             if bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
@@ -448,9 +449,7 @@ def _factors(
             cotangent, w = target(label)
             (deltas,) = pullback(cotangent.astype(logits.dtype))
             new = []
-            for total, (node, _, _, _), dtype, c in zip(
-                g_sums, layers, dtypes, counted, strict=True
-            ):
+            for total, (node, *_), dtype, c in zip(g_sums, layers, dtypes, counted, strict=True):
                 d = _layer_deltas(plan, node, deltas[node], dtype)
                 if c is not None:
                     new.append(total + output_sum(d, c, w, sequence))
@@ -461,8 +460,7 @@ def _factors(
             return new, None
 
         zero = [
-            jnp.zeros((leaves[kernel].shape[axes[-1]],) * 2, dtype)
-            for (_, kernel, _, axes), dtype in zip(layers, dtypes, strict=True)
+            jnp.zeros((out, out), dtype) for (*_, out), dtype in zip(layers, dtypes, strict=True)
         ]
         if num_labels == 1:
             g_sums, _ = add_label(zero, 0)

@@ -62,37 +62,51 @@ def check_sequence(sequence: object) -> None:
         )
 
 
-def positions(node: Node) -> tuple[int, ...] | None:
-    """The extra axes ``P`` of a Dense layer applied over ``x [1, *P, *in]`` (the per-example
-    program has a batch axis of 1) with a kernel ``[*in, out]`` contracted over its leading
-    axes (``x @ W``; Flax ``DenseGeneral(out, axis=(-2, -1))``, attention's output
-    projection), or None for any other operation."""
+def dense_split(node: Node) -> tuple[tuple[int, ...], int] | None:
+    """``(P, k)`` when the node is a Dense layer ``x [1, *P, *in] @ W [*in, *out]`` (the
+    per-example program has a batch axis of 1): the kernel, the right operand, contracted over
+    its ``k`` leading axes with the input's ``k`` trailing ones, with at least one output axis
+    left (Flax ``Dense``; ``DenseGeneral(out, axis=(-2, -1))``, attention's output projection
+    ``[H, Dh, D]``; ``DenseGeneral((H, Dh))``, its ``q``/``k``/``v`` projections ``[D, H, Dh]``);
+    ``P`` is empty for a layer applied once per example. None for any other operation."""
     if node.eqn.primitive.name != "dot_general":
         return None
     (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
     x_shape, w_shape = node.inputs[0].aval.shape, node.inputs[1].aval.shape
-    k = len(w_shape) - 1  # contracted axes: all of the kernel's but the output
+    k = len(contract_r)
     if (
         batch != ((), ())
-        or k < 1
-        or len(x_shape) < k + 2
+        or not 1 <= k < len(w_shape)
+        or len(x_shape) < k + 1
         or x_shape[0] != 1
         or tuple(contract_l) != tuple(range(len(x_shape) - k, len(x_shape)))
         or tuple(contract_r) != tuple(range(k))
     ):
         return None
-    return tuple(int(d) for d in x_shape[1 : len(x_shape) - k])
+    return tuple(int(d) for d in x_shape[1 : len(x_shape) - k]), k
 
 
-def dense_over_positions(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], int] | None:
-    """``((0, ..., k), out)`` when the tapped leaf is the ``[*in, out]`` kernel of a Dense
-    layer applied over extra axes (the right operand of ``x [1, *P, *in] @ W``); else None.
-    Its rows ``W̄`` are the kernel reshaped to ``[prod(in), out]``."""
-    node = plan.nodes[tap.node]
-    if tap.operand != 1 or positions(node) is None:
+def positions(node: Node) -> tuple[int, ...] | None:
+    """The extra axes ``P`` of a Dense layer applied over ``x [1, *P, *in]`` (see
+    :func:`dense_split`), or None for a layer applied once per example or any other
+    operation."""
+    split = dense_split(node)
+    if split is None or not split[0]:
         return None
+    return split[0]
+
+
+def dense_kernel(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``((0, ..., ndim - 1), out shape)`` when the tapped leaf is, unchanged, the
+    ``[*in, *out]`` kernel of a Dense layer (the right operand of ``x [1, *P, *in] @ W``, with
+    or without extra axes ``P``); else None. Its rows ``W̄`` are the kernel reshaped to
+    ``[prod(in), prod(out)]``."""
+    node = plan.nodes[tap.node]
+    split = dense_split(node)
     shape = plan.inputs[tap.leaf].aval.shape
-    return tuple(range(len(shape))), shape[-1]
+    if tap.operand != 1 or split is None or shape != node.inputs[1].aval.shape:
+        return None
+    return tuple(range(len(shape))), tuple(int(d) for d in shape[split[1] :])
 
 
 def position_weights(

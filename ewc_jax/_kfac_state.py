@@ -58,8 +58,11 @@ class KroneckerFactors:
       kernel: index of the kernel among ``jax.tree.leaves(params)`` (static).
       bias: index of the bias leaf, or None (static).
       kernel_axes: the kernel's axes in the order (input, spatial..., output): the rows of
-        ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` (static; ``(0, 1)`` for
-        Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel ``[h, w, in, out]``).
+        ``W̄`` are ``kernel.transpose(kernel_axes).reshape(-1, out)`` with ``out`` the size of
+        ``g`` (static; ``(0, 1)`` for Dense, ``(2, 0, 1, 3)`` for a Flax ``Conv`` kernel
+        ``[h, w, in, out]``; the identity for a kernel with several input or output axes,
+        ``[H, Dh, D]`` or ``[D, H, Dh]``, whose ``in`` and ``out`` are then the products of
+        those axes).
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -238,11 +241,14 @@ def _check_no_where(where: object) -> None:
 
 
 def _augmented(
-    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
+    leaves: list[Any], layer: KroneckerFactors | KroneckerTerms, dtype: Any
 ) -> jax.Array:
-    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``."""
-    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
-    w = w.reshape(-1, w.shape[-1])
+    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``: the
+    kernel transposed to ``kernel_axes`` and reshaped to ``out = g.shape[-1]`` columns (a
+    kernel with several output axes, ``[D, H, Dh]``, gives ``[D, H·Dh]``)."""
+    kernel, bias, out = layer.kernel, layer.bias, layer.g.shape[-1]
+    w = jnp.transpose(leaves[kernel].astype(dtype), layer.kernel_axes)
+    w = w.reshape(-1, out)
     if bias is None:
         return w
     return jnp.concatenate([w, leaves[bias].astype(dtype).reshape(1, -1)], axis=0)
@@ -295,9 +301,7 @@ def _consolidated(
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
         dtype = terms.a.dtype
-        anchor = _augmented(
-            leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
-        )
+        anchor = _augmented(leaves, factors, terms.anchor.dtype)
         a_old, anchor_old = terms.a, terms.anchor
         if mode == "online":
             a_old = jnp.asarray(gamma, dtype) * a_old
@@ -377,9 +381,7 @@ def merge_kronecker_terms(state: KFACState) -> KFACState:
 
 def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
     dtype = widest(factors.a, factors.g, leaves[factors.kernel])
-    anchor = _augmented(
-        leaves, factors.kernel, factors.bias, factors.kernel_axes, widest(leaves[factors.kernel])
-    )
+    anchor = _augmented(leaves, factors, widest(leaves[factors.kernel]))
     return KroneckerTerms(
         a=jnp.zeros((0, *factors.a.shape), dtype),
         g=jnp.zeros((0, *factors.g.shape), dtype),
@@ -412,7 +414,7 @@ def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -
 def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
     """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
     dtype = terms.a.dtype
-    w = _augmented(leaves, terms.kernel, terms.bias, terms.kernel_axes, dtype)
+    w = _augmented(leaves, terms, dtype)
     return w[None] - terms.anchor.astype(dtype)
 
 
@@ -435,7 +437,7 @@ def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.Arr
         x = _deviation(leaves, terms)
         g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
         kernel_shape = leaves[terms.kernel].shape
-        rows = math.prod(kernel_shape) // kernel_shape[terms.kernel_axes[-1]]
+        rows = math.prod(kernel_shape) // terms.g.shape[-1]
         kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
         kernel_grad = jnp.transpose(
             kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))

@@ -256,7 +256,7 @@ def test_grouped_conv_is_left_to_the_diagonal_fisher():
     plan = plan_lib.make_plan(model.apply, params, x[0])
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     layers = _kfac._layers(plan)
-    assert [(names[k], names[b]) for _, k, b, _ in layers] == [
+    assert [(names[k], names[b]) for _, k, b, *_ in layers] == [
         ("['params']['Dense_0']['kernel']", "['params']['Dense_0']['bias']")
     ]
 

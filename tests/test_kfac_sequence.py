@@ -328,7 +328,7 @@ def test_tied_kernel_keeps_its_diagonal_fisher():
 class _Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
-        q = nn.DenseGeneral((2, 3), name="q")(x)  # heads: a 3-D kernel, no block
+        q = nn.DenseGeneral((2, 3), name="q")(x)  # heads: [D, H, Dh], out = H·Dh
         k = nn.DenseGeneral((2, 3), name="k")(x)
         v = nn.DenseGeneral((2, 3), name="v")(x)
         att = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), axis=-1)
@@ -350,12 +350,13 @@ def test_flax_attention_block_factors_its_dense_layers():
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         blocks = {paths[f.kernel]: paths[f.bias] for f in fisher.layers}
         assert blocks == {
+            **{f"['{n}']['kernel']": f"['{n}']['bias']" for n in ("q", "k", "v")},
             "['o']['kernel']": "['o']['bias']",
             "['mlp']['kernel']": "['mlp']['bias']",
             "['head']['kernel']": "['head']['bias']",
         }
         diagonal = ewc_jax.fisher_diagonal(apply_fn, params, x, estimator="exact")
-        for name in ("q", "k", "v", "ln"):
+        for name in ("ln",):
             for leaf in fisher.diagonal[name]:
                 np.testing.assert_allclose(
                     fisher.diagonal[name][leaf], diagonal[name][leaf], rtol=1e-10, atol=1e-20
