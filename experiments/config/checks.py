@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
+import ewc_jax.kfac
 from experiments import models
 from experiments.config.defaults import ESTIMATORS, REGULARIZED, RENAMED, get_config
 from experiments.models import LM_MODELS, MODELS
@@ -338,16 +339,16 @@ def _check_reproduction(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` with a clear message for a config that cannot run.
 
-    Checked: no unknown or renamed fields; method, estimator, scenario, split mode, model and
-    optimiser names; tuples of the right element type; every numeric field's type (ints are
-    ints, not floats) and range (``learning_rate`` finite > 0, strengths finite >= 0, gamma in
-    [0, 1], momentum in [0, 1), sizes and counts >= 1, cadences >= 0, ``hidden_sizes`` >= 1,
-    finite angles, seeds in [0, 2^31)); the booleans; at least one method and seed; at least 2
-    permuted tasks (the task count of the other scenarios is checked once their data is loaded,
-    by :func:`experiments.scenarios.check_scenario`, and ``batch_size`` against the smallest
-    task by :func:`experiments.runs.experiment.check_task_sizes`); the sweep;
-    ``param_sharding`` (``fsdp`` needs ``data_parallel`` and a single run, not a sweep); what
-    each method of the table refuses.
+    Checked: no unknown or renamed fields; method, estimator, K-FAC sequence mode, scenario,
+    split mode, model and optimiser names; tuples of the right element type; every numeric
+    field's type (ints are ints, not floats) and range (``learning_rate`` finite > 0, strengths
+    finite >= 0, gamma in [0, 1], momentum in [0, 1), sizes and counts >= 1, cadences >= 0,
+    ``hidden_sizes`` >= 1, finite angles, seeds in [0, 2^31)); the booleans; at least one method
+    and seed; at least 2 permuted tasks (the task count of the other scenarios is checked once
+    their data is loaded, by :func:`experiments.scenarios.check_scenario`, and ``batch_size``
+    against the smallest task by :func:`experiments.runs.experiment.check_task_sizes`); the
+    sweep; ``param_sharding`` (``fsdp`` needs ``data_parallel`` and a single run, not a sweep);
+    what each method of the table refuses.
 
     Args:
         config: the experiment config.
@@ -358,6 +359,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_known_fields(config)
     _check_lists(config)
     _choice(config, "estimator", ESTIMATORS)
+    _choice(config, "kfac_sequence", ewc_jax.kfac.SEQUENCE_MODES)
     _choice(config, "scenario", SCENARIOS)
     if config.scenario == "split":
         _choice(config, "split_mode", SPLIT_MODES)
@@ -384,10 +386,8 @@ def _check_param_sharding(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_refusals(config: ml_collections.ConfigDict) -> None:
-    """What each method of the table refuses (K-FAC: language models, some estimators)."""
+    """What each method of the table refuses (K-FAC: some estimators)."""
     for name in config.methods:
-        why = METHODS[name].refusal(
-            estimator=config.estimator, sequence_model=config.model in LM_MODELS
-        )
+        why = METHODS[name].refusal(estimator=config.estimator)
         if why:
             raise ConfigError(why)

@@ -32,7 +32,10 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   it), ``estimator`` (exact | sampled | empirical | argmax | batched; K-FAC takes the first
   three), ``fisher_samples`` (also MAS's and K-FAC's examples), ``fisher_batch_size``
   (batched estimator), ``gamma`` (online EWC decay), ``evidence_every`` (epochs between the
-  evidence's choices of λ for ``strengths.<method>=evidence``; 0: at task ends only).
+  evidence's choices of λ for ``strengths.<method>=evidence``; 0: at task ends only),
+  ``kfac_sequence`` (expand | reduce: how K-FAC factors a Dense layer applied over a
+  sequence's positions, as a language model's are; :func:`ewc_jax.kfac.kfac_fisher`'s
+  ``sequence``, Eschenhagen et al. 2023; ``expand``, the default, suits a loss per token).
 
   The defaults of ``strengths.si`` (10), ``strengths.mas`` (0.03) and ``strengths.kfac`` (10)
   are the best final average accuracy of a sweep on the demo (``experiments/configs/demo.py``:
@@ -160,6 +163,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.fisher_batch_size = 0
     config.gamma = 1.0
     config.evidence_every = 0
+    config.kfac_sequence = "expand"
 
     config.seeds = (0,)
 

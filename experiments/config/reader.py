@@ -141,4 +141,5 @@ def _method_spec(config: ml_collections.ConfigDict, name: str) -> MethodSpec:
         fisher_samples=config.fisher_samples,
         fisher_batch_size=config.fisher_batch_size or None,
         gamma=float(config.gamma) if entry.decays else 1.0,
+        kfac_sequence=config.kfac_sequence,
     )

@@ -79,7 +79,6 @@ class Method:
         wrap_optimizer: turns the optimiser into the one the method trains with (SI), or None.
         estimators: the Fisher estimators it takes (None: every one of
             :data:`ewc_jax.Estimator`).
-        sequence_models: whether it runs on a language model's sequence outputs.
         laplace: whether the importance is the task's Fisher (diagonal, or K-FAC merged into
             one Kronecker term per layer), the precision of a Laplace approximation. Then
             ``strengths.<name>=evidence`` may choose the strength by the Laplace evidence
@@ -99,7 +98,6 @@ class Method:
     kronecker: bool = False
     wrap_optimizer: Callable[[optax.GradientTransformation], Any] | None = None
     estimators: tuple[str, ...] | None = None
-    sequence_models: bool = True
     laplace: bool = False
 
     @property
@@ -107,14 +105,8 @@ class Method:
         """Whether the method adds a quadratic penalty after each task."""
         return self.importance is not None
 
-    def refusal(self, *, estimator: str, sequence_model: bool) -> str | None:
-        """Why this method cannot run with ``estimator`` (or on a language model), or None."""
-        if sequence_model and not self.sequence_models:
-            return (
-                f"method {self.name!r} cannot run on a language model (Dense layers applied "
-                "over a sequence keep a diagonal Fisher, and sequence outputs are not "
-                "supported); use ewc or online_ewc"
-            )
+    def refusal(self, *, estimator: str) -> str | None:
+        """Why this method cannot run with ``estimator``, or None."""
         if self.estimators is not None and estimator not in self.estimators:
             return (
                 f"estimator {estimator!r} has no version for method {self.name!r}; it takes "
@@ -160,7 +152,9 @@ def _si(inputs: ImportanceInputs) -> tuple[Any, Any]:
 
 
 def _kfac(inputs: ImportanceInputs) -> tuple[Any, Any]:
-    """K-FAC: the Kronecker-factored Fisher (:func:`ewc_jax.kfac.kfac_fisher`)."""
+    """K-FAC: the Kronecker-factored Fisher (:func:`ewc_jax.kfac.kfac_fisher`); a Dense layer
+    applied over a language model's positions is factored by ``spec.kfac_sequence`` (expand or
+    reduce). The text windows have no padding, so every token counts (no ``mask``)."""
     spec = inputs.spec
     precision = ewc_jax.kfac.kfac_fisher(
         inputs.logits,
@@ -169,6 +163,7 @@ def _kfac(inputs: ImportanceInputs) -> tuple[Any, Any]:
         inputs.labels if spec.estimator == "empirical" else None,
         estimator=spec.estimator,
         key=inputs.key if spec.estimator == "sampled" else None,
+        sequence=spec.kfac_sequence,
     )
     return precision, inputs.opt_state
 
@@ -241,7 +236,6 @@ _TABLE = (
         needs_examples=True,
         kronecker=True,
         estimators=tuple(ewc_jax.kfac.KFAC_ESTIMATORS),
-        sequence_models=False,
         laplace=True,
     ),
     Method(
@@ -278,6 +272,8 @@ class MethodSpec:
             (``strengths.<name>=evidence``); ``strength`` is then only its starting value.
         evidence_every: with ``evidence``, re-choose it every this many epochs of a task (0:
             at task ends only), and always at a task's end.
+        kfac_sequence: K-FAC's factors of a Dense layer applied over extra axes, ``"expand"``
+            or ``"reduce"`` (:data:`ewc_jax.kfac.SequenceMode`).
     """
 
     name: str
@@ -289,6 +285,7 @@ class MethodSpec:
     damping: float = 0.1
     evidence: bool = False
     evidence_every: int = 0
+    kfac_sequence: str = "expand"
 
     def __post_init__(self) -> None:
         method_named(self.name)
