@@ -65,14 +65,14 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
             config.batch_size = 12  # not a multiple of 8: padded, masked
             config.fisher_samples = 37
             config.test_limit = 61
-            config.methods = ("ewc",)
+            config.methods = ("ewc", "kfac")
             for name, value in fields.items():
                 config[name] = value
             return config
 
-        # One device, replicated: the matrix of results.json.
+        # One device, replicated: the matrices of results.json (EWC, K-FAC-expand).
         result = train.train_and_evaluate(small(), tempfile.mkdtemp())
-        matrix_1 = np.asarray(result["runs"][0]["accuracy_matrix"])
+        matrix_1, kfac_1 = (np.asarray(run["accuracy_matrix"]) for run in result["runs"])
 
         # FSDP over 8: the loop of train.run_all, its state kept and checkpointed as there.
         config = small(data_parallel=True, param_sharding="fsdp")
@@ -131,6 +131,18 @@ def test_fsdp_lm_on_8_devices_equals_one_device_and_resumes_sharded():
         )
         assert progress.task == 2
         np.testing.assert_array_equal(progress.accuracy_rows, final.progress.accuracy_rows)
+
+        # K-FAC on the FSDP-split params: its factors and penalty give the same matrix.
+        spec = run_spec.methods[1]
+        plan = loop.make_plan(
+            run_spec.schedule, run_spec.optimizer, data, spec, (0,), label="[fsdp kfac]"
+        )
+        fns = runners.single_run_fns(setup, spec, 0, data)
+        final = loop.run(loop.start(plan, fns), plan, fns, data)
+        assert len(final.arrays.ewc_state.layers) == 7  # q, k, v, out, 2 MLP, output layer
+        kfac_8 = np.asarray(final.progress.accuracy_rows)
+        print("kfac max difference", np.abs(kfac_8 - kfac_1).max())
+        np.testing.assert_allclose(kfac_8, kfac_1, rtol=2e-5)
         print("ok", jax.device_count())
         """
     )
