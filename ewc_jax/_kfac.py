@@ -93,14 +93,18 @@ def kfac_fisher(
     positions). Its rows ``W̄`` are the kernel transposed to ``[in, spatial..., out]`` and
     flattened (see :class:`KroneckerFactors`).
 
-    **Dense layers over extra axes** (a kernel ``[in, out]`` applied at every position ``t`` of
-    a ``[T, in]`` or ``[*P, in]`` input: Flax ``Dense`` or a one-axis ``DenseGeneral`` on
-    ``[B, T, D]``, ``x @ w + b`` in plain JAX; also a kernel ``[*in, out]`` contracted over
-    several trailing input axes, as attention's output projection ``DenseGeneral(D,
-    axis=(-2, -1))`` with kernel ``[H, Dh, D]``, whose ``in`` is then ``H·Dh``) are factored
-    by K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023), chosen by ``sequence``; with
-    ``g_{nt}`` the gradient of the example's log-likelihood at the layer's output at position
-    ``t`` and ``m`` the mask:
+    **Kernels with several axes.** A Dense kernel ``[*in, *out]`` contracted over its leading
+    axes (attention's output projection ``DenseGeneral(D, axis=(-2, -1))``, kernel
+    ``[H, Dh, D]``; its per-head ``q``/``k``/``v`` projections ``DenseGeneral((H, Dh))``,
+    kernel ``[D, H, Dh]`` with bias ``[H, Dh]``) is the Dense layer of its kernel reshaped to
+    ``[prod(in), prod(out)]`` (bias flattened to ``[prod(out)]``): ``in = H·Dh`` or
+    ``out = H·Dh``.
+
+    **Dense layers over extra axes** (a kernel ``[*in, *out]`` applied at every position ``t``
+    of a ``[T, *in]`` or ``[*P, *in]`` input: Flax ``Dense`` or ``DenseGeneral`` on
+    ``[B, T, D]``, ``x @ w + b`` in plain JAX) are factored by K-FAC-expand or K-FAC-reduce
+    (Eschenhagen et al. 2023), chosen by ``sequence``; with ``g_{nt}`` the gradient of the
+    example's log-likelihood at the layer's output at position ``t`` and ``m`` the mask:
 
     .. math:: \text{expand:}\quad A = \frac{\sum_{n,t} m_{nt} ā_{nt} ā_{nt}^\top}
               {\sum_{n,t} m_{nt}},\qquad
@@ -132,16 +136,14 @@ def kfac_fisher(
     (``ewc_jax._engine.plan``): Flax ``Dense``/``DenseGeneral``/``Conv``, NNX
     ``Linear``/``Conv``, or ``x @ w + b`` and ``lax.conv_general_dilated`` in plain JAX. Every
     other parameter keeps its diagonal Fisher from :func:`fisher_diagonal`, which is exact for
-    it: grouped convolutions; ``DenseGeneral`` kernels with more than one output axis
-    (attention's per-head ``q``/``k``/``v`` projections ``[D, H, Dh]``: the state keeps one
-    output axis), ``dot_general`` forms other than these (a batch axis, an ``einsum`` that
-    XLA lowers differently) and Equinox ``Linear`` applied over a sequence (``W @ x`` under a
-    nested ``vmap``); normalisation scales and biases of unfactored layers; embeddings (a
-    gather of one-hot rows: their ``A`` would be the diagonal ``diag(token frequency)``, so
-    the diagonal Fisher loses only ``G``'s off-diagonal terms and avoids a ``V × V`` input
-    factor); and any parameter used more than once (a tied embedding, a kernel applied twice):
-    the sum of Kronecker products over its uses is not one Kronecker product, and no block is
-    formed for it rather than a wrong one.
+    it: grouped convolutions; ``dot_general`` forms other than these (a batch axis, an
+    ``einsum`` that XLA lowers differently) and Equinox ``Linear`` applied over a sequence
+    (``W @ x`` under a nested ``vmap``); normalisation scales and biases of unfactored layers;
+    embeddings (a gather of one-hot rows: their ``A`` would be the diagonal
+    ``diag(token frequency)``, so the diagonal Fisher loses only ``G``'s off-diagonal terms and
+    avoids a ``V × V`` input factor); and any parameter used more than once (a tied embedding,
+    a kernel applied twice): the sum of Kronecker products over its uses is not one Kronecker
+    product, and no block is formed for it rather than a wrong one.
 
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,

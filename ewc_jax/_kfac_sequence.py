@@ -1,8 +1,9 @@
 r"""K-FAC-expand and K-FAC-reduce: Kronecker factors of a Dense layer applied over extra axes.
 
 A Dense layer applied at every position ``t`` of an example (``[B, T, D]`` inputs, Flax
-``Dense``/``DenseGeneral`` with one contracting and one output axis, or ``x @ W`` in plain JAX)
-computes ``z_{nt} = a_{nt} W`` with one kernel shared by the ``T`` positions, so its per-example
+``Dense``/``DenseGeneral``, or ``x @ W`` in plain JAX; a kernel with several input or output
+axes, ``[H, Dh, D]`` or ``[D, H, Dh]``, read as ``[prod(in), prod(out)]``) computes
+``z_{nt} = a_{nt} W`` with one kernel shared by the ``T`` positions, so its per-example
 gradient ``Σ_t a_{nt} g_{nt}^\top`` is a sum of outer products, not one. Eschenhagen et al.
 (2023) give two Kronecker approximations of its Fisher (= GGN for the softmax likelihood)
 block, each exact for deep linear networks in its own setting:

@@ -17,6 +17,12 @@ training sequences of the finished language. Strengths: EWC 0.03 (its Italian wi
 of finetune's), L2 0.01 (the L2 of about that cost), online EWC 0.03; README "Continual
 language modelling" has the measured sweeps and the matrix rows of each.
 
+K-FAC runs too (``--config.methods=kfac``, default strength 10, not swept here): every Dense and
+DenseGeneral layer (attention's query, key, value and output projections, the MLP, the output
+layer) gets a Kronecker block, factored over the 64 byte positions by K-FAC-expand (the default,
+for a loss per byte) or K-FAC-reduce (``--config.kfac_sequence=reduce``); embeddings and
+LayerNorms keep the diagonal Fisher. The windows have no padding, so no token mask.
+
 ``small`` (tests): 2 languages, 32-byte windows, a 1-block width-32 model, 30 steps per task.
 """
 
