@@ -111,41 +111,63 @@ def test_sequence_equals_the_flattened_dense_layer(sequence):
         _assert_same_blocks(got, want, params)
 
 
+def _first_layer(params, x):
+    """``DenseGeneral((H, Dh))`` in plain JAX: ``[B, T, D] -> [B, T, H·Dh]``."""
+    h = jax.lax.dot_general(x, params["l0"]["w"], (((2,), (0,)), ((), ())))
+    h = h + params["l0"]["b"][None, None]
+    return h.reshape(*h.shape[:2], H * DH)
+
+
 def _linear_heads(params, x):
     """A deep linear network whose first layer is ``DenseGeneral((H, Dh))``, applied at
     every position: ``[B, T, D] -> [B, T, C]``."""
-    h = jax.lax.dot_general(x, params["l0"]["w"], (((2,), (0,)), ((), ())))
-    h = h + params["l0"]["b"][None, None]
-    return h.reshape(*h.shape[:2], H * DH) @ params["l1"]["w"] @ params["l2"]["w"]
+    return _first_layer(params, x) @ params["l1"]["w"] @ params["l2"]["w"]
 
 
-def test_expand_equals_exact_ggn_for_a_multi_output_kernel():
-    """Eschenhagen et al.'s setting for expand (one loss term per position, positions sharing
-    the kernel, the same logits everywhere): ``A ⊗ G`` is the exact GGN block of ``[W; b]``
-    with ``W`` the ``[D, H, Dh]`` kernel as ``[D, H·Dh]`` and ``b`` the flattened bias."""
+def _pooled_heads(params, x):
+    """The same layers with the positions averaged after the first: ``[B, T, D] -> [B, C]``."""
+    return jnp.mean(_first_layer(params, x), axis=1) @ params["l1"]["w"] @ params["l2"]["w"]
+
+
+def _linear_heads_params(key):
+    k = jax.random.split(key, 4)
+    return {
+        "l0": {
+            "w": jax.random.normal(k[0], (D, H, DH), jnp.float64) / 2,
+            "b": jax.random.normal(k[1], (H, DH), jnp.float64) / 2,
+        },
+        "l1": {"w": jax.random.normal(k[2], (H * DH, H2), jnp.float64) / 2},
+        "l2": {"w": jax.random.normal(k[3], (H2, C), jnp.float64) / 2},
+    }
+
+
+@pytest.mark.parametrize(
+    ("sequence", "apply_fn", "mask"),
+    [
+        ("expand", _linear_heads, [[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 1, 1]]),
+        ("reduce", _pooled_heads, None),
+    ],
+)
+def test_exact_ggn_for_a_multi_output_kernel(sequence, apply_fn, mask):
+    """Eschenhagen et al.'s settings (deep linear network, positions sharing the kernel, the
+    same logits everywhere; expand: a loss term per position, reduce: a loss of the positions'
+    mean): ``A ⊗ G`` is the exact GGN block of ``[W; b]`` with ``W`` the ``[D, H, Dh]`` kernel
+    as ``[D, H·Dh]`` and ``b`` the flattened ``[H, Dh]`` bias."""
     with jax.enable_x64(True):
-        k = jax.random.split(jax.random.key(7), 4)
-        params = {
-            "l0": {
-                "w": jax.random.normal(k[0], (D, H, DH), jnp.float64) / 2,
-                "b": jax.random.normal(k[1], (H, DH), jnp.float64) / 2,
-            },
-            "l1": {"w": jax.random.normal(k[2], (H * DH, H2), jnp.float64) / 2},
-            "l2": {"w": jax.random.normal(k[3], (H2, C), jnp.float64) / 2},
-        }
+        params = _linear_heads_params(jax.random.key(7))
         flat = {**params, "l0": {"w": params["l0"]["w"].reshape(D, H * DH)}}
         x = _same_logit_inputs(flat, jax.random.key(8), (N, T))
         logits = _linear_heads(params, x)
         np.testing.assert_allclose(logits, jnp.broadcast_to(logits[0, 0], logits.shape), atol=1e-12)
-        mask = jnp.array([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 1, 1]], bool)
+        mask = None if mask is None else jnp.array(mask, bool)
         fisher = ewc_jax.kfac.kfac_fisher(
-            _linear_heads, params, x, estimator="exact", sequence="expand", mask=mask
+            apply_fn, params, x, estimator="exact", sequence=sequence, mask=mask
         )
         assert len(fisher.layers) == 3
         (layer,) = [f for f in fisher.layers if f.kernel == 1]  # leaves: l0.b, l0.w, l1, l2
         assert (layer.bias, layer.kernel_axes) == (0, (0, 1, 2))
         assert layer.a.shape == (D + 1, D + 1) and layer.g.shape == (H * DH, H * DH)
-        ggn = _ggn_block(_linear_heads, params, x, "l0", mask)
+        ggn = _ggn_block(apply_fn, params, x, "l0", mask)
         assert ggn.shape == ((D + 1) * H * DH,) * 2 and np.abs(ggn).max() > 1e-3
         np.testing.assert_allclose(jnp.kron(layer.a, layer.g), ggn, rtol=1e-9, atol=1e-12)
 
