@@ -351,7 +351,8 @@ def within_framework(entries: Sequence[Entry], faster: str, slower: str) -> dict
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` reports."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -373,7 +374,7 @@ def machine_info(matmul_precision: str) -> dict[str, Any]:
         "jax_devices": [str(d) for d in jax.devices()],
         "jax_backend": jax.default_backend(),
         "jax_matmul_precision": matmul_precision,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
