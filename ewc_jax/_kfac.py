@@ -26,7 +26,7 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
-from ewc_jax._engine.placement import Layout
+from ewc_jax._engine.placement import Layout, kronecker_specs
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
@@ -250,9 +250,13 @@ def kfac_fisher(
         return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
-    # axes, partitioned by XLA, as fisher_diagonal runs it; the small factors come back
-    # replicated over the params' own mesh.
+    # axes, partitioned by XLA, as fisher_diagonal runs it, each factor's sums constrained to
+    # the layout its layer's kernel gives it (kronecker_specs): it is reduced into its shards.
     layout = Layout.of(leaves, None)
+    specs = tuple(
+        kronecker_specs(layout.partitioned[kernel], leaves[kernel].ndim, axes, bias is not None)[:2]
+        for _, kernel, bias, axes in (layers if layout.shardings else ())
+    )
     factors = _factors(
         layout.enter(params),
         *layout.enter_examples((inputs, labels, keys, mask)),
@@ -264,10 +268,20 @@ def kfac_fisher(
             int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
         ),
         layers=layers,
+        shardings=tuple(
+            tuple(jax.NamedSharding(layout.mesh, spec) for spec in pair) for pair in specs
+        )
+        or None,
     )
-    if layout.shardings:
-        replicated = jax.NamedSharding(layout.shardings[0].mesh, jax.sharding.PartitionSpec())
-        factors = jax.device_put(factors, replicated)
+    if layout.shardings:  # back on the params' own mesh: same devices and layout, no data moves
+        mesh = layout.shardings[0].mesh
+        factors = [
+            tuple(
+                jax.device_put(f, jax.NamedSharding(mesh, spec))
+                for f, spec in zip(fs, pair, strict=True)
+            )
+            for fs, pair in zip(factors, specs, strict=True)
+        ]
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(
@@ -394,6 +408,7 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         "token_shape",
         "chunk_size",
         "layers",
+        "shardings",
     ),
 )
 def _factors(
@@ -409,11 +424,25 @@ def _factors(
     token_shape,
     chunk_size,
     layers,
+    shardings,
 ):
     """``[(A, G)]`` per layer: chunked sums of ``ā āᵀ`` (with the count they average over) and
-    of ``δ δᵀ``, the latter divided by N."""
+    of ``δ δᵀ``, the latter divided by N; each constrained to its ``(A, G)`` shardings in
+    ``shardings`` (None: unconstrained)."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
+
+    def placed(sums):  # [(A, ..., G)] with A and G on their layer's shardings
+        if shardings is None:
+            return sums
+        return [
+            (
+                jax.lax.with_sharding_constraint(a, sa),
+                *rest[:-1],
+                jax.lax.with_sharding_constraint(rest[-1], sg),
+            )
+            for (a, *rest), (sa, sg) in zip(sums, shardings, strict=True)
+        ]
 
     def sums(data, weight):
         x, y, k, m = data
@@ -468,7 +497,7 @@ def _factors(
             g_sums, _ = add_label(zero, 0)
         else:
             g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-        return [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
+        return placed([(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)])
 
     total = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
-    return [(a / count, g / n) for a, count, g in total]
+    return placed([(a / count, g / n) for a, count, g in total])

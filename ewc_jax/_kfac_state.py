@@ -23,15 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as _P
 
 from ewc_jax._consolidation import EWCState, empty_state
 from ewc_jax._engine.dtypes import widest
+from ewc_jax._engine.placement import (
+    kronecker_axes,
+    kronecker_specs,
+    pinned,
+    product_sharding,
+    sharding_of,
+)
 from ewc_jax._precision import ConsolidationMode, Curvature
 from ewc_jax._types import Params
 from ewc_jax._validation import (
@@ -237,15 +244,45 @@ def _check_no_where(where: object) -> None:
         raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
 
 
+def _kernel_rows(leaves: list[Any], kernel: int, axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    """``W`` as rows: ``[rows, out]`` (the kernel transposed to ``axes`` and flattened)."""
+    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
+    return w.reshape(-1, w.shape[-1])
+
+
+def _stored_specs(
+    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...]
+) -> tuple[jax.sharding.NamedSharding | None, tuple[_P, _P, _P]]:
+    """The kernel's sharding (None: not on a mesh) and the ``A``, ``G``, anchor specs the state
+    keeps (:func:`~ewc_jax._engine.placement.kronecker_specs`)."""
+    like = sharding_of(leaves[kernel])
+    if like is None:
+        return None, (_P(), _P(), _P())
+    return like, kronecker_specs(like, leaves[kernel].ndim, axes, bias is not None)
+
+
 def _augmented(
     leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
 ) -> jax.Array:
-    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``."""
-    w = jnp.transpose(leaves[kernel].astype(dtype), axes)
-    w = w.reshape(-1, w.shape[-1])
+    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``, laid out
+    as the state keeps its anchor. With a bias the rows are whole (``in + 1`` rows split over no
+    mesh axis): a kernel split along its input axis is gathered here, once per consolidation."""
+    like, (_, _, spec) = _stored_specs(leaves, kernel, bias, axes)
+    w = pinned(_kernel_rows(leaves, kernel, axes, dtype), spec, like)
     if bias is None:
         return w
-    return jnp.concatenate([w, leaves[bias].astype(dtype).reshape(1, -1)], axis=0)
+    row = pinned(leaves[bias].astype(dtype).reshape(1, -1), spec, like)
+    return pinned(jnp.concatenate([w, row], axis=0), spec, like)
+
+
+def _stacked(
+    old: jax.Array, new: jax.Array, spec: _P, like: jax.sharding.NamedSharding | None
+) -> jax.Array:
+    """``[T + 1, ...]``: the remembered terms and one more, laid out as ``[None, *spec]``."""
+    spec = _P(None, *spec)
+    return pinned(
+        jnp.concatenate([pinned(old, spec, like), pinned(new[None], spec, like)]), spec, like
+    )
 
 
 def _consolidated(
@@ -295,6 +332,9 @@ def _consolidated(
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
         dtype = terms.a.dtype
+        like, (a_spec, g_spec, anchor_spec) = _stored_specs(
+            leaves, factors.kernel, factors.bias, factors.kernel_axes
+        )
         anchor = _augmented(
             leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
         )
@@ -304,9 +344,9 @@ def _consolidated(
             anchor_old = jnp.broadcast_to(anchor, anchor_old.shape)
         layers.append(
             KroneckerTerms(
-                a=jnp.concatenate([a_old, factors.a.astype(dtype)[None]]),
-                g=jnp.concatenate([terms.g, factors.g.astype(dtype)[None]]),
-                anchor=jnp.concatenate([anchor_old, anchor[None]]),
+                a=_stacked(a_old, factors.a.astype(dtype), a_spec, like),
+                g=_stacked(terms.g, factors.g.astype(dtype), g_spec, like),
+                anchor=_stacked(anchor_old, anchor, anchor_spec, like),
                 kernel=factors.kernel,
                 bias=factors.bias,
                 kernel_axes=factors.kernel_axes,
@@ -380,13 +420,18 @@ def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms
     anchor = _augmented(
         leaves, factors.kernel, factors.bias, factors.kernel_axes, widest(leaves[factors.kernel])
     )
+    like, specs = _stored_specs(leaves, factors.kernel, factors.bias, factors.kernel_axes)
+    empty = [
+        pinned(jnp.zeros((0, *shape), d), _P(None, *spec), like)
+        for shape, d, spec in zip(
+            (factors.a.shape, factors.g.shape, anchor.shape),
+            (dtype, dtype, anchor.dtype),
+            specs,
+            strict=True,
+        )
+    ]
     return KroneckerTerms(
-        a=jnp.zeros((0, *factors.a.shape), dtype),
-        g=jnp.zeros((0, *factors.g.shape), dtype),
-        anchor=jnp.zeros((0, *anchor.shape), anchor.dtype),
-        kernel=factors.kernel,
-        bias=factors.bias,
-        kernel_axes=factors.kernel_axes,
+        *empty, kernel=factors.kernel, bias=factors.bias, kernel_axes=factors.kernel_axes
     )
 
 
@@ -398,28 +443,69 @@ def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -
 
     the diagonal part plus, per Dense layer and remembered task, the Kronecker quadratic
     :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
-    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product; see :func:`_products`).
     """
     total = state.diagonal.penalty(params, strength)
     leaves = jax.tree.leaves(params)
     for terms in state.layers:
-        x = _deviation(leaves, terms)
-        quad = jnp.sum(x * (terms.a @ x @ terms.g))
+        quad, _, _ = _products(leaves, terms)
         total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
     return total
 
 
-def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
-    """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
+def _products(
+    leaves: list[Any], terms: KroneckerTerms
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    r"""``(Σ_t tr(X_tᵀ A_t X_t G_t), Σ_t A_t X_t G_t`` for the kernel rows ``[rows, out]``, and
+    for the bias row ``[1, out]`` or None)``, with ``X_t = W̄ - W̄_t``.
+
+    Computed by blocks, ``X = [X_w; x_b]`` (kernel rows; bias row), never forming ``[W; b]``:
+    ``X_w`` keeps the kernel's layout (rows split like its input axis, columns like its
+    output axis: :func:`~ewc_jax._engine.placement.kronecker_axes`), ``A`` is contracted over
+    its first axis (``Aᵀ X = A X``, ``A`` symmetric) and ``G`` over its first, so that on a
+    mesh each contraction pairs a split axis with the same split axis: XLA sums partial
+    products and reduces them into the result's shards, and no device gathers a sharded
+    kernel (nor ``X_w``).
+    """
     dtype = terms.a.dtype
-    w = _augmented(leaves, terms.kernel, terms.bias, terms.kernel_axes, dtype)
-    return w[None] - terms.anchor.astype(dtype)
+    like = sharding_of(leaves[terms.kernel])
+    row, out = (
+        (None, None)
+        if like is None
+        else kronecker_axes(like, leaves[terms.kernel].ndim, terms.kernel_axes)
+    )
+
+    def pin(x, *spec):
+        return pinned(x, _P(None, *spec), like)
+
+    def product(subscripts, x, y, *spec):
+        result = jnp.einsum(subscripts, x, y, out_sharding=product_sharding(_P(None, *spec), like))
+        return pin(result, *spec)
+
+    w = pinned(_kernel_rows(leaves, terms.kernel, terms.kernel_axes, dtype), _P(row, out), like)
+    rows = w.shape[0]
+    a, g = terms.a, pin(terms.g, out, None)
+    x_w = pin(w[None] - pin(terms.anchor[:, :rows].astype(dtype), row, out), row, out)
+    ax_w = product("tji,tjk->tik", pin(a[:, :rows, :rows], row, None), x_w, row, out)
+    if terms.bias is not None:
+        b = leaves[terms.bias].astype(dtype).reshape(1, 1, -1)
+        x_b = pin(b - pin(terms.anchor[:, rows:].astype(dtype), None, out), None, out)
+        ax_w = ax_w + product("tji,tjk->tik", pin(a[:, rows:, :rows], None, None), x_b, row, out)
+        ax_b = product("tji,tjk->tik", pin(a[:, :rows, rows:], row, None), x_w, None, out)
+        ax_b = ax_b + pin(a[:, rows:, rows:], None, None) * x_b
+    y_w = product("tik,tkl->til", ax_w, g, row, out)
+    quad = jnp.sum(x_w * y_w)
+    if terms.bias is None:
+        return quad, jnp.sum(y_w, axis=0), None
+    y_b = product("tik,tkl->til", ax_b, g, None, out)
+    return quad + jnp.sum(x_b * y_b), jnp.sum(y_w, axis=0), jnp.sum(y_b, axis=0)
 
 
 def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:
     r"""The gradient of ``_penalty``: :math:`λ Λ (θ - θ̄)` for the diagonal part and
-    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (split back into the
-    kernel's rows and the bias row). Leaves are in float32 at least."""
+    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (its kernel rows and
+    bias row from :func:`_products`, each in its parameter's layout). Leaves are in float32 at
+    least."""
     ewc = state.diagonal
     grads = jax.tree.map(
         lambda p, a, f: (
@@ -432,19 +518,18 @@ def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.Arr
     leaves, treedef = jax.tree.flatten(params)
     grad_leaves = jax.tree.leaves(grads)
     for terms in state.layers:
-        x = _deviation(leaves, terms)
-        g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
+        _, rows_grad, bias_grad = _products(leaves, terms)
+        scale = jnp.asarray(strength, terms.a.dtype)
         kernel_shape = leaves[terms.kernel].shape
-        rows = math.prod(kernel_shape) // kernel_shape[terms.kernel_axes[-1]]
-        kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
+        kernel_grad = (scale * rows_grad).reshape([kernel_shape[a] for a in terms.kernel_axes])
         kernel_grad = jnp.transpose(
             kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
         )
         grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
             grad_leaves[terms.kernel].dtype
         )
-        if terms.bias is not None:
-            bias_grad = g[rows].reshape(grad_leaves[terms.bias].shape)
+        if bias_grad is not None:
+            bias_grad = (scale * bias_grad).reshape(grad_leaves[terms.bias].shape)
             grad_leaves[terms.bias] = grad_leaves[terms.bias] + bias_grad.astype(
                 grad_leaves[terms.bias].dtype
             )
