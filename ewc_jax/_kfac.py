@@ -26,7 +26,7 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
-from ewc_jax._engine.placement import Layout, kronecker_specs
+from ewc_jax._engine.placement import Layout
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
@@ -251,12 +251,9 @@ def kfac_fisher(
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
     # axes, partitioned by XLA, as fisher_diagonal runs it, each factor's sums constrained to
-    # the layout its layer's kernel gives it (kronecker_specs): it is reduced into its shards.
+    # the layout its layer's kernel gives it: reduced into its shards, never gathered.
     layout = Layout.of(leaves, None)
-    specs = tuple(
-        kronecker_specs(layout.partitioned[kernel], leaves[kernel].ndim, axes, bias is not None)[:2]
-        for _, kernel, bias, axes in (layers if layout.shardings else ())
-    )
+    shardings = layout.kronecker(leaves, tuple((k, b is not None, ax) for _, k, b, ax in layers))
     factors = _factors(
         layout.enter(params),
         *layout.enter_examples((inputs, labels, keys, mask)),
@@ -268,20 +265,9 @@ def kfac_fisher(
             int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
         ),
         layers=layers,
-        shardings=tuple(
-            tuple(jax.NamedSharding(layout.mesh, spec) for spec in pair) for pair in specs
-        )
-        or None,
+        shardings=shardings,
     )
-    if layout.shardings:  # back on the params' own mesh: same devices and layout, no data moves
-        mesh = layout.shardings[0].mesh
-        factors = [
-            tuple(
-                jax.device_put(f, jax.NamedSharding(mesh, spec))
-                for f, spec in zip(fs, pair, strict=True)
-            )
-            for fs, pair in zip(factors, specs, strict=True)
-        ]
+    factors = layout.leave(factors, shardings)
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(

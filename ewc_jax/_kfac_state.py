@@ -32,12 +32,13 @@ from jax.sharding import PartitionSpec as _P
 
 from ewc_jax._consolidation import EWCState, empty_state
 from ewc_jax._engine.dtypes import widest
-from ewc_jax._engine.placement import (
+from ewc_jax._engine.kronecker import (
     kronecker_axes,
-    kronecker_specs,
+    layer_specs,
     pinned,
-    product_sharding,
+    quadratic_products,
     sharding_of,
+    stacked,
 )
 from ewc_jax._precision import ConsolidationMode, Curvature
 from ewc_jax._types import Params
@@ -250,39 +251,18 @@ def _kernel_rows(leaves: list[Any], kernel: int, axes: tuple[int, ...], dtype: A
     return w.reshape(-1, w.shape[-1])
 
 
-def _stored_specs(
-    leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...]
-) -> tuple[jax.sharding.NamedSharding | None, tuple[_P, _P, _P]]:
-    """The kernel's sharding (None: not on a mesh) and the ``A``, ``G``, anchor specs the state
-    keeps (:func:`~ewc_jax._engine.placement.kronecker_specs`)."""
-    like = sharding_of(leaves[kernel])
-    if like is None:
-        return None, (_P(), _P(), _P())
-    return like, kronecker_specs(like, leaves[kernel].ndim, axes, bias is not None)
-
-
 def _augmented(
     leaves: list[Any], kernel: int, bias: int | None, axes: tuple[int, ...], dtype: Any
 ) -> jax.Array:
     """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``, laid out
     as the state keeps its anchor. With a bias the rows are whole (``in + 1`` rows split over no
     mesh axis): a kernel split along its input axis is gathered here, once per consolidation."""
-    like, (_, _, spec) = _stored_specs(leaves, kernel, bias, axes)
+    like, (_, _, spec) = layer_specs(leaves[kernel], axes, bias is not None)
     w = pinned(_kernel_rows(leaves, kernel, axes, dtype), spec, like)
     if bias is None:
         return w
     row = pinned(leaves[bias].astype(dtype).reshape(1, -1), spec, like)
     return pinned(jnp.concatenate([w, row], axis=0), spec, like)
-
-
-def _stacked(
-    old: jax.Array, new: jax.Array, spec: _P, like: jax.sharding.NamedSharding | None
-) -> jax.Array:
-    """``[T + 1, ...]``: the remembered terms and one more, laid out as ``[None, *spec]``."""
-    spec = _P(None, *spec)
-    return pinned(
-        jnp.concatenate([pinned(old, spec, like), pinned(new[None], spec, like)]), spec, like
-    )
 
 
 def _consolidated(
@@ -332,8 +312,8 @@ def _consolidated(
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
         dtype = terms.a.dtype
-        like, (a_spec, g_spec, anchor_spec) = _stored_specs(
-            leaves, factors.kernel, factors.bias, factors.kernel_axes
+        like, (a_spec, g_spec, anchor_spec) = layer_specs(
+            leaves[factors.kernel], factors.kernel_axes, factors.bias is not None
         )
         anchor = _augmented(
             leaves, factors.kernel, factors.bias, factors.kernel_axes, terms.anchor.dtype
@@ -344,9 +324,9 @@ def _consolidated(
             anchor_old = jnp.broadcast_to(anchor, anchor_old.shape)
         layers.append(
             KroneckerTerms(
-                a=_stacked(a_old, factors.a.astype(dtype), a_spec, like),
-                g=_stacked(terms.g, factors.g.astype(dtype), g_spec, like),
-                anchor=_stacked(anchor_old, anchor, anchor_spec, like),
+                a=stacked(a_old, factors.a.astype(dtype), a_spec, like),
+                g=stacked(terms.g, factors.g.astype(dtype), g_spec, like),
+                anchor=stacked(anchor_old, anchor, anchor_spec, like),
                 kernel=factors.kernel,
                 bias=factors.bias,
                 kernel_axes=factors.kernel_axes,
@@ -420,7 +400,7 @@ def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms
     anchor = _augmented(
         leaves, factors.kernel, factors.bias, factors.kernel_axes, widest(leaves[factors.kernel])
     )
-    like, specs = _stored_specs(leaves, factors.kernel, factors.bias, factors.kernel_axes)
+    like, specs = layer_specs(leaves[factors.kernel], factors.kernel_axes, factors.bias is not None)
     empty = [
         pinned(jnp.zeros((0, *shape), d), _P(None, *spec), like)
         for shape, d, spec in zip(
@@ -456,49 +436,16 @@ def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -
 def _products(
     leaves: list[Any], terms: KroneckerTerms
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    r"""``(Σ_t tr(X_tᵀ A_t X_t G_t), Σ_t A_t X_t G_t`` for the kernel rows ``[rows, out]``, and
-    for the bias row ``[1, out]`` or None)``, with ``X_t = W̄ - W̄_t``.
-
-    Computed by blocks, ``X = [X_w; x_b]`` (kernel rows; bias row), never forming ``[W; b]``:
-    ``X_w`` keeps the kernel's layout (rows split like its input axis, columns like its
-    output axis: :func:`~ewc_jax._engine.placement.kronecker_axes`), ``A`` is contracted over
-    its first axis (``Aᵀ X = A X``, ``A`` symmetric) and ``G`` over its first, so that on a
-    mesh each contraction pairs a split axis with the same split axis: XLA sums partial
-    products and reduces them into the result's shards, and no device gathers a sharded
-    kernel (nor ``X_w``).
-    """
+    """``(Σ_t tr(X_tᵀ A_t X_t G_t), Σ_t A_t X_t G_t`` on the kernel rows and on the bias row or
+    None)``, laid out like the kernel
+    (:func:`~ewc_jax._engine.kronecker.quadratic_products`)."""
     dtype = terms.a.dtype
-    like = sharding_of(leaves[terms.kernel])
-    row, out = (
-        (None, None)
-        if like is None
-        else kronecker_axes(like, leaves[terms.kernel].ndim, terms.kernel_axes)
-    )
-
-    def pin(x, *spec):
-        return pinned(x, _P(None, *spec), like)
-
-    def product(subscripts, x, y, *spec):
-        result = jnp.einsum(subscripts, x, y, out_sharding=product_sharding(_P(None, *spec), like))
-        return pin(result, *spec)
-
-    w = pinned(_kernel_rows(leaves, terms.kernel, terms.kernel_axes, dtype), _P(row, out), like)
-    rows = w.shape[0]
-    a, g = terms.a, pin(terms.g, out, None)
-    x_w = pin(w[None] - pin(terms.anchor[:, :rows].astype(dtype), row, out), row, out)
-    ax_w = product("tji,tjk->tik", pin(a[:, :rows, :rows], row, None), x_w, row, out)
-    if terms.bias is not None:
-        b = leaves[terms.bias].astype(dtype).reshape(1, 1, -1)
-        x_b = pin(b - pin(terms.anchor[:, rows:].astype(dtype), None, out), None, out)
-        ax_w = ax_w + product("tji,tjk->tik", pin(a[:, rows:, :rows], None, None), x_b, row, out)
-        ax_b = product("tji,tjk->tik", pin(a[:, :rows, rows:], row, None), x_w, None, out)
-        ax_b = ax_b + pin(a[:, rows:, rows:], None, None) * x_b
-    y_w = product("tik,tkl->til", ax_w, g, row, out)
-    quad = jnp.sum(x_w * y_w)
-    if terms.bias is None:
-        return quad, jnp.sum(y_w, axis=0), None
-    y_b = product("tik,tkl->til", ax_b, g, None, out)
-    return quad + jnp.sum(x_b * y_b), jnp.sum(y_w, axis=0), jnp.sum(y_b, axis=0)
+    kernel = leaves[terms.kernel]
+    like = sharding_of(kernel)
+    axes = (None, None) if like is None else kronecker_axes(like, kernel.ndim, terms.kernel_axes)
+    w = _kernel_rows(leaves, terms.kernel, terms.kernel_axes, dtype)
+    b = None if terms.bias is None else leaves[terms.bias].astype(dtype).reshape(1, -1)
+    return quadratic_products(w, b, terms.a, terms.g, terms.anchor, like, axes)
 
 
 def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ewc_jax._engine.chunking import chunked_sum, kahan_sum
 from ewc_jax._engine.dtypes import accumulate_dtype
+from ewc_jax._engine.kronecker import kronecker_specs
 from ewc_jax._types import Params, PyTree
 
 ChunkSums = Callable[[Params, PyTree, jax.Array], list[jax.Array]]
@@ -112,6 +113,36 @@ class Layout:
             return results
         return [
             jax.device_put(r, self.shardings[i]) for r, i in zip(results, selected, strict=True)
+        ]
+
+    def kronecker(
+        self, leaves: list[Any], layers: tuple[tuple[int, bool, tuple[int, ...]], ...]
+    ) -> tuple[tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding], ...] | None:
+        """Each layer's ``(A, G)`` shardings on the Auto-axes mesh
+        (:func:`~ewc_jax._engine.kronecker.kronecker_specs`), for layers given as ``(kernel
+        leaf, has a bias, kernel axes)``; None when the params are not sharded."""
+        if not self.shardings:
+            return None
+        return tuple(
+            tuple(
+                jax.NamedSharding(self.mesh, spec)
+                for spec in kronecker_specs(self.partitioned[k], leaves[k].ndim, axes, bias)[:2]
+            )
+            for k, bias, axes in layers
+        )
+
+    def leave(self, arrays: list[tuple[jax.Array, ...]], shardings: Any) -> list[Any]:
+        """Arrays placed by :meth:`kronecker`'s ``shardings``, on the params' own mesh (same
+        devices and layout: no data moves); unchanged for ``shardings=None``."""
+        if shardings is None:
+            return arrays
+        mesh = self.shardings[0].mesh
+        return [
+            tuple(
+                jax.device_put(a, jax.NamedSharding(mesh, s.spec))
+                for a, s in zip(*pair, strict=True)
+            )
+            for pair in zip(arrays, shardings, strict=True)
         ]
 
     def examples(self, ndim: int) -> jax.sharding.NamedSharding:
@@ -256,70 +287,3 @@ def _partitioned_sums(
         return constrained(chunk_sums(params, jax.tree.map(lambda a: a[i], data), weight))
 
     return kahan_sum(sums, constrained(_zeros(params, selected)), num_chunks)
-
-
-def kronecker_axes(
-    sharding: jax.sharding.NamedSharding, ndim: int, kernel_axes: tuple[int, ...]
-) -> tuple[Any, Any]:
-    """The mesh axes (a ``PartitionSpec`` entry each) that split a layer's kernel rows ``W̄``
-    (input, then spatial axes, input-major) and its ``out`` axis, read from the kernel's
-    sharding. The rows count as whole where a spatial axis is split (then a device's rows are
-    not one block)."""
-    spec = (*sharding.spec, *([None] * (ndim - len(sharding.spec))))
-    row = spec[kernel_axes[0]]
-    if any(spec[axis] is not None for axis in kernel_axes[1:-1]):
-        row = None
-    return row, spec[kernel_axes[-1]]
-
-
-def kronecker_specs(
-    sharding: jax.sharding.NamedSharding, ndim: int, kernel_axes: tuple[int, ...], bias: bool
-) -> tuple[jax.sharding.PartitionSpec, jax.sharding.PartitionSpec, jax.sharding.PartitionSpec]:
-    """How a layer's ``A`` (``[rows, rows]``), ``G`` (``[out, out]``) and anchor ``W̄``
-    (``[rows, out]``) are kept, from its kernel's sharding (:func:`kronecker_axes`).
-
-    ``A``'s first axis and ``W̄``'s rows are split like the kernel's input axis, ``G``'s first
-    axis and ``W̄``'s columns like its output axis, so that the penalty's ``Aᵀ X`` and ``X G``
-    contract a split axis with the same split axis (partial sums and a reduction, never a
-    gather of ``X``; ``A`` is symmetric). With a bias the rows stay whole: ``[W; b]`` has
-    ``rows + 1`` rows, which the ``n > 1`` devices that split ``rows`` cannot split evenly.
-    """
-    row, out = kronecker_axes(sharding, ndim, kernel_axes)
-    if bias:
-        row = None
-    return _P(row, None), _P(out, None), _P(row, out)
-
-
-def sharding_of(leaf: Any) -> jax.sharding.NamedSharding | None:
-    """A leaf's ``NamedSharding`` where it can be read: a placed array's own, or under ``jit`` its
-    type's when the mesh has ``Explicit`` axes; None elsewhere (one device, or ``Auto`` axes
-    under ``jit``, where XLA's propagation places what follows)."""
-    if isinstance(leaf, jax.core.Tracer):
-        sharding = jax.typeof(leaf).sharding
-        explicit = jax.sharding.AxisType.Explicit in sharding.mesh.axis_types
-        return sharding if isinstance(sharding, jax.sharding.NamedSharding) and explicit else None
-    sharding = getattr(leaf, "sharding", None)
-    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
-
-
-def pinned(
-    x: jax.Array, spec: jax.sharding.PartitionSpec, like: jax.sharding.NamedSharding | None
-) -> jax.Array:
-    """``x`` laid out as ``spec`` on the mesh of ``like`` (from :func:`sharding_of`): resharded
-    under ``jit`` on ``Explicit`` axes, placed otherwise; unchanged for ``like=None``."""
-    if like is None:
-        return x
-    target = jax.NamedSharding(like.mesh, spec)
-    if isinstance(like.mesh, jax.sharding.AbstractMesh):
-        return jax.sharding.reshard(x, target)
-    return jax.device_put(x, target)
-
-
-def product_sharding(
-    spec: jax.sharding.PartitionSpec, like: jax.sharding.NamedSharding | None
-) -> jax.sharding.NamedSharding | None:
-    """The ``out_sharding`` a contraction over split axes needs on ``Explicit`` mesh axes (which
-    refuse to guess it); None elsewhere, where the result is :func:`pinned` afterwards."""
-    if like is None or jax.sharding.AxisType.Explicit not in like.mesh.axis_types:
-        return None
-    return jax.NamedSharding(like.mesh, spec)
