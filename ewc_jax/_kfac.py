@@ -145,8 +145,12 @@ def kfac_fisher(
 
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,
-    e.g. split over its data axis, stay there), and the factors, small ``[in, in]`` and
-    ``[out, out]`` matrices, come back replicated over that mesh.
+    e.g. split over its data axis, stay there), and each layer's factors are computed and come
+    back with its kernel's layout: ``A``'s first axis split over the mesh axis of the kernel's
+    ``in`` axis (whole for a layer with a bias, whose ``in + 1`` rows that axis cannot split
+    evenly, or a convolution with a split spatial axis), ``G``'s over that of its ``out`` axis,
+    both replicated for a replicated kernel. Each chunk's sums are reduced into those shards;
+    no sharded kernel is gathered whole. The K-FAC state keeps the same layout.
 
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.

@@ -161,6 +161,8 @@ class KFACState(NamedTuple):
 
     Accepted by :func:`consolidate`, :func:`penalty`, :func:`add_ewc_penalty` (via
     :func:`set_ewc_state`) wherever an :class:`EWCState` is.
+    With sharded params its terms keep their kernel's layout, as :func:`kfac_fisher`'s
+    factors do, and the penalty gathers no sharded kernel (see the sharding guide).
 
     Attributes:
       diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at

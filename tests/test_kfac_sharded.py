@@ -61,6 +61,10 @@ forbidden = {{
 }}
 
 
+def gathered(hlo):
+    return sorted(re.findall(r"= ([a-z0-9]+\\[[0-9,]*\\])[^ ]* all-gather\\(", hlo))
+
+
 def whole_params(hlo):
     # All-gathers whose result is a sharded parameter's full shape (leading 1s dropped: a
     # [1, in, out] stack of one deviation is a whole kernel too).
@@ -97,6 +101,7 @@ modules = glob.glob(f"{{DUMP}}/*jit__factors*after_optimizations.txt")
 assert len(modules) == 2, modules
 for path in modules:
     assert not whole_params(open(path).read()), path
+    print("factors: all-gathers", gathered(open(path).read()))
 
 # The state: two online consolidations, merged; equal to one device, laid out as the factors.
 online = jax.jit(ewc_jax.consolidate, static_argnames="mode")
@@ -116,6 +121,7 @@ moved_1 = jax.tree.map(lambda a: a + 0.1, params)
 moved_8 = jax.tree.map(lambda a: a + 0.1, sharded)
 penalty = jax.jit(ewc_jax.penalty).lower(moved_8, state_8, 2.0).compile()
 assert not whole_params(penalty.as_text())
+print("penalty: all-gathers", gathered(penalty.as_text()))
 close(penalty(moved_8, state_8, 2.0), jax.jit(ewc_jax.penalty)(moved_1, state_1, 2.0), "penalty")
 grad = jax.jit(jax.grad(ewc_jax.penalty))
 jax.tree.map(lambda g, w: close(g, w, "gradient"), grad(moved_8, state_8, 2.0),
@@ -143,6 +149,7 @@ with jax.set_mesh(mesh):
     train_step = jax.jit(lambda *a: step(*a, grad=auto)).lower(sharded, opt_8, xs, ys).compile()
     new_8 = train_step(sharded, opt_8, xs, ys)
 assert not whole_params(train_step.as_text())
+print("train step: all-gathers", gathered(train_step.as_text()))
 opt_1 = ewc_jax.set_ewc_state(tx.init(params), state_1)
 new_1 = jax.jit(step)(params, opt_1, x, y)
 jax.tree.map(lambda g, w: close(g, w, "step"), new_8, new_1)
