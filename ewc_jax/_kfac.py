@@ -147,8 +147,12 @@ def kfac_fisher(
 
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,
-    e.g. split over its data axis, stay there), and the factors, small ``[in, in]`` and
-    ``[out, out]`` matrices, come back replicated over that mesh.
+    e.g. split over its data axis, stay there), and each layer's factors are computed and come
+    back with its kernel's layout: ``A``'s first axis split over the mesh axis of the kernel's
+    ``in`` axis (whole for a layer with a bias, whose ``in + 1`` rows that axis cannot split
+    evenly, or a convolution with a split spatial axis), ``G``'s over that of its ``out`` axis,
+    both replicated for a replicated kernel. Each chunk's sums are reduced into those shards;
+    no sharded kernel is gathered whole. The K-FAC state keeps the same layout.
 
     Factors are means over examples, like :func:`fisher_diagonal`: Ritter et al.'s Hessian of
     the whole data set's log-likelihood is ``N`` times this, a factor the strength absorbs.
@@ -252,9 +256,12 @@ def kfac_fisher(
         return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
-    # axes, partitioned by XLA, as fisher_diagonal runs it; the small factors come back
-    # replicated over the params' own mesh.
+    # axes, partitioned by XLA, as fisher_diagonal runs it, each factor's sums constrained to
+    # the layout its layer's kernel gives it: reduced into its shards, never gathered.
     layout = Layout.of(leaves, None)
+    shardings = layout.kronecker(
+        leaves, tuple((k, b is not None, ax, out) for _, k, b, ax, out in layers)
+    )
     factors = _factors(
         layout.enter(params),
         *layout.enter_examples((inputs, labels, keys, mask)),
@@ -266,10 +273,9 @@ def kfac_fisher(
             int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
         ),
         layers=layers,
+        shardings=shardings,
     )
-    if layout.shardings:
-        replicated = jax.NamedSharding(layout.shardings[0].mesh, jax.sharding.PartitionSpec())
-        factors = jax.device_put(factors, replicated)
+    factors = layout.leave(factors, shardings)
     return KFACFisher(
         jax.tree.unflatten(treedef, diag_leaves),
         tuple(
@@ -397,6 +403,7 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         "token_shape",
         "chunk_size",
         "layers",
+        "shardings",
     ),
 )
 def _factors(
@@ -412,11 +419,25 @@ def _factors(
     token_shape,
     chunk_size,
     layers,
+    shardings,
 ):
     """``[(A, G)]`` per layer: chunked sums of ``ā āᵀ`` (with the count they average over) and
-    of ``δ δᵀ``, the latter divided by N."""
+    of ``δ δᵀ``, the latter divided by N; each constrained to its ``(A, G)`` shardings in
+    ``shardings`` (None: unconstrained)."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
+
+    def placed(sums):  # [(A, ..., G)] with A and G on their layer's shardings
+        if shardings is None:
+            return sums
+        return [
+            (
+                jax.lax.with_sharding_constraint(a, sa),
+                *rest[:-1],
+                jax.lax.with_sharding_constraint(rest[-1], sg),
+            )
+            for (a, *rest), (sa, sg) in zip(sums, shardings, strict=True)
+        ]
 
     def sums(data, weight):
         x, y, k, m = data
@@ -468,7 +489,7 @@ def _factors(
             g_sums, _ = add_label(zero, 0)
         else:
             g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-        return [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
+        return placed([(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)])
 
     total = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
-    return [(a / count, g / n) for a, count, g in total]
+    return placed([(a / count, g / n) for a, count, g in total])

@@ -23,15 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as _P
 
 from ewc_jax._consolidation import EWCState, empty_state
 from ewc_jax._engine.dtypes import widest
+from ewc_jax._engine.kronecker import (
+    augmented,
+    kernel_rows,
+    kronecker_axes,
+    layer_specs,
+    leaf_spec,
+    pinned,
+    quadratic_products,
+    reshaped,
+    sharding_of,
+    stacked,
+)
 from ewc_jax._precision import ConsolidationMode, Curvature
 from ewc_jax._types import Params
 from ewc_jax._validation import (
@@ -156,6 +168,8 @@ class KFACState(NamedTuple):
 
     Accepted by :func:`consolidate`, :func:`penalty`, :func:`add_ewc_penalty` (via
     :func:`set_ewc_state`) wherever an :class:`EWCState` is.
+    With sharded params its terms keep their kernel's layout, as :func:`kfac_fisher`'s
+    factors do, and the penalty gathers no sharded kernel (see the sharding guide).
 
     Attributes:
       diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at
@@ -240,20 +254,6 @@ def _check_no_where(where: object) -> None:
         raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
 
 
-def _augmented(
-    leaves: list[Any], layer: KroneckerFactors | KroneckerTerms, dtype: Any
-) -> jax.Array:
-    """``[W; b]`` (``[in + 1, out]``), or ``W`` for a layer without bias, in ``dtype``: the
-    kernel transposed to ``kernel_axes`` and reshaped to ``out = g.shape[-1]`` columns (a
-    kernel with several output axes, ``[D, H, Dh]``, gives ``[D, H·Dh]``)."""
-    kernel, bias, out = layer.kernel, layer.bias, layer.g.shape[-1]
-    w = jnp.transpose(leaves[kernel].astype(dtype), layer.kernel_axes)
-    w = w.reshape(-1, out)
-    if bias is None:
-        return w
-    return jnp.concatenate([w, leaves[bias].astype(dtype).reshape(1, -1)], axis=0)
-
-
 def _consolidated(
     state: KFACState,
     params: Params,
@@ -301,16 +301,22 @@ def _consolidated(
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
         dtype = terms.a.dtype
-        anchor = _augmented(leaves, factors, terms.anchor.dtype)
+        like, (a_spec, g_spec, anchor_spec) = layer_specs(
+            leaves[factors.kernel],
+            factors.kernel_axes,
+            factors.g.shape[-1],
+            factors.bias is not None,
+        )
+        anchor = augmented(leaves, factors, terms.anchor.dtype)
         a_old, anchor_old = terms.a, terms.anchor
         if mode == "online":
             a_old = jnp.asarray(gamma, dtype) * a_old
             anchor_old = jnp.broadcast_to(anchor, anchor_old.shape)
         layers.append(
             KroneckerTerms(
-                a=jnp.concatenate([a_old, factors.a.astype(dtype)[None]]),
-                g=jnp.concatenate([terms.g, factors.g.astype(dtype)[None]]),
-                anchor=jnp.concatenate([anchor_old, anchor[None]]),
+                a=stacked(a_old, factors.a.astype(dtype), a_spec, like),
+                g=stacked(terms.g, factors.g.astype(dtype), g_spec, like),
+                anchor=stacked(anchor_old, anchor, anchor_spec, like),
                 kernel=factors.kernel,
                 bias=factors.bias,
                 kernel_axes=factors.kernel_axes,
@@ -381,14 +387,21 @@ def merge_kronecker_terms(state: KFACState) -> KFACState:
 
 def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
     dtype = widest(factors.a, factors.g, leaves[factors.kernel])
-    anchor = _augmented(leaves, factors, widest(leaves[factors.kernel]))
+    anchor = augmented(leaves, factors, widest(leaves[factors.kernel]))
+    like, specs = layer_specs(
+        leaves[factors.kernel], factors.kernel_axes, factors.g.shape[-1], factors.bias is not None
+    )
+    empty = [
+        pinned(jnp.zeros((0, *shape), d), _P(None, *spec), like)
+        for shape, d, spec in zip(
+            (factors.a.shape, factors.g.shape, anchor.shape),
+            (dtype, dtype, anchor.dtype),
+            specs,
+            strict=True,
+        )
+    ]
     return KroneckerTerms(
-        a=jnp.zeros((0, *factors.a.shape), dtype),
-        g=jnp.zeros((0, *factors.g.shape), dtype),
-        anchor=jnp.zeros((0, *anchor.shape), anchor.dtype),
-        kernel=factors.kernel,
-        bias=factors.bias,
-        kernel_axes=factors.kernel_axes,
+        *empty, kernel=factors.kernel, bias=factors.bias, kernel_axes=factors.kernel_axes
     )
 
 
@@ -400,28 +413,41 @@ def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -
 
     the diagonal part plus, per Dense layer and remembered task, the Kronecker quadratic
     :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
-    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+    ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product; see :func:`_products`).
     """
     total = state.diagonal.penalty(params, strength)
     leaves = jax.tree.leaves(params)
     for terms in state.layers:
-        x = _deviation(leaves, terms)
-        quad = jnp.sum(x * (terms.a @ x @ terms.g))
+        quad, _, _ = _products(leaves, terms)
         total = total + (jnp.asarray(0.5 * strength, terms.a.dtype) * quad).astype(total.dtype)
     return total
 
 
-def _deviation(leaves: list[Any], terms: KroneckerTerms) -> jax.Array:
-    """``[T, in + 1, out]``: the augmented kernel minus each task's anchor."""
+def _products(
+    leaves: list[Any], terms: KroneckerTerms
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(Σ_t tr(X_tᵀ A_t X_t G_t), Σ_t A_t X_t G_t`` on the kernel rows and on the bias row or
+    None)``, laid out like the kernel
+    (:func:`~ewc_jax._engine.kronecker.quadratic_products`)."""
     dtype = terms.a.dtype
-    w = _augmented(leaves, terms, dtype)
-    return w[None] - terms.anchor.astype(dtype)
+    kernel = leaves[terms.kernel]
+    out = terms.g.shape[-1]
+    like = sharding_of(kernel)
+    axes = (
+        (None, None) if like is None else kronecker_axes(like, kernel.shape, terms.kernel_axes, out)
+    )
+    w = kernel_rows(leaves, terms, dtype, axes, like)
+    b = None
+    if terms.bias is not None:
+        b = reshaped(leaves[terms.bias].astype(dtype), (1, out), (None, axes[1]), like)
+    return quadratic_products(w, b, terms.a, terms.g, terms.anchor, like, axes)
 
 
 def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:
     r"""The gradient of ``_penalty``: :math:`λ Λ (θ - θ̄)` for the diagonal part and
-    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (split back into the
-    kernel's rows and the bias row). Leaves are in float32 at least."""
+    :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (its kernel rows and
+    bias row from :func:`_products`, each in its parameter's layout). Leaves are in float32 at
+    least."""
     ewc = state.diagonal
     grads = jax.tree.map(
         lambda p, a, f: (
@@ -434,19 +460,25 @@ def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.Arr
     leaves, treedef = jax.tree.flatten(params)
     grad_leaves = jax.tree.leaves(grads)
     for terms in state.layers:
-        x = _deviation(leaves, terms)
-        g = jnp.asarray(strength, terms.a.dtype) * jnp.sum(terms.a @ x @ terms.g, axis=0)
-        kernel_shape = leaves[terms.kernel].shape
-        rows = math.prod(kernel_shape) // terms.g.shape[-1]
-        kernel_grad = g[:rows].reshape([kernel_shape[a] for a in terms.kernel_axes])
+        _, rows_grad, bias_grad = _products(leaves, terms)
+        scale = jnp.asarray(strength, terms.a.dtype)
+        kernel, axes = leaves[terms.kernel], terms.kernel_axes
+        spec = leaf_spec(kernel)
+        kernel_grad = reshaped(
+            scale * rows_grad,
+            tuple(kernel.shape[a] for a in axes),
+            tuple(spec[a] for a in axes),
+            sharding_of(kernel),
+        )
         kernel_grad = jnp.transpose(
             kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
         )
         grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
             grad_leaves[terms.kernel].dtype
         )
-        if terms.bias is not None:
-            bias_grad = g[rows].reshape(grad_leaves[terms.bias].shape)
+        if bias_grad is not None:
+            bias = leaves[terms.bias]
+            bias_grad = reshaped(scale * bias_grad, bias.shape, leaf_spec(bias), sharding_of(bias))
             grad_leaves[terms.bias] = grad_leaves[terms.bias] + bias_grad.astype(
                 grad_leaves[terms.bias].dtype
             )

@@ -52,7 +52,9 @@ def add_ewc_penalty(
     With ``where`` (as ``optax.masked`` takes it, and as given to :func:`consolidate`) the
     penalty covers the selected parameters only: the state holds their anchors and precisions
     only, and the other updates pass through unchanged. Sharded params give a state sharded the
-    same way, and the update is elementwise, so every device touches its own shards only.
+    same way, and the update is elementwise, so every device touches its own shards only; a
+    K-FAC state's update multiplies its factors with each kernel's own shards and reduces the
+    partial products, gathering no sharded kernel (see :class:`ewc_jax.kfac.KFACState`).
 
     Args:
       strength: λ >= 0, with the ½ convention of :func:`penalty`.

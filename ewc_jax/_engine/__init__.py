@@ -11,6 +11,7 @@ Layers, each importing only those above it:
 * ``targets``: each estimator's labels, and per-example gradients by ``vmap(grad)``;
 * ``cost``: the cost model, the path per parameter and the one default chunk size;
 * ``chunking``: the one chunked, Kahan-compensated sum over examples;
+* ``kronecker``: K-FAC factors, anchors and their quadratic laid out like the layer's kernel;
 * ``placement``: that sum on one device, data parallel (``shard_map``) or sharded (GSPMD).
 
 ``ewc_jax._fisher``, ``ewc_jax._mas`` and ``ewc_jax._kfac`` are thin users of these.

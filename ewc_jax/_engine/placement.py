@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ewc_jax._engine.chunking import chunked_sum, kahan_sum
 from ewc_jax._engine.dtypes import accumulate_dtype
+from ewc_jax._engine.kronecker import kronecker_specs
 from ewc_jax._types import Params, PyTree
 
 ChunkSums = Callable[[Params, PyTree, jax.Array], list[jax.Array]]
@@ -112,6 +113,38 @@ class Layout:
             return results
         return [
             jax.device_put(r, self.shardings[i]) for r, i in zip(results, selected, strict=True)
+        ]
+
+    def kronecker(
+        self, leaves: list[Any], layers: tuple[tuple[int, bool, tuple[int, ...], int], ...]
+    ) -> tuple[tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding], ...] | None:
+        """Each layer's ``(A, G)`` shardings on the Auto-axes mesh
+        (:func:`~ewc_jax._engine.kronecker.kronecker_specs`), for layers given as ``(kernel
+        leaf, has a bias, kernel axes, out features)``; None when the params are not sharded."""
+        if not self.shardings:
+            return None
+        return tuple(
+            tuple(
+                jax.NamedSharding(self.mesh, spec)
+                for spec in kronecker_specs(self.partitioned[k], leaves[k].shape, axes, out, bias)[
+                    :2
+                ]
+            )
+            for k, bias, axes, out in layers
+        )
+
+    def leave(self, arrays: list[tuple[jax.Array, ...]], shardings: Any) -> list[Any]:
+        """Arrays placed by :meth:`kronecker`'s ``shardings``, on the params' own mesh (same
+        devices and layout: no data moves); unchanged for ``shardings=None``."""
+        if shardings is None:
+            return arrays
+        mesh = self.shardings[0].mesh
+        return [
+            tuple(
+                jax.device_put(a, jax.NamedSharding(mesh, s.spec))
+                for a, s in zip(*pair, strict=True)
+            )
+            for pair in zip(arrays, shardings, strict=True)
         ]
 
     def examples(self, ndim: int) -> jax.sharding.NamedSharding:
