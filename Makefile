@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 -m "not exhaustive" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal -m "not exhaustive" $(PYTEST_ARGS)
 
 # The reference matrix's whole cross product (tests/test_reference_matrix.py), beyond the entries
 # `make test` runs (every family, estimator and path at least once).

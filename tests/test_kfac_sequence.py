@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _xla import xla_flags
 
 import ewc_jax
 
@@ -485,7 +486,7 @@ print("ok")
 def test_factors_on_a_2x4_mesh_equal_one_device():
     """Params sharded over "model", examples over "data" of 8 simulated CPU devices (XLA fixes
     the device count at start-up: a subprocess): the same factors and penalty as one device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", MESH_CODE], env=env, capture_output=True, text=True, timeout=600

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _xla import xla_flags
 
 import ewc_jax
 
@@ -175,7 +176,7 @@ def test_fisher_on_another_device_than_params():
         state = ewc_jax.consolidate(None, params, jax.device_put(fisher, first))
         print(float(state.precision["w"][0]))
     """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env, capture_output=True, text=True, timeout=300,

@@ -11,12 +11,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _xla import xla_flags
 
 TESTS = Path(__file__).parent
 
 
 def run_on_8_devices(code: str) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _xla import xla_flags
 
 TESTS = Path(__file__).parent
 
@@ -34,7 +35,7 @@ def test_two_processes_equal_one(tmp_path):
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # one device per process
     port, out = free_port(), tmp_path / "two_processes.npz"
     procs = [
         subprocess.Popen(

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _xla import xla_flags
 
 TESTS = Path(__file__).parent
 
@@ -122,7 +123,9 @@ print("ok")
 def test_sharded_params_stay_sharded(tmp_path):
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={tmp_path}",
+        XLA_FLAGS=xla_flags(
+            "--xla_force_host_platform_device_count=8", f"--xla_dump_to={tmp_path}"
+        ),
     )
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     result = subprocess.run(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _xla import xla_flags
 from flax.core import FrozenDict
 
 import ewc_jax
@@ -256,7 +257,7 @@ print("ok")
 
 
 def test_sharded_state_restores_sharded_on_two_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     script = SHARDED.replace("PATH", repr(str(tmp_path / "sharded")))
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -298,7 +299,7 @@ def test_kfac_layers_of_other_leaves_are_refused(tmp_path):
 def test_a_state_sharded_over_two_processes_is_saved_and_read_by_a_third(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # one device per process
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
