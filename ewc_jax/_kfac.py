@@ -236,7 +236,9 @@ def kfac_fisher(
     diagonal = iter(())
     if any(uncovered):
         # The diagonal of the leaves without a block only: the factored kernels' per-example
-        # squares would cost as much as the factors themselves, to be thrown away.
+        # squares would cost as much as the factors themselves, to be thrown away. A callable
+        # where=, since a flags tree of an Equinox model is itself callable.
+        flags = jax.tree.unflatten(treedef, uncovered)
         diagonal = iter(
             jax.tree.leaves(
                 fisher_diagonal(
@@ -248,7 +250,7 @@ def kfac_fisher(
                     key=key,
                     mask=mask,
                     chunk_size=chunk_size,
-                    where=jax.tree.unflatten(treedef, uncovered),
+                    where=lambda _: flags,
                 )
             )
         )
