@@ -23,8 +23,9 @@ For each model it prints:
   ``kfac_fisher`` is called eagerly, as a user calls it, and compiles on its first call: the
   first call is reported apart (``first call``) and the median is over the later calls. As
   called, ``kfac_fisher`` also computes the diagonal Fisher (``fisher_diagonal``, same
-  estimator) of every parameter without a Kronecker block: the transformer's embeddings,
-  attention's query/key/value kernels and biases, the LayerNorms; none for the MLP. Its time is
+  estimator) of the parameters without a Kronecker block, and of those only: the
+  transformer's token and position embeddings and its LayerNorms (attention's q/k/v/output
+  projections are factored); none for the MLP. Its time is
   included, as it is for a user; ``fisher_diagonal`` alone over all parameters is timed beside
   it for reference;
 * the penalty step's overhead: a jitted Adam train step (``--steps`` steps per timed call in one
@@ -458,7 +459,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         "kfac_fisher includes the diagonal Fisher of the parameters without a Kronecker block "
-        "(the LM's embeddings, q/k/v kernels, LayerNorms); first call: compilation included.",
+        "(the LM's embeddings, positions, LayerNorms); first call: compilation included.",
     ]
     return "\n".join(lines)
 

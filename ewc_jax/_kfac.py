@@ -229,29 +229,39 @@ def kfac_fisher(
     mask = checked_mask(mask, (n, *token_shape))
     if estimator == "sampled":
         check_key(key)
-    plan = make_plan(apply_fn, model.params_tree(), model.example_tree())
-    layers = _layers(plan)
+    plan, layers = _plan_and_layers(model)
     if mask is not None:
         for node, *_ in layers:
             if positions(plan.nodes[node]) is not None:
                 check_mask_fits(plan.nodes[node], token_shape)
     covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
-    if len(covered) < len(leaves):
-        diagonal = fisher_diagonal(
-            apply_fn,
-            params,
-            inputs,
-            labels,
-            estimator=estimator,
-            key=key,
-            mask=mask,
-            chunk_size=chunk_size,
+    uncovered = [i not in covered for i in range(len(leaves))]
+    diagonal = iter(())
+    if any(uncovered):
+        # The diagonal of the leaves without a block only: the factored kernels' per-example
+        # squares would cost as much as the factors themselves, to be thrown away. A callable
+        # where=, since a flags tree of an Equinox model is itself callable.
+        flags = jax.tree.unflatten(treedef, uncovered)
+        diagonal = iter(
+            jax.tree.leaves(
+                fisher_diagonal(
+                    apply_fn,
+                    params,
+                    inputs,
+                    labels,
+                    estimator=estimator,
+                    key=key,
+                    mask=mask,
+                    chunk_size=chunk_size,
+                    where=lambda _: flags,
+                )
+            )
         )
-        diag_leaves = jax.tree.leaves(diagonal)
-    else:
-        diag_leaves = [jnp.zeros(p.shape, result_dtype(p, None)) for p in leaves]
-    diag_leaves = [jnp.zeros_like(d) if i in covered else d for i, d in enumerate(diag_leaves)]
+    diag_leaves = [
+        next(diagonal) if u else jnp.zeros(p.shape, result_dtype(p, None))
+        for p, u in zip(leaves, uncovered, strict=True)
+    ]
     if not layers:
         return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
@@ -283,6 +293,14 @@ def kfac_fisher(
             for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)
         ),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_and_layers(model: Model) -> tuple[Plan, tuple[Any, ...]]:
+    """The model's traced plan and its factored layers (:func:`_layers`), traced once per
+    model, params and example shapes rather than on every call (as ``jax.jit`` caches it)."""
+    plan = make_plan(model.shape_fn(), model.params_tree(), model.example_tree())
+    return plan, _layers(plan)
 
 
 def _layers(

@@ -493,3 +493,43 @@ def test_factors_on_a_2x4_mesh_equal_one_device():
     )
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert "ok" in result.stdout
+
+
+class _TokenModel(nn.Module):
+    """Embeddings, a LayerNorm and a kernel used twice (diagonal) around two Dense layers over
+    the tokens (factored)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(11, D, name="embed")(tokens)
+        mix = self.param("mix", nn.initializers.normal(0.5), (D, D))
+        h = nn.LayerNorm(name="ln")(h + jnp.tanh(h) @ mix @ mix)
+        h = jnp.tanh(nn.Dense(H1, name="mlp")(h))
+        return nn.Dense(C, name="head")(h)
+
+
+def test_diagonal_part_equals_fisher_diagonal_of_unfactored_leaves():
+    """The diagonal K-FAC keeps for unfactored leaves (computed for those leaves only) is
+    fisher_diagonal's over all parameters, same labels and mask, in float32; factored leaves
+    are zero."""
+    model = _TokenModel()
+    tokens = jax.random.randint(jax.random.key(30), (N + 2, T), 0, 11)
+    params = model.init(jax.random.key(31), tokens)["params"]
+    apply_fn = lambda p, xb: model.apply({"params": p}, xb)
+    mask = jnp.array([[1, 1, 1, 0]] * (N + 2))
+    key = jax.random.key(32)
+    kwargs = dict(estimator="sampled", key=key, mask=mask)
+    fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, tokens, **kwargs)
+    diagonal = ewc_jax.fisher_diagonal(apply_fn, params, tokens, **kwargs)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    factored = {paths[i] for f in fisher.layers for i in (f.kernel, f.bias)}
+    assert factored == {f"['{n}']['{w}']" for n in ("mlp", "head") for w in ("kernel", "bias")}
+    got = jax.tree_util.tree_leaves_with_path(fisher.diagonal)
+    for (path, leaf), expected in zip(got, jax.tree.leaves(diagonal), strict=True):
+        assert leaf.dtype == expected.dtype == jnp.float32
+        assert leaf.shape == expected.shape
+        if jax.tree_util.keystr(path) in factored:
+            np.testing.assert_array_equal(leaf, 0.0)
+        else:
+            assert float(jnp.max(leaf)) > 0
+            np.testing.assert_allclose(leaf, expected, rtol=1e-7, atol=0)
