@@ -369,8 +369,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_numbers(config)
     _check_sweep(config)
     _check_reproduction(config)
-    _check_refusals(config)
     _check_lora(config)
+    _check_refusals(config)
     _check_param_sharding(config)
 
 
