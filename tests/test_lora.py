@@ -3,7 +3,6 @@ base model with merged kernels, the frozen halves of each task, the penalty over
 only against a hand-computed sum, the config's refusals and a small end-to-end run."""
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -212,9 +211,7 @@ def test_small_lm_with_adapters_end_to_end(tmp_path):
     config.train_limit = 128
     config.test_limit = 32
     config.fisher_samples = 16
-    start = time.perf_counter()
     result = train.train_and_evaluate(config, tmp_path)
-    elapsed = time.perf_counter() - start
     matrix = np.asarray(result["runs"][0]["accuracy_matrix"])
     assert result["metric"] == "bits_per_character" and matrix.shape == (2, 2)
     # Below uniform (8 bits a byte), and German's adapters moved English's bits per character.
@@ -222,4 +219,3 @@ def test_small_lm_with_adapters_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     np.testing.assert_array_equal(saved["runs"][0]["accuracy_matrix"], matrix)
     assert (tmp_path / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
-    assert elapsed < 60, elapsed
