@@ -121,6 +121,7 @@ def test_first_task_trains_the_base_and_later_tasks_only_the_adapters_bit_for_bi
     setup, data = _setup_and_data()
     state = steps.init_state(jax.random.key(0), data.images[:1], 0.0, setup=setup)
     before_base, before_adapters = _split(state.params)
+    compiled = steps.train_epoch._cache_size()
     state, _ = steps.train_epoch(state, data, jnp.int32(3), setup=setup, task=jnp.int32(0))
     base, adapters = _split(state.params)
     assert all(np.array_equal(_bits(adapters[k]), _bits(v)) for k, v in before_adapters.items())
@@ -137,6 +138,8 @@ def test_first_task_trains_the_base_and_later_tasks_only_the_adapters_bit_for_bi
     state = steps.reset_optimizer(state, setup=setup)
     state, _ = steps.train_epoch(state, data, jnp.int32(3), setup=setup, task=jnp.int32(1))
     after_base, after_adapters = _split(state.params)
+    # The task is traced: one program for the adapters' setup (both tasks), one for the plain.
+    assert steps.train_epoch._cache_size() == compiled + 2
     for key, value in base.items():  # the base is frozen: every bit as before
         np.testing.assert_array_equal(_bits(after_base[key]), _bits(value), err_msg=str(key))
     assert all(not np.array_equal(after_adapters[k], v) for k, v in adapters.items())
