@@ -209,7 +209,7 @@ def test_lora_config_is_validated():
 def test_small_lm_with_adapters_end_to_end(tmp_path):
     config = fortunes_lm.get_config("small")
     config.lora_rank = 2
-    config.methods = ("ewc",)
+    config.methods = ("l2",)
     config.steps_per_task = 10
     config.train_limit = 128
     config.test_limit = 32
