@@ -27,15 +27,15 @@ from ewc_jax._engine.inputs import (
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
 from ewc_jax._engine.placement import Layout
-from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
+from ewc_jax._engine.plan import Plan, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
 from ewc_jax._fisher import fisher_diagonal
+from ewc_jax._kfac_layers import plan_and_layers
 from ewc_jax._kfac_sequence import (
     SequenceMode,
     check_mask_fits,
     check_sequence,
-    dense_kernel,
     input_sum,
     output_sum,
     position_weights,
@@ -229,7 +229,7 @@ def kfac_fisher(
     mask = checked_mask(mask, (n, *token_shape))
     if estimator == "sampled":
         check_key(key)
-    plan, layers = _plan_and_layers(model)
+    plan, layers = plan_and_layers(model)
     if mask is not None:
         for node, *_ in layers:
             if positions(plan.nodes[node]) is not None:
@@ -293,99 +293,6 @@ def kfac_fisher(
             for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)
         ),
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _plan_and_layers(model: Model) -> tuple[Plan, tuple[Any, ...]]:
-    """The model's traced plan and its factored layers (:func:`_layers`), traced once per
-    model, params and example shapes rather than on every call (as ``jax.jit`` caches it)."""
-    plan = make_plan(model.shape_fn(), model.params_tree(), model.example_tree())
-    return plan, _layers(plan)
-
-
-def _layers(
-    plan: Plan,
-) -> tuple[tuple[int, int, int | None, tuple[int, ...], int], ...]:
-    """``(node, kernel leaf, bias leaf or None, kernel axes, out features)`` for every factored
-    layer.
-
-    A Dense kernel: a leaf reaching a ``dot_general`` unchanged, either as the right operand
-    ``[*in, *out]`` contracted over its leading axes with the trailing axes of a per-example
-    input ``[1, *P, *in]`` (Flax ``Dense``/``DenseGeneral``, plain JAX ``x @ W``; ``P`` are
-    extra axes such as a sequence's) or as the 2-D left operand over its second axis (Equinox
-    ``W @ x`` under ``vmap``, kernel ``[out, in]``). A convolution kernel: a leaf reaching a
-    ``conv_general_dilated`` unchanged as its kernel, without feature or batch groups. A bias:
-    a leaf of the output's shape (``[*out]``, up to axes of size 1: ``[out]``, ``[1, out]``,
-    ``[H, Dh]``) added, alone and once, to the layer's output or, for a Dense layer, to that
-    output moved by layout-only operations (the transpose ``vmap`` puts after ``W @ x``).
-    """
-    layers = []
-    for tap in plan.taps:
-        if tap.layout:
-            continue
-        kernel = _kernel_axes(plan, tap) or dense_kernel(plan, tap)
-        if kernel is None:
-            continue
-        axes, out_shape = kernel
-        squeezed = tuple(d for d in out_shape if d != 1)
-        outputs = _carried_outputs(plan, tap.node)
-        bias = None
-        for other in plan.taps:
-            adder = plan.nodes[other.node]
-            shape = plan.inputs[other.leaf].aval.shape
-            if (
-                adder.eqn.primitive.name == "add"
-                and any(adder.inputs[1 - other.operand] is out for out in outputs)
-                and tuple(d for d in shape if d != 1) == squeezed
-            ):
-                bias = other.leaf
-        layers.append((tap.node, tap.leaf, bias, axes, math.prod(out_shape)))
-    return tuple(layers)
-
-
-def _kernel_axes(plan: Plan, tap: Tap) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """``(kernel axes in the order (input, spatial..., output), output shape)`` when the
-    tapped leaf is the kernel of an ungrouped convolution or the ``[out, in]`` kernel of
-    Equinox's ``W @ x``; else None (a Dense ``x @ W`` kernel: :func:`dense_kernel`)."""
-    node = plan.nodes[tap.node]
-    name = node.eqn.primitive.name
-    leaf_shape = plan.inputs[tap.leaf].aval.shape
-    if name == "conv_general_dilated":
-        params = node.eqn.params
-        if tap.operand != 1 or params["feature_group_count"] != 1:
-            return None
-        if params["batch_group_count"] != 1:
-            return None
-        rhs_spec = params["dimension_numbers"].rhs_spec
-        axes = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
-        return tuple(int(a) for a in axes), (leaf_shape[rhs_spec[0]],)
-    if name != "dot_general" or len(leaf_shape) != 2 or not tap.one_term:
-        return None
-    (contract_l, contract_r), batch = node.eqn.params["dimension_numbers"]
-    contract = (tuple(contract_l), tuple(contract_r))
-    other_shape = node.inputs[1 - tap.operand].aval.shape
-    if batch != ((), ()):
-        return None
-    if tap.operand == 0 and other_shape == (1, leaf_shape[1]) and contract == ((1,), (1,)):
-        return (1, 0), (leaf_shape[0],)  # vmap(W @ x), W [out, in]
-    return None
-
-
-def _carried_outputs(plan: Plan, node: int) -> list[Any]:
-    """The node's output and, for a ``dot_general``, the outputs of the layout-only operations
-    that carry it on (each the only consumer of the one before)."""
-    carried = [plan.nodes[node].outputs[0]]
-    if plan.nodes[node].eqn.primitive.name != "dot_general":
-        return carried
-    while True:
-        users = [n for n in plan.nodes if any(ref is carried[-1] for ref in n.inputs)]
-        if (
-            len(users) != 1
-            or users[0].eqn.primitive.name not in LAYOUT_OPS
-            or len(users[0].inputs) != 1
-        ):
-            return carried
-        carried.append(users[0].outputs[0])
 
 
 def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array:

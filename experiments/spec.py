@@ -67,6 +67,8 @@ class ModelSpec:
         num_layers: transformer blocks.
         width: transformer width.
         num_heads: attention heads.
+        lora_rank: rank of the language model's low-rank adapters (0: none).
+        lora_alpha: their scale ``α`` (the update is ``α / r · B A x``).
     """
 
     name: str = "mlp"
@@ -76,6 +78,8 @@ class ModelSpec:
     num_layers: int = 2
     width: int = 64
     num_heads: int = 4
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
 
 
 @dataclasses.dataclass(frozen=True)

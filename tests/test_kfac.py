@@ -12,7 +12,7 @@ import pytest
 from _models import LinenMLP
 
 import ewc_jax
-from ewc_jax import _kfac
+from ewc_jax import _kfac_layers
 from ewc_jax._engine import plan as plan_lib
 
 
@@ -255,7 +255,7 @@ def test_grouped_conv_is_left_to_the_diagonal_fisher():
     params = model.init(jax.random.key(0), x)
     plan = plan_lib.make_plan(model.apply, params, x[0])
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    layers = _kfac._layers(plan)
+    layers = _kfac_layers.factored_layers(plan)
     assert [(names[k], names[b]) for _, k, b, *_ in layers] == [
         ("['params']['Dense_0']['kernel']", "['params']['Dense_0']['bias']")
     ]

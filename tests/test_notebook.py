@@ -102,7 +102,7 @@ def test_notebook_falls_back_to_permuted_mnist_without_fashion_mnist(tmp_path, m
     notebook = jupytext.read(SOURCE)
     (first,) = [i for i, cell in enumerate(notebook.cells) if "\n## 1. " in f"\n{cell.source}"]
     (data,) = [i for i, cell in enumerate(notebook.cells) if "fashion_dir = " in cell.source]
-    notebook.cells = notebook.cells[:first] + [notebook.cells[data]]
+    notebook.cells = [*notebook.cells[:first], notebook.cells[data]]
     notebook.cells.append(
         nbformat.v4.new_code_cell(
             "a, b = (np.asarray(t['train'][0]).reshape(4000, -1) for t in two_tasks)\n"

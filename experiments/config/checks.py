@@ -173,6 +173,7 @@ _INT_MINIMUMS = {
     "fisher_batch_size": 0,
     "mesh_devices": 0,
     "evidence_every": 0,
+    "lora_rank": 0,
 }
 """Every int field of :func:`get_config` and its smallest valid value."""
 _BOOL_FIELDS = ("first_task_unpermuted", "relu_on_logits", "reset_optimizer", "data_parallel")
@@ -227,6 +228,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
                     f"strengths.{name} must be a finite number >= 0 or {EVIDENCE!r}, got {value!r}"
                 ) from None
     _check_float("gamma", config.gamma, 0.0, 1.0)
+    _check_float("lora_alpha", config.lora_alpha, 0.0, math.inf, open_low=True)
     _check_float("learning_rate", config.learning_rate, 0.0, math.inf, open_low=True)
     momentum = config.momentum
     if not (_is_number(momentum) and 0.0 <= momentum < 1.0):
@@ -348,7 +350,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     their data is loaded, by :func:`experiments.scenarios.check_scenario`, and ``batch_size``
     against the smallest task by :func:`experiments.runs.experiment.check_task_sizes`); the
     sweep; ``param_sharding`` (``fsdp`` needs ``data_parallel`` and a single run, not a sweep);
-    what each method of the table refuses.
+    what each method of the table refuses; ``lora_rank`` (>= 0; adapters need the language
+    model, and refuse K-FAC and ``strengths.<name>=evidence``) and ``lora_alpha`` (> 0).
 
     Args:
         config: the experiment config.
@@ -368,6 +371,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_numbers(config)
     _check_sweep(config)
     _check_reproduction(config)
+    _check_lora(config)
     _check_refusals(config)
     _check_param_sharding(config)
 
@@ -383,6 +387,29 @@ def _check_param_sharding(config: ml_collections.ConfigDict) -> None:
             "param_sharding 'fsdp' is for single runs; a sweep splits its runs over the devices "
             "(use param_sharding 'replicated')"
         )
+
+
+def _check_lora(config: ml_collections.ConfigDict) -> None:
+    """``lora_rank > 0``: a language model, and methods whose precision takes ``where=``."""
+    if not config.lora_rank:
+        return
+    if config.model not in LM_MODELS:
+        raise ConfigError(
+            f"lora_rank {config.lora_rank} gives adapters to the language model's Dense layers; "
+            f"model {config.model!r} has none (set lora_rank 0)"
+        )
+    for name in config.methods:
+        if METHODS[name].kronecker:
+            raise ConfigError(
+                f"method {name!r} with lora_rank > 0: a Kronecker-factored state covers every "
+                "layer and takes no where= restriction to the adapters; use ewc, online_ewc "
+                "or l2, or set lora_rank 0"
+            )
+        if config.strengths.get(name) == EVIDENCE:
+            raise ConfigError(
+                f"strengths.{name}=evidence with lora_rank > 0: the evidence's choice of λ "
+                "reads the full precision, not the adapters' alone; give a number"
+            )
 
 
 def _check_refusals(config: ml_collections.ConfigDict) -> None:

@@ -19,7 +19,12 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   ``torch.nn.Linear`` and ``Conv2d`` draw them; or the path of an ``.npz`` holding a PyTorch
   ``state_dict``, ``fc1.weight`` ``[out, in]``, ``fc1.bias``, ..., whose weight/bias pairs, in the
   file's key order, become the model's Dense/Conv layers in the order it defines them; see
-  :func:`experiments.models.init_params`; the transformer takes ``flax`` only).
+  :func:`experiments.models.init_params`; the transformer takes ``flax`` only),
+  ``lora_rank`` (0: off; r > 0 gives the transformer's attention projections and MLP Dense
+  layers rank-r low-rank adapters, :mod:`experiments.models.lora`: the first task trains the
+  base with the adapters frozen at zero, every later task trains only the adapters with the
+  base frozen, and the penalty and its precision cover the adapters only, ``where=``) and
+  ``lora_alpha`` (their scale ``α``: the update is ``α / r · B A x``).
 * training: ``optimizer`` (sgd | adam), ``learning_rate``, ``momentum`` (SGD), ``batch_size``,
   ``epochs`` per task or ``steps_per_task`` (SGD steps; overrides epochs when > 0),
   ``first_task_steps`` (SGD steps of the first task only, e.g. a long "pretraining" language
@@ -132,6 +137,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.relu_on_logits = False
     config.init = "flax"
     config.transformer = ml_collections.ConfigDict(dict(num_layers=2, width=64, num_heads=4))
+    config.lora_rank = 0
+    config.lora_alpha = 8.0
 
     config.optimizer = "sgd"
     config.learning_rate = 0.01

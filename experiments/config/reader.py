@@ -87,6 +87,8 @@ def read_spec(config: ml_collections.ConfigDict) -> RunSpec:
             num_layers=c.transformer.num_layers,
             width=c.transformer.width,
             num_heads=c.transformer.num_heads,
+            lora_rank=c.lora_rank,
+            lora_alpha=float(c.lora_alpha),
         ),
         optimizer=OptimizerSpec(
             name=c.optimizer,

@@ -3,6 +3,8 @@
     python -m experiments.main --config experiments/configs/fortunes_lm.py --workdir runs/lm
     python -m experiments.main --config experiments/configs/fortunes_lm.py:small \
         --workdir runs/lm_small
+    python -m experiments.main --config experiments/configs/fortunes_lm.py:lora \
+        --workdir runs/lm_lora
 
 A byte-level causal transformer (``experiments/models/language.py``: 2 pre-LayerNorm blocks, width
 64, 4 heads, context 64 bytes, 137k parameters) learns the fortunes of Debian's ``fortunes``,
@@ -23,7 +25,16 @@ layer) gets a Kronecker block, factored over the 64 byte positions by K-FAC-expa
 for a loss per byte) or K-FAC-reduce (``--config.kfac_sequence=reduce``); embeddings and
 LayerNorms keep the diagonal Fisher. The windows have no padding, so no token mask.
 
-``small`` (tests): 2 languages, 32-byte windows, a 1-block width-32 model, 30 steps per task.
+``small`` (tests): 2 languages, 32-byte windows, a 1-block width-32 model, 30 steps per task;
+``--config.lora_rank=2`` gives it adapters.
+
+``lora``: the same English pretraining, then German, Spanish and Italian fine-tune only rank-8
+low-rank adapters (``lora_rank`` 8, ``lora_alpha`` 8: ``W x + B A x``) on every attention
+projection and MLP Dense layer (:mod:`experiments.models.lora`; 18,432 adapter parameters
+beside the 137k of the base, which stays frozen after English). EWC, online EWC and L2 then
+penalise the adapters alone: their precision, the diagonal Fisher (or 1) of the adapters, is
+consolidated with ``where=`` the adapters, the first after English, where ``B = 0``.
+K-FAC is refused with adapters.
 """
 
 import ml_collections
@@ -34,7 +45,8 @@ LANGUAGES = ("en", "de", "es", "it")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """The four-language fortunes sequence; ``variant="small"`` for the tests."""
+    """The four-language fortunes sequence; ``variant="small"`` for the tests, ``"lora"`` for
+    adapter fine-tunes."""
     config = default.get_config()
     config.variant = variant
     config.scenario = "sequence"
@@ -73,6 +85,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.methods = ("finetune", "ewc")
         config.strength = 1.0
         config.fisher_samples = 64
+    elif variant == "lora":
+        config.lora_rank = 8
+        config.lora_alpha = 8.0
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}; valid variants: 'small'")
+        raise ValueError(f"unknown variant {variant!r}; valid variants: 'small', 'lora'")
     return config

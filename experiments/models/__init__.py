@@ -51,6 +51,8 @@ def build(spec: ModelSpec, *, num_heads: int, num_outputs: int) -> nn.Module:
             width=spec.width,
             num_heads=spec.num_heads,
             vocab_size=num_outputs,
+            lora_rank=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
         )
     return build_model(
         spec.name,

@@ -65,9 +65,10 @@ def consolidate_task(
     The importance is the method's entry of :data:`experiments.training.methods.METHODS`; its
     ``mode`` says how it joins the earlier tasks' (``separate``: one quadratic per task;
     ``online``: summed, with decay ``gamma`` when the method ``decays``, anchored at the latest
-    parameters). K-FAC's Kronecker terms of all tasks are merged into one per layer,
-    :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)` (:func:`ewc_jax.kfac.merge_kronecker_terms`,
-    kept as a running mean of ``G``).
+    parameters); with adapters (``setup.lora``) the state covers them only (``where=``), the
+    importance's other leaves dropped. K-FAC's Kronecker terms of all tasks are merged into one
+    per layer, :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)`
+    (:func:`ewc_jax.kfac.merge_kronecker_terms`, kept as a running mean of ``G``).
 
     Args:
         state: the state at the end of the task.
@@ -89,7 +90,12 @@ def consolidate_task(
         done = state.ewc_state.num_tasks
         store = forecast.record(store, done, state.params, precision)
     ewc_state = ewc_jax.consolidate(
-        state.ewc_state, state.params, precision, mode=entry.mode, gamma=method.gamma
+        state.ewc_state,
+        state.params,
+        precision,
+        mode=entry.mode,
+        gamma=method.gamma,
+        where=setup.where,
     )
     if entry.kronecker:
         ewc_state = _merge_running(state.ewc_state, ewc_state)
@@ -183,11 +189,17 @@ def sweep_init(
 
 @functools.partial(jax.jit, static_argnames=("setup", "num_batches"))
 def sweep_train_epoch(
-    states: TrainState, data: TaskData, num_steps: jax.Array, *, setup: StepSetup, num_batches: int
+    states: TrainState,
+    data: TaskData,
+    num_steps: jax.Array,
+    *,
+    setup: StepSetup,
+    num_batches: int,
+    task: jax.Array | int = 0,
 ) -> tuple[TrainState, jax.Array]:
-    """:func:`train_epoch` of every run on the same data."""
+    """:func:`train_epoch` of every run on the same data (task ``task``)."""
     epoch = functools.partial(scan_epoch, setup=setup, num_batches=num_batches)
-    return jax.vmap(epoch, in_axes=(0, None, None))(states, data, num_steps)
+    return jax.vmap(lambda s: epoch(s, data, num_steps, task=task))(states)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))

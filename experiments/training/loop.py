@@ -57,7 +57,7 @@ class StepFns(NamedTuple):
 
     Attributes:
         init: the fresh :class:`experiments.training.steps.TrainState`.
-        train_epoch: ``(state, data, num_steps, *, num_batches) -> (state, loss)``.
+        train_epoch: ``(state, data, num_steps, *, num_batches, task) -> (state, loss)``.
         evaluate: ``(params, data) -> accuracy`` as float64 NumPy (``[R]`` in a sweep).
         consolidate: ``(state, images, labels, heads) -> state``.
         reset_optimizer: ``state -> state`` with a fresh optimiser state.
@@ -250,7 +250,11 @@ def _train_epoch(
     progress = state.progress
     num_steps = min(plan.steps_per_epoch[task], plan.total_steps[task] - progress.steps_done)
     arrays, loss = fns.train_epoch(
-        state.arrays, train, jnp.int32(num_steps), num_batches=plan.num_batches[task]
+        state.arrays,
+        train,
+        jnp.int32(num_steps),
+        num_batches=plan.num_batches[task],
+        task=jnp.int32(task),
     )
     finite = fns.unpad(np.isfinite(np.asarray(loss)))
     if not np.all(finite):

@@ -36,6 +36,7 @@ import optax
 
 import ewc_jax
 from experiments import models
+from experiments.models import lora
 from experiments.scenarios import Scenario
 from experiments.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 from experiments.training import forecast
@@ -65,6 +66,9 @@ class StepSetup:
         forecast_tasks: the tasks whose solution and own precision the state keeps for the
             forgetting forecast (:class:`experiments.training.forecast.ForecastStore`); 0:
             none (a method without a Laplace precision, or a sweep).
+        lora: the model has low-rank adapters (:mod:`experiments.models.lora`): the first task
+            trains the base with the adapters frozen, every later task the adapters with the
+            base frozen, and the EWC state covers the adapters only (:attr:`where`).
     """
 
     model: nn.Module
@@ -77,6 +81,13 @@ class StepSetup:
     kronecker: bool = False
     param_sharding: str = "replicated"
     forecast_tasks: int = 0
+    lora: bool = False
+
+    @property
+    def where(self) -> Any:
+        """The parameters the EWC state covers, as ``where=`` takes it: the adapters
+        (:func:`experiments.models.lora.adapter_mask`) with ``lora``, else None (all)."""
+        return lora.adapter_mask if self.lora else None
 
     @property
     def num_devices(self) -> int:
@@ -139,6 +150,7 @@ def build_setup(
         init=model.init,
         metric=scenario.metric,
         param_sharding=param_sharding,
+        lora=model.lora_rank > 0,
     )
 
 
@@ -196,7 +208,7 @@ def init_state(
     if setup.kronecker:
         ewc_state = _empty_kronecker_state(params, (example_images, heads), setup)
     else:
-        ewc_state = ewc_jax.empty_state(params)
+        ewc_state = ewc_jax.empty_state(params, where=setup.where)
     store = None
     if setup.forecast_tasks:
         precision = params
@@ -265,8 +277,9 @@ def scan_epoch(
     *,
     setup: StepSetup,
     num_batches: int | None = None,
+    task: jax.Array | int = 0,
 ) -> tuple[TrainState, jax.Array]:
-    """At most one pass over ``data`` in ``num_steps`` shuffled mini-batches.
+    """At most one pass over ``data`` in ``num_steps`` shuffled mini-batches of task ``task``.
 
     With a mesh, each mini-batch is split over the devices (replicated params: XLA adds the
     all-reduce of the gradients; FSDP: also the all-gather of each split leaf, each device
@@ -283,6 +296,10 @@ def scan_epoch(
 
     For sequence outputs (logits ``[B, T, C]``, labels ``[B, T]``) an example's cross-entropy
     is its mean over the ``T`` positions (every position of a byte window is a real token).
+
+    With ``setup.lora`` only part of the parameters trains: the base on the first task
+    (``task`` 0, traced), the adapters on every later one; the other part keeps its values bit
+    for bit (:func:`experiments.models.lora.keep_frozen`), and the penalty covers the adapters.
 
     Returns:
         ``(state, mean cross-entropy over the steps taken)``.
@@ -305,7 +322,8 @@ def scan_epoch(
 
     def loss_fn(p: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
         ce = task_loss(p, images, labels, heads)
-        return ce + ewc_jax.penalty(p, state.ewc_state, state.strength), ce
+        penalty = ewc_jax.penalty(p, state.ewc_state, state.strength, where=setup.where)
+        return ce + penalty, ce
 
     def gradients(params: Any, images: jax.Array, labels: jax.Array, heads: jax.Array):
         """``(gradient, ce, extra update arguments)``; SI's gradient is the task loss's."""
@@ -313,7 +331,9 @@ def scan_epoch(
             grads, ce = jax.grad(loss_fn, has_aux=True)(params, images, labels, heads)
             return grads, ce, {}
         ce, grads = jax.value_and_grad(task_loss)(params, images, labels, heads)
-        penalty_gradient = jax.grad(ewc_jax.penalty)(params, state.ewc_state, state.strength)
+        penalty_gradient = jax.grad(ewc_jax.penalty)(
+            params, state.ewc_state, state.strength, where=setup.where
+        )
         return grads, ce, {"penalty_gradient": penalty_gradient}
 
     def train_step(carry: tuple[Any, Any], index: jax.Array):
@@ -328,7 +348,10 @@ def scan_epoch(
         # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = setup.tx.update(grads, opt_state, params, **extra)
-        return keep_layout((optax.apply_updates(params, updates), opt_state), setup), ce
+        new_params = optax.apply_updates(params, updates)
+        if setup.lora:
+            new_params = lora.keep_frozen(params, new_params, jnp.asarray(task) > 0)
+        return keep_layout((new_params, opt_state), setup), ce
 
     def skip_step(carry: tuple[Any, Any], index: jax.Array):
         del index
