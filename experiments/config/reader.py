@@ -9,7 +9,8 @@ from typing import Any
 
 import ml_collections
 
-from experiments.config.checks import EVIDENCE, validate
+from experiments.config.checks import validate
+from experiments.config.combinations import EVIDENCE
 from experiments.spec import (
     DataSpec,
     MeshSpec,

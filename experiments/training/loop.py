@@ -6,8 +6,7 @@ position in the task stream, the NumPy generator state of the Fisher's example c
 results so far). Checkpoints save and restore it whole. :func:`run` threads it through the
 steps of a :class:`StepFns` (:mod:`experiments.training.runners`): a single run's jitted
 steps, or the same steps under ``jax.vmap`` over a leading run axis for a sweep. The cadences
-(when to evaluate for the learning curves, when to checkpoint within a task) are fields of the
-:class:`Plan`.
+(evaluations for the learning curves, checkpoints within a task) are :class:`Plan` fields.
 
 After every task a row of the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training
 task ``i``) is recorded, then the method consolidates. The matrix holds the scenario's metric
@@ -249,12 +248,9 @@ def _train_epoch(
     """One epoch (or what is left of the task), the divergence check and the curves' cadence."""
     progress = state.progress
     num_steps = min(plan.steps_per_epoch[task], plan.total_steps[task] - progress.steps_done)
+    steps_now, batches = jnp.int32(num_steps), plan.num_batches[task]
     arrays, loss = fns.train_epoch(
-        state.arrays,
-        train,
-        jnp.int32(num_steps),
-        num_batches=plan.num_batches[task],
-        task=jnp.int32(task),
+        state.arrays, train, steps_now, num_batches=batches, task=jnp.int32(task)
     )
     finite = fns.unpad(np.isfinite(np.asarray(loss)))
     if not np.all(finite):

@@ -12,8 +12,8 @@ takes as a static argument, so nothing is captured from ``self`` or a closure:
   the epoch's batch count rounded up to a power of two (:func:`scan_length`): tasks of equal size
   share one compiled program, and a task of very different size (MNIST's 4,000 digits next to
   Fashion-MNIST's 60,000) gets its own instead of scanning over 14x more skipped batches.
-* :func:`evaluate` is a jitted, batched accuracy on a padded test set, or, for a language model
-  on byte sequences (``setup.metric == "bits_per_character"``), the test bits per character.
+* :func:`evaluate` (:mod:`experiments.training.evaluation`) is a jitted, batched accuracy on a
+  padded test set, or, for a language model on byte sequences, the test bits per character.
 * :meth:`StepSetup.logits` is the model's ``apply_fn`` on inputs ``(images, heads)``, so a
   multi-head model's logits are those of each example's own head; the importances of
   :mod:`experiments.training.methods` take it.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -40,7 +39,10 @@ from experiments.models import lora
 from experiments.scenarios import Scenario
 from experiments.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 from experiments.training import forecast
-from experiments.training.device import TaskData, data_sharding, param_shardings, replicated
+from experiments.training.device import TaskData, param_shardings, replicated
+from experiments.training.evaluation import evaluate as evaluate
+from experiments.training.evaluation import evaluate_chunked as evaluate_chunked
+from experiments.training.evaluation import shard_batch
 from experiments.training.forecast import ForecastStore
 from experiments.training.methods import MethodSpec
 
@@ -263,11 +265,13 @@ def reset_optimizer(state: TrainState, *, setup: StepSetup) -> TrainState:
     return state._replace(opt_state=keep_layout(fresh, setup))
 
 
-def _shard_batch(tree: Any, setup: StepSetup) -> Any:
-    """Splits the leading (example) axis over the mesh; a no-op without one."""
-    if setup.mesh is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, data_sharding(setup.mesh))
+def _updated(params: Any, updates: Any, task: jax.Array | int, setup: StepSetup) -> Any:
+    """``params + updates``; with adapters, the part that task ``task`` leaves frozen keeps its
+    values bit for bit (:func:`experiments.models.lora.keep_frozen`)."""
+    new_params = optax.apply_updates(params, updates)
+    if setup.lora:
+        new_params = lora.keep_frozen(params, new_params, jnp.asarray(task) > 0)
+    return new_params
 
 
 def scan_epoch(
@@ -308,7 +312,7 @@ def scan_epoch(
     capacity = data.labels.shape[0]
     num_batches = num_batches or -(-capacity // batch_size)
     padded_size = -(-batch_size // setup.num_devices) * setup.num_devices
-    weights = _shard_batch((jnp.arange(padded_size) < batch_size).astype(jnp.float32), setup)
+    weights = shard_batch((jnp.arange(padded_size) < batch_size).astype(jnp.float32), setup)
     key, epoch_key = jax.random.split(state.key)
     scores = jax.random.uniform(epoch_key, (capacity,))
     scores = jnp.where(jnp.arange(capacity) < data.num_valid, scores, 2.0)
@@ -340,7 +344,7 @@ def scan_epoch(
         params, opt_state = carry
         positions = (index * batch_size + jnp.arange(padded_size)) % data.num_valid
         batch = order[positions]
-        images, labels, heads = _shard_batch(
+        images, labels, heads = shard_batch(
             (data.images[batch], data.labels[batch], data.heads[batch]), setup
         )
         grads, ce, extra = gradients(params, images, labels, heads)
@@ -348,9 +352,7 @@ def scan_epoch(
         # jax_numpy_dtype_promotion="strict" rejects; our own code stays strict-clean.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = setup.tx.update(grads, opt_state, params, **extra)
-        new_params = optax.apply_updates(params, updates)
-        if setup.lora:
-            new_params = lora.keep_frozen(params, new_params, jnp.asarray(task) > 0)
+        new_params = _updated(params, updates, task, setup)
         return keep_layout((new_params, opt_state), setup), ce
 
     def skip_step(carry: tuple[Any, Any], index: jax.Array):
@@ -368,52 +370,3 @@ def scan_epoch(
 
 
 train_epoch = jax.jit(scan_epoch, static_argnames=("setup", "num_batches"))
-
-
-def evaluate_chunked(params: Any, data: TaskData, *, setup: StepSetup) -> jax.Array:
-    r"""The metric on the valid rows of ``data``, in chunks of ``eval_batch_size``.
-
-    ``setup.metric`` ``"accuracy"``: the fraction of rows whose argmax is the label.
-    ``"bits_per_character"``: the total code length of the target bytes over the number of
-    characters among them (:func:`experiments.data.text.bits_per_character`),
-
-    .. math:: \frac{-\sum_{n,t} \log_2 p(y_{nt} \mid y_{n,<t})}{\#\{(n,t): y_{nt}
-        \text{ is not a UTF-8 continuation byte}\}}.
-
-    With a mesh, the chunk is rounded up to a multiple of the device count and split over the
-    devices when the capacity allows it (:func:`experiments.training.device.put_scenario` pads it
-    to a multiple).
-    """
-    capacity = data.labels.shape[0]
-    devices = setup.num_devices
-    chunk = min(-(-setup.eval_batch_size // devices) * devices, capacity)
-    shard = (lambda tree: _shard_batch(tree, setup)) if chunk % devices == 0 else (lambda t: t)
-    num_chunks = -(-capacity // chunk)
-
-    def count(totals: tuple[jax.Array, jax.Array], index: jax.Array):
-        # The last chunk overlaps the one before; rows already counted are masked.
-        start = jnp.minimum(index * chunk, capacity - chunk)
-        rows = start + jnp.arange(chunk)
-        take = lambda a: shard(jax.lax.dynamic_slice_in_dim(a, start, chunk))
-        logits = setup.model.apply({"params": params}, take(data.images), take(data.heads))
-        labels = take(data.labels)
-        valid = (rows < data.num_valid) & (rows >= index * chunk)
-        if setup.metric == "bits_per_character":
-            valid = valid.reshape(-1, *(1,) * (labels.ndim - 1))
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            starts = (labels & 0xC0) != 0x80
-            numerator = jnp.sum(jnp.where(valid, nll, 0.0))
-            denominator = jnp.sum((valid & starts).astype(jnp.float32))
-        else:
-            hits = (jnp.argmax(logits, axis=-1) == labels) & valid
-            numerator, denominator = jnp.sum(hits.astype(jnp.float32)), jnp.float32(0.0)
-        return (totals[0] + numerator, totals[1] + denominator), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (total, characters), _ = jax.lax.scan(count, (zero, zero), jnp.arange(num_chunks))
-    if setup.metric == "bits_per_character":
-        return total / jnp.float32(math.log(2.0)) / characters
-    return total / data.num_valid.astype(jnp.float32)
-
-
-evaluate = jax.jit(evaluate_chunked, static_argnames=("setup",))
