@@ -32,10 +32,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(PY) -m experiments.main --config experiments/configs/demo.py --workdir runs/demo --overwrite
 
+# A worker that dies (a segmentation fault inside XLA's CPU compiler, seen in two full runs in
+# two different tests, neither reproducible alone) has its test rerun once on a fresh worker
+# (pytest-rerunfailures); --only-rerun with a pattern that matches nothing keeps every ordinary
+# failure a failure. The summary lists such a test as R.
+CRASH_RERUN := --reruns 1 --only-rerun '(?!)'
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 --dist worksteal -m "not exhaustive" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal $(CRASH_RERUN) -m "not exhaustive" $(PYTEST_ARGS)
 
 # The reference matrix's whole cross product (tests/test_reference_matrix.py), beyond the entries
 # `make test` runs (every family, estimator and path at least once).
