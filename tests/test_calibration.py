@@ -12,6 +12,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import ewc_jax
 from ewc_jax import _calibration
@@ -199,6 +200,10 @@ def test_json_cache_round_trips_and_survives_a_corrupt_file(
         _check_json_cache(calibrated, params, x, monkeypatch, tmp_path / _calibration.CACHE_FILE)
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
+        # JAX keeps the persistent cache it opened on the first compile after the directory was
+        # set; without a reset, every later compile of this worker wrote into tmp_path, and a
+        # later test's compile segfaulted inside XLA in three full runs (conftest: no cache).
+        compilation_cache.reset_cache()
 
 
 def _check_json_cache(calibrated, params, x, monkeypatch, path):
