@@ -34,9 +34,10 @@ demo: $(VENV)/.installed
 
 # A worker that dies has its test rerun once on a fresh worker (pytest-rerunfailures);
 # --only-rerun with a pattern that matches nothing keeps every ordinary failure a failure, and
-# the summary lists such a test as R. The one crash seen (a segfault in XLA's CPU compiler while
-# it wrote a persistent-cache entry that a calibration test had left switched on in its worker)
-# is fixed in that test; this keeps a crash of a worker from failing CI on its own.
+# the summary lists such a test as R. In four full runs from fresh clones, XLA's CPU compiler
+# segfaulted in the same test each time (test_calibration's test_explicit_chunk_size_wins,
+# compiling a Fisher with a partial last chunk); the test passes alone and in smaller groups,
+# and the cause is not known yet.
 CRASH_RERUN := --reruns 1 --only-rerun '(?!)'
 
 test: $(VENV)/.installed

@@ -201,8 +201,7 @@ def test_json_cache_round_trips_and_survives_a_corrupt_file(
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
         # JAX keeps the persistent cache it opened on the first compile after the directory was
-        # set; without a reset, every later compile of this worker wrote into tmp_path, and a
-        # later test's compile segfaulted inside XLA in three full runs (conftest: no cache).
+        # set: without a reset, every later compile of this worker would write into tmp_path.
         compilation_cache.reset_cache()
 
 
