@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -93,12 +92,7 @@ def run(config: Config, command: str = "python -m benchmarks.compare") -> dict[s
             report["ratios"] += epoch.ratios(entries)
     report["checks"] = checks.results
     _fill_roofline(report, config)
-    report["machine"]["loadavg_end"] = harness.load_average()
-    if config.out:
-        with open(config.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return report
+    return harness.finish_report(report, config.out)
 
 
 def _fill_roofline(report: dict[str, Any], config: Config) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -503,3 +504,13 @@ def format_table(report: dict[str, Any]) -> str:
                 f" {_fmt_ratio(r['gflops'], '.0f'):>8}"
             )
     return "\n".join(lines)
+
+
+def finish_report(report: dict[str, Any], out: str | None) -> dict[str, Any]:
+    """``report`` with the load average at its end, written as JSON to ``out`` (when given)."""
+    report["machine"]["loadavg_end"] = load_average()
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return report

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -389,12 +388,7 @@ def run(config: Config, command: str = "python -m benchmarks.kfac") -> dict[str,
         _time_round_robin(steps, config.repeats)
         report["steps"] += [r for r, _ in steps]
         report["ratios"] += [_ratio(r, steps[0][0]) for r, _ in steps[1:]]
-    report["machine"]["loadavg_end"] = harness.load_average()
-    if config.out:
-        with open(config.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return report
+    return harness.finish_report(report, config.out)
 
 
 def _machine() -> dict[str, Any]:
