@@ -8,6 +8,7 @@ the compiled chunk programs end to end, eagerly and under ``jax.jit``.
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ def calibrated(monkeypatch):
     _calibration.clear_cache()
     timed: list[int] = []
 
-    def fake(size, run):
+    def fake(size, run, chunks=1):
         timed.append(size)
         return SECONDS.get(size, 10.0)
 
@@ -129,6 +130,49 @@ def test_calibrated_call_uses_the_fastest_candidate_and_equals_the_uncalibrated_
     assert record.seconds == {size: SECONDS[size] for size in (64, 32, 16, 8)}
     # Only the summation order differs from one chunk of all 64 examples.
     _assert_trees_close(fisher, _fisher_of(params, x, chunk_size=N))
+
+
+def test_every_candidate_is_timed_over_the_largest_candidates_examples(problem, monkeypatch):
+    """Each candidate's program sums the same 64 examples (the largest candidate's), in
+    ⌈64 / c⌉ chunks, and the timer gets that count; its result is the Fisher of those 64."""
+    params, x = problem
+    monkeypatch.setenv(_calibration.ENV_VAR, "on")
+    monkeypatch.setattr(_calibration, "MIN_CHUNK", 8)
+    monkeypatch.setattr(_calibration, "_cache_path", lambda: None)
+    _calibration.clear_cache()
+    seen: dict[int, tuple[int, float]] = {}
+
+    def fake(size, run, chunks=1):
+        out = run()
+        total = sum(float(np.sum(np.asarray(leaf))) for leaf in jax.tree.leaves(out))
+        seen[size] = (chunks, total)
+        return SECONDS.get(size, 10.0)
+
+    monkeypatch.setattr(_calibration, "_time_chunk", fake)
+    try:
+        _fisher_of(params, x)
+    finally:
+        _calibration.clear_cache()
+    assert {size: chunks for size, (chunks, _) in seen.items()} == {64: 1, 32: 2, 16: 4, 8: 8}
+    # The same 64 examples whatever the chunk (a program over its first c examples alone would
+    # sum a different Fisher for each c).
+    totals = [total for _, total in seen.values()]
+    assert totals[0] > 0
+    np.testing.assert_allclose(totals, totals[0], rtol=1e-5)
+
+
+def test_real_timer_reports_seconds_per_chunk():
+    calls = []
+
+    def run():
+        calls.append(1)
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.02:
+            pass
+
+    per_chunk = _calibration._time_chunk(16, run, chunks=4)
+    assert len(calls) == 1 + _calibration.REPEATS  # one untimed warm-up
+    assert 0.004 <= per_chunk <= 0.02  # 20 ms over 4 chunks: 5 ms, with some slack
 
 
 def _default(path):
