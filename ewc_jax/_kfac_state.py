@@ -141,6 +141,16 @@ class KFACFisher(NamedTuple):
           ValueError: a selected bias whose kernel is not selected: its Fisher is inside the
             dropped block, and this Fisher has no diagonal for it (``kfac_fisher(...,
             where=)`` computes one).
+
+        Example:
+          >>> import jax.numpy as jnp, ewc_jax
+          >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+          >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+          >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+          >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x)
+          >>> (kernel,) = fisher.restricted(params, {"w": True, "b": False}).layers
+          >>> kernel.a.diagonal().tolist(), kernel.bias  # E[a²]: no bias row
+          ([1.0, 2.0, 0.0], None)
         """
         if where is None:
             return self
