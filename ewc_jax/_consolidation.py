@@ -212,7 +212,8 @@ def consolidate(
         LoRA fine-tune's adapters, or everything but the embeddings). The state then holds
         anchors and precisions for those leaves only (``optax.MaskedNode()`` elsewhere);
         ``fisher`` may be full or already restricted (``fisher_diagonal(..., where=...)``).
-        ``None`` (default): all.
+        A K-FAC state takes it too: Kronecker terms for the selected kernels only
+        (``kfac_fisher(..., where=...)`` computes no others). ``None`` (default): all.
       anchor_dtype: storage dtype of the anchor, e.g. ``jnp.bfloat16`` to halve its memory;
         default: each parameter's own dtype. The merge and the penalty run in float32 at
         least whatever is stored.
@@ -251,7 +252,7 @@ def consolidate(
         check_state(state, "consolidate")
     if state is None:
         if isinstance(fisher, Curvature):
-            state = fisher.empty_precision(params)
+            state = fisher.empty_precision(params, where=where)
         else:
             state = empty_state(
                 params, where=where, anchor_dtype=anchor_dtype, precision_dtype=precision_dtype

@@ -31,7 +31,7 @@ from ewc_jax._engine.plan import Plan, make_plan
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
 from ewc_jax._engine.targets import label_targets
 from ewc_jax._fisher import fisher_diagonal
-from ewc_jax._kfac_layers import plan_and_layers
+from ewc_jax._kfac_layers import plan_and_layers, selected_layers
 from ewc_jax._kfac_sequence import (
     SequenceMode,
     check_mask_fits,
@@ -43,6 +43,7 @@ from ewc_jax._kfac_sequence import (
 )
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
 from ewc_jax._types import ApplyFn, Params, PyTree
+from ewc_jax._where import Where, selected_leaves, selected_tree
 
 KFACEstimator: TypeAlias = Literal["exact", "sampled", "empirical"]
 """The label distributions :func:`kfac_fisher` takes (those of :data:`ewc_jax.Estimator` that
@@ -64,6 +65,7 @@ def kfac_fisher(
     mask: jax.typing.ArrayLike | None = None,
     sequence: SequenceMode = "expand",
     chunk_size: int | None = None,
+    where: Where | None = None,
 ) -> KFACFisher:
     r"""Kronecker-factored Fisher of ``p(y | x, θ) = softmax(apply_fn(θ, x))_y``.
 
@@ -145,6 +147,18 @@ def kfac_fisher(
     a kernel applied twice): the sum of Kronecker products over its uses is not one Kronecker
     product, and no block is formed for it rather than a wrong one.
 
+    **A subset of the parameters** (``where``, as :func:`ewc_jax.consolidate` takes it: a LoRA
+    fine-tune's adapters, the base frozen): blocks are formed, and their factors computed, only
+    for the layers whose kernel is selected; a selected kernel whose bias is not selected is
+    factored alone (``ā = a``: the block of the kernel's rows of ``[W; b]``); the diagonal Fisher
+    is computed for the selected leaves no block covers, and the result's ``diagonal`` holds the
+    selected leaves only (``optax.MaskedNode()`` elsewhere, as :func:`ewc_jax.fisher_diagonal`'s
+    with ``where``). A low-rank adapter ``W x + (α/r) B (A x)`` is two Dense layers, ``x A``
+    then ``(x A) B``, each with its own block; the frozen ``W`` gets none. The layers are still
+    found on the whole model, and its forward pass runs whole: the selection saves the factors
+    and diagonal of the unselected layers, not the pass. Consolidate and penalise with the same
+    ``where``.
+
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,
     e.g. split over its data axis, stay there), and each layer's factors are computed and come
@@ -171,14 +185,15 @@ def kfac_fisher(
       sequence: ``"expand"`` (default) or ``"reduce"``: how Dense layers applied over extra
         axes are factored (see above).
       chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256.
+      where: the parameters to cover (see above); ``None`` (default): all.
 
     Returns:
-      A :class:`KFACFisher` (factors in float32 at least).
+      A :class:`KFACFisher` (factors in float32 at least), restricted to ``where``.
 
     Raises:
       ValueError: unknown estimator or sequence mode, missing labels/key, labels or mask of
         the wrong shape, a mask with a Dense layer applied over positions other than the
-        logits' tokens.
+        logits' tokens, a ``where`` that selects nothing or is not a bool prefix of params.
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -230,13 +245,15 @@ def kfac_fisher(
     if estimator == "sampled":
         check_key(key)
     plan, layers = plan_and_layers(model)
+    selected = frozenset(selected_leaves(params, where))
+    layers = selected_layers(layers, selected)
     if mask is not None:
         for node, *_ in layers:
             if positions(plan.nodes[node]) is not None:
                 check_mask_fits(plan.nodes[node], token_shape)
     covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
-    uncovered = [i not in covered for i in range(len(leaves))]
+    uncovered = [i in selected and i not in covered for i in range(len(leaves))]
     diagonal = iter(())
     if any(uncovered):
         # The diagonal of the leaves without a block only: the factored kernels' per-example
@@ -258,12 +275,15 @@ def kfac_fisher(
                 )
             )
         )
-    diag_leaves = [
-        next(diagonal) if u else jnp.zeros(p.shape, result_dtype(p, None))
-        for p, u in zip(leaves, uncovered, strict=True)
-    ]
+    diag_leaves = {
+        i: next(diagonal)
+        if uncovered[i]
+        else jnp.zeros(leaves[i].shape, result_dtype(leaves[i], None))
+        for i in sorted(selected)
+    }
+    diagonal_tree = selected_tree(params, where, diag_leaves.__getitem__)
     if not layers:
-        return KFACFisher(jax.tree.unflatten(treedef, diag_leaves), ())
+        return KFACFisher(diagonal_tree, ())
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
     # axes, partitioned by XLA, as fisher_diagonal runs it, each factor's sums constrained to
@@ -287,7 +307,7 @@ def kfac_fisher(
     )
     factors = layout.leave(factors, shardings)
     return KFACFisher(
-        jax.tree.unflatten(treedef, diag_leaves),
+        diagonal_tree,
         tuple(
             KroneckerFactors(a, g, kernel, bias, axes)
             for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)

@@ -23,6 +23,21 @@ def plan_and_layers(model: Model) -> tuple[Plan, tuple[Any, ...]]:
     return plan, factored_layers(plan)
 
 
+def selected_layers(
+    layers: tuple[tuple[int, int, int | None, tuple[int, ...], int], ...],
+    selected: frozenset[int],
+) -> tuple[tuple[int, int, int | None, tuple[int, ...], int], ...]:
+    """The layers of :func:`factored_layers` whose kernel is among the ``selected`` leaves (a
+    ``where=``), each keeping its bias only if that is selected too: a kernel without its bias
+    is factored alone, ``ā = a``, which is the block ``A ⊗ G`` of the kernel's rows of
+    ``[W; b]`` (``A`` without its bias row and column)."""
+    return tuple(
+        (node, kernel, bias if bias in selected else None, axes, out)
+        for node, kernel, bias, axes, out in layers
+        if kernel in selected
+    )
+
+
 def factored_layers(
     plan: Plan,
 ) -> tuple[tuple[int, int, int | None, tuple[int, ...], int], ...]:

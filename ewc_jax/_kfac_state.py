@@ -47,11 +47,11 @@ from ewc_jax._engine.kronecker import (
 from ewc_jax._precision import ConsolidationMode, Curvature
 from ewc_jax._types import Params
 from ewc_jax._validation import (
-    concrete_or_none,
     fail_if,
     non_finite,
     outside_unit_interval,
 )
+from ewc_jax._where import Where, check_where_given, select, selected_leaves
 
 
 @functools.partial(
@@ -101,8 +101,10 @@ class KFACFisher(NamedTuple):
 
     Attributes:
       diagonal: params-shaped diagonal Fisher of the parameters no factor covers (0 where a
-        factor does).
-      layers: one :class:`KroneckerFactors` per Dense layer.
+        factor does); with ``kfac_fisher(..., where=)`` the selected leaves only
+        (``optax.MaskedNode()`` elsewhere).
+      layers: one :class:`KroneckerFactors` per Dense layer (per selected kernel with
+        ``where``).
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -117,13 +119,57 @@ class KFACFisher(NamedTuple):
     diagonal: Params
     layers: tuple[KroneckerFactors, ...]
 
-    def empty_precision(self, params: Params) -> KFACState:
-        """The K-FAC state before any task: zero diagonal precision, no Kronecker terms yet."""
+    def empty_precision(self, params: Params, *, where: Where | None = None) -> KFACState:
+        """The K-FAC state before any task: zero diagonal precision, no Kronecker terms yet;
+        over the parameters ``where`` selects (:meth:`restricted`)."""
         leaves = jax.tree.leaves(params)
         return KFACState(
-            diagonal=empty_state(params),
-            layers=tuple(_empty_terms(leaves, factors) for factors in self.layers),
+            diagonal=empty_state(params, where=where),
+            layers=tuple(
+                _empty_terms(leaves, factors) for factors in self.restricted(params, where).layers
+            ),
         )
+
+    def restricted(self, params: Params, where: Where | None) -> KFACFisher:
+        """The factors and diagonal of the parameters ``where`` selects, as
+        ``kfac_fisher(..., where=where)`` computes them (idempotent; ``None``: unchanged).
+
+        A layer whose kernel is not selected is dropped; a selected kernel whose bias is not
+        selected keeps the block of its own rows, ``A`` without the bias row and column.
+
+        Raises:
+          ValueError: a selected bias whose kernel is not selected: its Fisher is inside the
+            dropped block, and this Fisher has no diagonal for it (``kfac_fisher(...,
+            where=)`` computes one).
+
+        Example:
+          >>> import jax.numpy as jnp, ewc_jax
+          >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
+          >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+          >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+          >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x)
+          >>> (kernel,) = fisher.restricted(params, {"w": True, "b": False}).layers
+          >>> kernel.a.diagonal().tolist(), kernel.bias  # E[a²]: no bias row
+          ([1.0, 2.0, 0.0], None)
+        """
+        if where is None:
+            return self
+        chosen = frozenset(selected_leaves(params, where))
+        layers = []
+        for factors in self.layers:
+            if factors.kernel not in chosen:
+                if factors.bias in chosen:
+                    raise ValueError(
+                        f"where selects the bias (leaf {factors.bias}) of a layer whose kernel "
+                        f"(leaf {factors.kernel}) it does not select: the bias's Fisher is in "
+                        "the layer's Kronecker block, and this Fisher has no diagonal for it; "
+                        "compute it with kfac_fisher(..., where=) instead."
+                    )
+                continue
+            if factors.bias is not None and factors.bias not in chosen:
+                factors = dataclasses.replace(factors, a=factors.a[:-1, :-1], bias=None)
+            layers.append(factors)
+        return KFACFisher(select(self.diagonal, params, where), tuple(layers))
 
 
 @functools.partial(
@@ -171,6 +217,11 @@ class KFACState(NamedTuple):
     With sharded params its terms keep their kernel's layout, as :func:`kfac_fisher`'s
     factors do, and the penalty gathers no sharded kernel (see the sharding guide).
 
+    With ``where`` (given to :func:`consolidate`, :func:`penalty` and :func:`add_ewc_penalty`
+    alike) it covers the selected parameters only: Kronecker terms for the layers whose kernel
+    is selected, the diagonal part over the selected leaves (``optax.MaskedNode()`` elsewhere,
+    as an :class:`EWCState` with ``where``), and the penalty's terms over those alone.
+
     Attributes:
       diagonal: an :class:`EWCState` for the parameters no factor covers (zero precision at
         the covered ones); its ``num_tasks`` counts the consolidated tasks.
@@ -210,24 +261,25 @@ class KFACState(NamedTuple):
         *,
         mode: ConsolidationMode,
         gamma: jax.typing.ArrayLike,
-        where: None = None,
+        where: Where | None = None,
         anchor_dtype: None = None,
         precision_dtype: None = None,
     ) -> KFACState:
         """One more Kronecker quadratic per layer: :func:`consolidate` for a K-FAC state.
 
-        ``where``, ``anchor_dtype`` and ``precision_dtype`` must be None: a K-FAC state covers
-        every parameter, in the dtype of its factors.
+        ``where`` restricts it as :class:`KFACState` says (the state must have been started
+        with the same one); ``anchor_dtype`` and ``precision_dtype`` must be None: a K-FAC
+        state keeps the dtype of its factors.
         """
-        if where is not None or anchor_dtype is not None or precision_dtype is not None:
+        if anchor_dtype is not None or precision_dtype is not None:
             raise ValueError(
-                "where=, anchor_dtype= and precision_dtype= apply to a diagonal EWCState; a "
-                "K-FAC state covers every parameter in the dtype of its factors."
+                "anchor_dtype= and precision_dtype= apply to a diagonal EWCState; a K-FAC state "
+                "keeps the dtype of its factors."
             )
-        return _consolidated(self, params, importance, mode=mode, gamma=gamma)
+        return _consolidated(self, params, importance, mode=mode, gamma=gamma, where=where)
 
     def penalty(
-        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: Where | None = None
     ) -> jax.Array:
         r"""The diagonal part's penalty plus each layer's Kronecker quadratics:
 
@@ -235,23 +287,18 @@ class KFACState(NamedTuple):
                   \operatorname{tr}\big(X_t^\top A_t X_t G_t\big)\Big],\qquad X_t = W̄ - W̄_t,
 
         each :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed
-        as ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product).
+        as ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product); ``i`` and the layers
+        run over what ``where`` selects (the ``where`` the state was consolidated with).
         """
-        _check_no_where(where)
-        return _penalty(params, self, strength)
+        return _penalty(params, self, strength, where)
 
     def penalty_gradient(
-        self, params: Params, strength: jax.typing.ArrayLike, *, where: None = None
+        self, params: Params, strength: jax.typing.ArrayLike, *, where: Where | None = None
     ) -> Params:
         r"""The gradient of :meth:`penalty`: :math:`λ Λ (θ - θ̄)` on the diagonal part and
-        :math:`λ \sum_t A_t X_t G_t` on each augmented kernel ``[W; b]``."""
-        _check_no_where(where)
-        return _penalty_gradient(params, self, strength)
-
-
-def _check_no_where(where: object) -> None:
-    if where is not None:
-        raise ValueError("where= applies to a diagonal EWCState, not to a K-FAC state.")
+        :math:`λ \sum_t A_t X_t G_t` on each augmented kernel ``[W; b]``; with ``where``, a
+        tree of the selected leaves only (``optax.MaskedNode()`` elsewhere)."""
+        return _penalty_gradient(params, self, strength, where)
 
 
 def _consolidated(
@@ -261,6 +308,7 @@ def _consolidated(
     *,
     mode: ConsolidationMode,
     gamma: jax.typing.ArrayLike,
+    where: Where | None,
 ) -> KFACState:
     r""":func:`consolidate` for a :class:`KFACFisher`: one more Kronecker quadratic per layer.
 
@@ -276,12 +324,17 @@ def _consolidated(
       re-anchored at ``params`` and the old factors ``A`` are scaled by ``γ``
       (:math:`γ (A ⊗ G) = (γ A) ⊗ G`).
 
-    The diagonal part follows :func:`consolidate` with the same mode and ``gamma``.
+    The diagonal part follows :func:`consolidate` with the same mode, ``gamma`` and ``where``;
+    a full ``fisher`` is restricted to ``where`` first (:meth:`KFACFisher.restricted`).
     """
     if not isinstance(fisher, KFACFisher):
         raise ValueError("a KFACState is consolidated with a KFACFisher (from kfac_fisher).")
     gamma = fail_if(gamma, outside_unit_interval(gamma, "gamma"))
-    diagonal = state.diagonal.consolidated(params, fisher.diagonal, mode=mode, gamma=gamma)
+    check_where_given(fisher.diagonal, "fisher", where, params)
+    fisher = fisher.restricted(params, where)
+    diagonal = state.diagonal.consolidated(
+        params, fisher.diagonal, mode=mode, gamma=gamma, where=where
+    )
     leaves = jax.tree.leaves(params)
     why = "consolidating them would make every later penalty non-finite"
     checked = []
@@ -296,7 +349,8 @@ def _consolidated(
         raise ValueError(
             "the Kronecker factors do not cover the same layers as the state "
             f"({[(t.kernel, t.bias) for t in old]} vs "
-            f"{[(f.kernel, f.bias) for f in fisher.layers]}); compute them for the same model."
+            f"{[(f.kernel, f.bias) for f in fisher.layers]}); compute them for the same model "
+            "and consolidate with the same where= as the state's."
         )
     layers = []
     for terms, factors in zip(old, fisher.layers, strict=True):
@@ -325,66 +379,6 @@ def _consolidated(
     return KFACState(diagonal=diagonal, layers=tuple(layers))
 
 
-def merge_kronecker_terms(state: KFACState) -> KFACState:
-    r"""Collapses each layer's remembered Kronecker terms into one (an approximation).
-
-    .. math:: \sum_{t=1}^{T} A_t \otimes G_t \approx \Big(\sum_t A_t\Big) \otimes
-              \Big(\frac1T \sum_t G_t\Big)
-
-    Exact when every task has the same ``G`` (and whenever ``T = 1``); otherwise it drops the
-    cross-task structure, in exchange for a state of fixed size: the penalty then costs the
-    same after 50 tasks as after one, and a jitted step stops recompiling. Only for a state
-    whose terms share one anchor, i.e. ``mode="online"`` (the separate mode's per-task
-    anchors cannot be merged). Apply it after every :func:`consolidate`::
-
-        state = ewc_jax.kfac.merge_kronecker_terms(
-            ewc_jax.consolidate(state, params, fisher, mode="online", gamma=gamma)
-        )
-
-    The online decay ``γ`` is already folded into the old ``A_t``, so it carries over.
-
-    Args:
-      state: a K-FAC state whose layers' terms share one anchor.
-
-    Returns:
-      The state with one Kronecker term per layer.
-
-    Raises:
-      ValueError: the terms of a layer have different anchors (checked where concrete).
-
-    Example:
-      >>> import jax.numpy as jnp, ewc_jax
-      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]  # one Dense layer, two classes
-      >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-      >>> x = jnp.array([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
-      >>> fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, estimator="exact")
-      >>> state = ewc_jax.consolidate(None, params, fisher, mode="online")
-      >>> state = ewc_jax.consolidate(state, params, fisher, mode="online", gamma=0.5)
-      >>> state.layers[0].a.shape  # two tasks, two terms
-      (2, 4, 4)
-      >>> merged = ewc_jax.kfac.merge_kronecker_terms(state)
-      >>> merged.layers[0].a.shape, merged.layers[0].a[0].diagonal().tolist()  # ½ A + A
-      ((1, 4, 4), [1.5, 3.0, 0.0, 1.5])
-    """
-    layers = []
-    for terms in state.layers:
-        anchors = concrete_or_none(terms.anchor)
-        if anchors is not None and not np.all(anchors == anchors[-1:]):
-            raise ValueError(
-                "merge_kronecker_terms needs terms with one shared anchor (mode='online'); "
-                f"the layer of leaf {terms.kernel} has {anchors.shape[0]} different anchors."
-            )
-        layers.append(
-            dataclasses.replace(
-                terms,
-                a=jnp.sum(terms.a, axis=0, keepdims=True),
-                g=jnp.mean(terms.g, axis=0, keepdims=True),
-                anchor=terms.anchor[-1:],
-            )
-        )
-    return KFACState(diagonal=state.diagonal, layers=tuple(layers))
-
-
 def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms:
     dtype = widest(factors.a, factors.g, leaves[factors.kernel])
     anchor = augmented(leaves, factors, widest(leaves[factors.kernel]))
@@ -405,7 +399,9 @@ def _empty_terms(leaves: list[Any], factors: KroneckerFactors) -> KroneckerTerms
     )
 
 
-def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> jax.Array:
+def _penalty(
+    params: Params, state: KFACState, strength: jax.typing.ArrayLike, where: Where | None
+) -> jax.Array:
     r""":func:`penalty` for a :class:`KFACState`:
 
     .. math:: \frac{λ}{2}\Big[\sum_i Λ_i (θ_i - θ̄_i)^2 + \sum_{\text{layers}} \sum_t
@@ -414,8 +410,10 @@ def _penalty(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -
     the diagonal part plus, per Dense layer and remembered task, the Kronecker quadratic
     :math:`\operatorname{vec}(X_t)^\top (A_t ⊗ G_t) \operatorname{vec}(X_t)` computed as
     ``Σ X ⊙ (A X G)`` (two matmuls, never the Kronecker product; see :func:`_products`).
+    The diagonal part runs over the leaves ``where`` selects; the layers' kernel and bias
+    indices count the leaves of the whole ``params``.
     """
-    total = state.diagonal.penalty(params, strength)
+    total = state.diagonal.penalty(params, strength, where=where)
     leaves = jax.tree.leaves(params)
     for terms in state.layers:
         quad, _, _ = _products(leaves, terms)
@@ -443,22 +441,27 @@ def _products(
     return quadratic_products(w, b, terms.a, terms.g, terms.anchor, like, axes)
 
 
-def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.ArrayLike) -> Params:
+def _penalty_gradient(
+    params: Params, state: KFACState, strength: jax.typing.ArrayLike, where: Where | None
+) -> Params:
     r"""The gradient of ``_penalty``: :math:`λ Λ (θ - θ̄)` for the diagonal part and
     :math:`λ \sum_t A_t X_t G_t` for each augmented kernel ``[W; b]`` (its kernel rows and
     bias row from :func:`_products`, each in its parameter's layout). Leaves are in float32 at
-    least."""
+    least; with ``where``, the selected ones only."""
     ewc = state.diagonal
+    check_where_given(ewc.anchor, "state", where, params)
     grads = jax.tree.map(
         lambda p, a, f: (
             jnp.asarray(strength, f.dtype) * f * (p.astype(f.dtype) - a.astype(f.dtype))
         ),
-        params,
+        select(params, params, where),
         ewc.anchor,
         ewc.precision,
     )
-    leaves, treedef = jax.tree.flatten(params)
-    grad_leaves = jax.tree.leaves(grads)
+    leaves = jax.tree.leaves(params)
+    grad_leaves, treedef = jax.tree.flatten(grads)
+    # The terms index the leaves of the whole params; the gradient holds the selected ones.
+    position = {leaf: k for k, leaf in enumerate(selected_leaves(params, where))}
     for terms in state.layers:
         _, rows_grad, bias_grad = _products(leaves, terms)
         scale = jnp.asarray(strength, terms.a.dtype)
@@ -473,13 +476,11 @@ def _penalty_gradient(params: Params, state: KFACState, strength: jax.typing.Arr
         kernel_grad = jnp.transpose(
             kernel_grad, tuple(int(i) for i in np.argsort(terms.kernel_axes))
         )
-        grad_leaves[terms.kernel] = grad_leaves[terms.kernel] + kernel_grad.astype(
-            grad_leaves[terms.kernel].dtype
-        )
+        k = position[terms.kernel]
+        grad_leaves[k] = grad_leaves[k] + kernel_grad.astype(grad_leaves[k].dtype)
         if bias_grad is not None:
             bias = leaves[terms.bias]
             bias_grad = reshaped(scale * bias_grad, bias.shape, leaf_spec(bias), sharding_of(bias))
-            grad_leaves[terms.bias] = grad_leaves[terms.bias] + bias_grad.astype(
-                grad_leaves[terms.bias].dtype
-            )
+            b = position[terms.bias]
+            grad_leaves[b] = grad_leaves[b] + bias_grad.astype(grad_leaves[b].dtype)
     return jax.tree.unflatten(treedef, grad_leaves)

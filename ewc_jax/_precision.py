@@ -115,8 +115,9 @@ def check_state(state: object, function: str) -> None:
 class Curvature(Protocol):
     """A structured Fisher (not a params-shaped tree) that starts its own kind of state."""
 
-    def empty_precision(self, params: Params) -> Precision:
-        """The state before any task, of the type this curvature consolidates into."""
+    def empty_precision(self, params: Params, *, where: Where | None = None) -> Precision:
+        """The state before any task, of the type this curvature consolidates into, over the
+        parameters ``where`` selects (all for ``None``)."""
         ...
 
 

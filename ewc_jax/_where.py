@@ -74,14 +74,27 @@ def check_where_given(tree: PyTree, name: str, where: Where | None, params: Para
         )
 
 
+def _numbered(params: Params, where: Where | None) -> PyTree:
+    """``params``' structure restricted to ``where``, each leaf its index in
+    ``jax.tree.leaves(params)``."""
+    numbered = jax.tree.unflatten(
+        jax.tree.structure(params), list(range(len(jax.tree.leaves(params))))
+    )
+    return select(numbered, params, where)
+
+
 def selected_leaves(params: Params, where: Where | None) -> tuple[int, ...]:
     """Indices (in ``jax.tree.leaves(params)`` order) of the selected leaves."""
     if where is None:
         return tuple(range(len(jax.tree.leaves(params))))
-    numbered = jax.tree.unflatten(
-        jax.tree.structure(params), list(range(len(jax.tree.leaves(params))))
-    )
-    return tuple(jax.tree.leaves(select(numbered, params, where)))
+    return tuple(jax.tree.leaves(_numbered(params, where)))
+
+
+def selected_tree(params: Params, where: Where | None, leaf: Callable[[int], PyTree]) -> PyTree:
+    """The tree :func:`select` gives for a params-shaped tree whose leaf ``i`` (in
+    ``jax.tree.leaves(params)`` order) is ``leaf(i)``, calling ``leaf`` for the selected leaves
+    only (the others are never built)."""
+    return jax.tree.map(leaf, _numbered(params, where))
 
 
 def merge(full: PyTree, params: Params, where: Where | None, selected: PyTree) -> PyTree:

@@ -22,13 +22,13 @@ References:
 from ewc_jax._kfac import KFAC_ESTIMATORS as KFAC_ESTIMATORS
 from ewc_jax._kfac import KFACEstimator as KFACEstimator
 from ewc_jax._kfac import kfac_fisher as kfac_fisher
+from ewc_jax._kfac_merge import merge_kronecker_terms as merge_kronecker_terms
 from ewc_jax._kfac_sequence import SEQUENCE_MODES as SEQUENCE_MODES
 from ewc_jax._kfac_sequence import SequenceMode as SequenceMode
 from ewc_jax._kfac_state import KFACFisher as KFACFisher
 from ewc_jax._kfac_state import KFACState as KFACState
 from ewc_jax._kfac_state import KroneckerFactors as KroneckerFactors
 from ewc_jax._kfac_state import KroneckerTerms as KroneckerTerms
-from ewc_jax._kfac_state import merge_kronecker_terms as merge_kronecker_terms
 
 __all__ = [
     "KFAC_ESTIMATORS",

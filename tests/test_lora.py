@@ -188,6 +188,73 @@ def test_penalty_covers_the_adapters_only_and_equals_the_sum_over_their_leaves(n
     assert by_hand > 0
 
 
+def _kronecker_quadratic(fisher, anchor, params, paths):
+    """``Σ_layers vec(X)ᵀ (A ⊗ G) vec(X)`` with ``X = W - W̄`` the kernel as ``[in, out]``
+    (``in``: its leading axes; ``out``: the size of ``G``), in float64, over the layers of
+    ``fisher`` whose kernel path is in ``paths``."""
+    leaves, now = jax.tree.leaves(anchor), jax.tree.leaves(params)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(anchor)]
+    total, seen = 0.0, set()
+    for factors in fisher.layers:
+        if names[factors.kernel] not in paths:
+            continue
+        assert factors.bias is None  # an adapter factor has no bias
+        seen.add(names[factors.kernel])
+        out = factors.g.shape[0]
+        x = np.asarray(now[factors.kernel], np.float64) - np.asarray(
+            leaves[factors.kernel], np.float64
+        )
+        v = x.reshape(-1, out).reshape(-1)
+        kron = np.kron(np.asarray(factors.a, np.float64), np.asarray(factors.g, np.float64))
+        total += v @ kron @ v
+    assert seen == set(paths), (seen, paths)
+    return total
+
+
+def test_kfac_over_the_adapters_keeps_the_base_frozen_and_penalises_the_adapters():
+    """K-FAC with adapters: one Kronecker term per adapter factor (A and B of each of the six
+    adapted layers) and none for the base, whose bits stay frozen through the next task; the
+    penalty is zero on the base and, on the adapters, the explicit ``jnp.kron`` quadratic of the
+    whole model's K-FAC factors (computed without ``where=``)."""
+    setup, data = _setup_and_data()
+    method = MethodSpec("kfac", strength=0.7, estimator="empirical", fisher_samples=24)
+    setup = steps.method_setup(setup, method)
+    state = steps.init_state(jax.random.key(0), data.images[:1], 0.7, setup=setup)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)]
+    adapter_paths = {n for n in names if "['lora']" in n}
+    assert len(adapter_paths) == 12
+    assert {names[t.kernel] for t in state.ewc_state.layers} == adapter_paths
+    state, _ = steps.train_epoch(state, data, jnp.int32(3), setup=setup, task=jnp.int32(0))
+    anchor = state.params
+    state = consolidation.consolidate_task(
+        state, data.images, data.labels, data.heads, setup=setup, method=method
+    )
+    base, _ = _split(anchor)
+    state = steps.reset_optimizer(state, setup=setup)
+    state, _ = steps.train_epoch(state, data, jnp.int32(3), setup=setup, task=jnp.int32(1))
+    after_base, after_adapters = _split(state.params)
+    for key, value in base.items():  # the base is frozen: every bit as after the first task
+        np.testing.assert_array_equal(_bits(after_base[key]), _bits(value), err_msg=str(key))
+
+    full = ewc_jax.kfac.kfac_fisher(
+        setup.logits, anchor, (data.images, data.heads), data.labels, estimator="empirical"
+    )
+    by_hand = 0.5 * 0.7 * _kronecker_quadratic(full, anchor, state.params, adapter_paths)
+    got = ewc_jax.penalty(state.params, state.ewc_state, 0.7, where=setup.where)
+    assert by_hand > 0
+    assert float(got) == pytest.approx(by_hand, rel=1e-4)
+    # Moving the base changes nothing; the gradient is zero there, not on the adapters.
+    moved_base = jax.tree_util.tree_map_with_path(
+        lambda p, v: v if "lora" in jax.tree_util.keystr(p) else v + 0.5, state.params
+    )
+    assert float(ewc_jax.penalty(moved_base, state.ewc_state, 0.7, where=setup.where)) == float(got)
+    grads = jax.grad(ewc_jax.penalty)(state.params, state.ewc_state, 0.7, where=setup.where)
+    grad_base, grad_adapters = _split(grads)
+    assert all(not np.any(v) for v in grad_base.values())
+    assert sum(float(np.sum(np.abs(v))) for v in grad_adapters.values()) > 0
+    assert set(grad_adapters) == set(after_adapters)
+
+
 def test_lora_config_is_validated():
     def refused(match, **fields):
         config = fortunes_lm.get_config("small")
@@ -199,17 +266,25 @@ def test_lora_config_is_validated():
     refused(r"lora_rank must be >= 0", lora_rank=-1)
     refused(r"lora_alpha must be a finite number > 0", lora_rank=2, lora_alpha=0.0)
     refused(r"model 'mlp' has none", lora_rank=2, model="mlp")
-    refused(r"method 'kfac' with lora_rank > 0", lora_rank=2, methods=("kfac",))
+    refused(
+        r"strengths.kfac=evidence with lora_rank > 0",
+        lora_rank=2,
+        methods=("kfac",),
+        strengths={"kfac": "evidence"},
+    )
     config = fortunes_lm.get_config("lora")
+    assert config_lib.read_spec(config).model.lora_rank == 8
+    config.methods = ("kfac",)  # K-FAC over the adapters (where=) is accepted
     assert config_lib.read_spec(config).model.lora_rank == 8
 
 
 @pytest.mark.slow
 @needs_fortunes
-def test_small_lm_with_adapters_end_to_end(tmp_path):
+@pytest.mark.parametrize("method", ["l2", "kfac"])
+def test_small_lm_with_adapters_end_to_end(tmp_path, method):
     config = fortunes_lm.get_config("small")
     config.lora_rank = 2
-    config.methods = ("l2",)
+    config.methods = (method,)
     config.steps_per_task = 10
     config.train_limit = 128
     config.test_limit = 32

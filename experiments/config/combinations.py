@@ -103,7 +103,8 @@ def check_param_sharding(config: ml_collections.ConfigDict) -> None:
 
 
 def check_lora(config: ml_collections.ConfigDict) -> None:
-    """``lora_rank > 0``: a language model, and methods whose precision takes ``where=``."""
+    """``lora_rank > 0``: a language model, and a strength given as a number (every method's
+    precision, K-FAC's included, takes ``where=`` the adapters)."""
     if not config.lora_rank:
         return
     if config.model not in LM_MODELS:
@@ -112,12 +113,6 @@ def check_lora(config: ml_collections.ConfigDict) -> None:
             f"model {config.model!r} has none (set lora_rank 0)"
         )
     for name in config.methods:
-        if METHODS[name].kronecker:
-            raise ConfigError(
-                f"method {name!r} with lora_rank > 0: a Kronecker-factored state covers every "
-                "layer and takes no where= restriction to the adapters; use ewc, online_ewc "
-                "or l2, or set lora_rank 0"
-            )
         if config.strengths.get(name) == EVIDENCE:
             raise ConfigError(
                 f"strengths.{name}=evidence with lora_rank > 0: the evidence's choice of λ "

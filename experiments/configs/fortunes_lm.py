@@ -34,7 +34,8 @@ projection and MLP Dense layer (:mod:`experiments.models.lora`; 18,432 adapter p
 beside the 137k of the base, which stays frozen after English). EWC, online EWC and L2 then
 penalise the adapters alone: their precision, the diagonal Fisher (or 1) of the adapters, is
 consolidated with ``where=`` the adapters, the first after English, where ``B = 0``.
-K-FAC is refused with adapters.
+K-FAC (``--config.methods=kfac``) gives each adapter factor ``A`` and ``B`` its own
+K-FAC-expand block and the frozen base none (``kfac_fisher(..., where=)``).
 """
 
 import ml_collections

@@ -46,7 +46,7 @@ def fisher(
     which pads a count not divisible by the device count and masks the padding.
     """
     inputs = ImportanceInputs(
-        setup.logits, params, None, images, labels, heads, key, setup.mesh, method
+        setup.logits, params, None, images, labels, heads, key, setup.mesh, method, setup.where
     )
     return fisher_importance(inputs)[0]
 
@@ -66,7 +66,8 @@ def consolidate_task(
     ``mode`` says how it joins the earlier tasks' (``separate``: one quadratic per task;
     ``online``: summed, with decay ``gamma`` when the method ``decays``, anchored at the latest
     parameters); with adapters (``setup.lora``) the state covers them only (``where=``), the
-    importance's other leaves dropped. K-FAC's Kronecker terms of all tasks are merged into one
+    importance's other leaves dropped (K-FAC computes none: a block per adapter factor, none
+    for the frozen base). K-FAC's Kronecker terms of all tasks are merged into one
     per layer, :math:`(\sum_t A_t) ⊗ (\frac1T \sum_t G_t)`
     (:func:`ewc_jax.kfac.merge_kronecker_terms`, kept as a running mean of ``G``).
 
@@ -244,6 +245,6 @@ def _importance_inputs(
     key, importance_key = jax.random.split(state.key)
     inputs = ImportanceInputs(
         setup.logits, state.params, state.opt_state, images, labels, heads, importance_key,
-        setup.mesh, method,
+        setup.mesh, method, setup.where,
     )  # fmt: skip
     return key, inputs

@@ -76,12 +76,22 @@ def predicted_rise(params: Any, store: ForecastStore, task: jax.Array, tokens: j
 
     The quadratic is :func:`ewc_jax.penalty` of the one-task state
     ``ewc_jax.consolidate(None, θ*_k, F_k)`` at strength 1 (diagonal, or the Kronecker
-    quadratics of a :class:`ewc_jax.kfac.KFACFisher`); ``tokens`` is :math:`T`, the positions
+    quadratics of a :class:`ewc_jax.kfac.KFACFisher`), over the parameters :math:`F_k` covers
+    (a LoRA run's K-FAC factors cover the adapters only); ``tokens`` is :math:`T`, the positions
     a sequence's Fisher sums over (1 for a classifier).
     """
     row = jax.tree.map(lambda rows: rows[task], store)
-    one_task = ewc_jax.consolidate(None, row.anchors, row.precisions)
-    return ewc_jax.penalty(params, one_task, 1.0) / tokens
+    where = _covered(row.precisions)
+    one_task = ewc_jax.consolidate(None, row.anchors, row.precisions, where=where)
+    return ewc_jax.penalty(params, one_task, 1.0, where=where) / tokens
+
+
+def _covered(precision: Any) -> Any:
+    """The ``where=`` of the leaves a precision covers: False where it holds an
+    ``optax.MaskedNode()`` (computed with ``where=``), True elsewhere."""
+    tree = precision.diagonal if isinstance(precision, ewc_jax.kfac.KFACFisher) else precision
+    is_masked = lambda node: isinstance(node, optax.MaskedNode)
+    return jax.tree.map(lambda node: not is_masked(node), tree, is_leaf=is_masked)
 
 
 def _mean_loss(params: Any, data: TaskData, *, setup: Any) -> jax.Array:

@@ -43,6 +43,10 @@ class ImportanceInputs(NamedTuple):
         key: a PRNG key of its own (the sampled estimator draws labels with it).
         mesh: the data-parallel mesh the examples are split over, or None.
         spec: the method's :class:`MethodSpec` (estimator, sample counts, damping).
+        where: the parameters the EWC state covers (``where=`` of :func:`ewc_jax.consolidate`:
+            a LoRA run's adapters), or None for all. K-FAC computes its factors for those
+            only; the other importances are computed whole and their other leaves dropped by
+            the consolidation.
     """
 
     logits: Callable[..., jax.Array]
@@ -54,6 +58,7 @@ class ImportanceInputs(NamedTuple):
     key: jax.Array
     mesh: jax.sharding.Mesh | None
     spec: MethodSpec
+    where: Any = None
 
 
 Importance = Callable[[ImportanceInputs], tuple[Any, Any]]
@@ -154,7 +159,9 @@ def _si(inputs: ImportanceInputs) -> tuple[Any, Any]:
 def _kfac(inputs: ImportanceInputs) -> tuple[Any, Any]:
     """K-FAC: the Kronecker-factored Fisher (:func:`ewc_jax.kfac.kfac_fisher`); a Dense layer
     applied over a language model's positions is factored by ``spec.kfac_sequence`` (expand or
-    reduce). The text windows have no padding, so every token counts (no ``mask``)."""
+    reduce). The text windows have no padding, so every token counts (no ``mask``). With
+    ``where`` (a LoRA run's adapters) the factors and diagonal of the selected parameters only:
+    a block per adapter factor ``A`` and ``B``, none for the frozen base."""
     spec = inputs.spec
     precision = ewc_jax.kfac.kfac_fisher(
         inputs.logits,
@@ -164,6 +171,7 @@ def _kfac(inputs: ImportanceInputs) -> tuple[Any, Any]:
         estimator=spec.estimator,
         key=inputs.key if spec.estimator == "sampled" else None,
         sequence=spec.kfac_sequence,
+        where=inputs.where,
     )
     return precision, inputs.opt_state
 

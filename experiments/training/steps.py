@@ -216,7 +216,9 @@ def init_state(
         precision = params
         if setup.kronecker:
             precision = jax.eval_shape(
-                lambda p: ewc_jax.kfac.kfac_fisher(setup.logits, p, (example_images, heads)),
+                lambda p: ewc_jax.kfac.kfac_fisher(
+                    setup.logits, p, (example_images, heads), where=setup.where
+                ),
                 params,
             )
         store = forecast.empty_store(params, precision, setup.forecast_tasks)
@@ -246,10 +248,13 @@ def keep_layout(tree: Any, setup: StepSetup) -> Any:
 def _empty_kronecker_state(
     params: Any, inputs: tuple[jax.Array, jax.Array], setup: StepSetup
 ) -> ewc_jax.kfac.KFACState:
-    """A K-FAC state of zero factors and precision (penalty 0) with one term per layer."""
-    shapes = jax.eval_shape(lambda p: ewc_jax.kfac.kfac_fisher(setup.logits, p, inputs), params)
+    """A K-FAC state of zero factors and precision (penalty 0) with one term per layer (per
+    layer whose kernel ``setup.where`` selects: with adapters, one per adapter factor)."""
+    shapes = jax.eval_shape(
+        lambda p: ewc_jax.kfac.kfac_fisher(setup.logits, p, inputs, where=setup.where), params
+    )
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    state = ewc_jax.consolidate(None, params, zero, mode="online")
+    state = ewc_jax.consolidate(None, params, zero, mode="online", where=setup.where)
     return state._replace(diagonal=state.diagonal._replace(num_tasks=jnp.zeros((), jnp.int32)))
 
 
