@@ -162,6 +162,17 @@ def kfac_fisher(
     a kernel applied twice): the sum of Kronecker products over its uses is not one Kronecker
     product, and no block is formed for it rather than a wrong one.
 
+    **One pass.** That diagonal Fisher is computed in the factors' own chunked pass: the same
+    forward, the same labels (for ``"sampled"`` the same draws as :func:`fisher_diagonal` with
+    the same key) and, per label, the same backward pass, whose ``δ`` give both ``G`` and the
+    squared per-example gradients :math:`\frac1N \sum_n \mathbb{E}_y[g_{ny}^2]` of those
+    leaves: ``(a²)ᵀ δ²`` for a scale or bias met once per example, that layer's own per-example
+    gradient where it is met several times (a LayerNorm over positions), and, for a leaf no
+    layer taps (an embedding's gather, a tied embedding), its per-example gradient from the
+    same backward pass (a zero perturbation of the leaf per example). The result equals
+    ``fisher_diagonal(..., where=those leaves)`` to float rounding. A model with no factored
+    layer gets :func:`fisher_diagonal` of every leaf (itself one pass).
+
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,
     e.g. split over its data axis, stay there), and each layer's factors are computed and come
@@ -195,7 +206,9 @@ def kfac_fisher(
     Raises:
       ValueError: unknown estimator or sequence mode, missing labels/key, labels or mask of
         the wrong shape, a mask with a Dense layer applied over positions other than the
-        logits' tokens.
+        logits' tokens; params holding model state, NaN or Inf in ``params``, ``inputs`` or
+        the logits (the checks of :func:`fisher_diagonal`; under an outer ``jax.jit`` the
+        value checks fail the compiled program).
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
