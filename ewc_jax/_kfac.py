@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeAlias, get_args
 import jax
 import jax.numpy as jnp
 
-from ewc_jax._engine.chunking import chunked_sum
+from ewc_jax._engine.chunking import chunked_sum, even_chunk_size
 from ewc_jax._engine.cost import (
     MAX_SMALL_CHUNK,
     bytes_per_example,
@@ -198,7 +198,10 @@ def kfac_fisher(
         in :func:`fisher_diagonal`).
       sequence: ``"expand"`` (default) or ``"reduce"``: how Dense layers applied over extra
         axes are factored (see above).
-      chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256.
+      chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256,
+        then evened out over the chunks N needs, so that the last chunk (which overlaps the
+        one before and masks the overlap) computes fewer examples it does not count than there
+        are chunks.
 
     Returns:
       A :class:`KFACFisher` (factors in float32 at least).
@@ -308,7 +311,9 @@ def kfac_fisher(
         estimator=estimator,
         sequence=sequence,
         token_shape=token_shape,
-        chunk_size=min(int(chunk_size or default_chunk_size(per_example, MAX_SMALL_CHUNK)), n),
+        chunk_size=min(int(chunk_size), n)
+        if chunk_size
+        else even_chunk_size(default_chunk_size(per_example, MAX_SMALL_CHUNK), n),
         layers=layers,
         shardings=shardings,
         diagonal=uncovered,

@@ -13,6 +13,7 @@ import pytest
 
 import ewc_jax
 from ewc_jax import _kfac
+from ewc_jax._engine.chunking import chunked_sum, even_chunk_size
 from experiments.models.language import CausalTransformer
 
 N, T, V = 12, 4, 5
@@ -99,3 +100,15 @@ def test_chunk_size_changes_only_rounding():
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), one.diagonal,
         many.diagonal,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 86, 116, 256, 400])
+def test_even_chunks_keep_the_chunk_count_and_count_each_example_once(chunk_size):
+    for n in (1, 7, 255, 256, 257):
+        even = even_chunk_size(chunk_size, n)
+        chunks = -(-n // min(chunk_size, n))
+        assert even <= min(chunk_size, n) and -(-n // even) == chunks
+        assert chunks * even - n < chunks  # the overlap computed and masked out
+        x = jnp.arange(n, dtype=jnp.float32) + 1.0  # each example counted once: sum n(n+1)/2
+        total = chunked_sum(lambda a, w: jnp.sum(jnp.where(w, a, 0.0)), x, even)
+        assert float(total) == n * (n + 1) / 2
