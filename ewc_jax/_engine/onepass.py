@@ -155,16 +155,16 @@ class SquareSums:
             * jnp.square(deltas[i].astype(node_dtype[i]))
             for i in squares
         }
-        per_example = {t.leaf: (t, deltas[t.node]) for t in self.plan.taps if not t.one_term}
+        several = {t.leaf: (t, deltas[t.node]) for t in self.plan.taps if not t.one_term}
         new = {}
         for i, total in sums.items():
             dtype = total.dtype
-            if i in per_example:
-                tap, delta = per_example[i]
+            if i in several:  # that layer's own per-example gradient
+                tap, delta = several[i]
                 g = _per_example_grads(
                     self.plan, tap, self.param_leaves, self.recorded, self.patches, dtype, delta
                 )
-            else:
+            else:  # from the pullback: a leaf perturbed per example
                 g = grads[i].astype(dtype)
             # A dot with the weights, not a sum over the batch axis (see general_sums).
             new[i] = total + jnp.tensordot(w.astype(dtype), jnp.square(g), axes=1)
