@@ -22,12 +22,12 @@ For each model it prints:
   same examples in one batch. The target for the sampled estimator is at most 1.5.
   ``kfac_fisher`` is called eagerly, as a user calls it, and compiles on its first call: the
   first call is reported apart (``first call``) and the median is over the later calls. As
-  called, ``kfac_fisher`` also computes the diagonal Fisher (``fisher_diagonal``, same
-  estimator) of the parameters without a Kronecker block, and of those only: the
-  transformer's token and position embeddings and its LayerNorms (attention's q/k/v/output
-  projections are factored); none for the MLP. Its time is
-  included, as it is for a user; ``fisher_diagonal`` alone over all parameters is timed beside
-  it for reference;
+  called, ``kfac_fisher`` also computes, in the factors' own pass, the diagonal Fisher (as
+  ``fisher_diagonal`` would, same estimator and labels) of the parameters without a Kronecker
+  block, and of those only: the transformer's token and position embeddings and its
+  LayerNorms (attention's q/k/v/output projections are factored); none for the MLP. Its time
+  is included, as it is for a user; ``fisher_diagonal`` alone over all parameters is timed
+  beside it for reference;
 * the penalty step's overhead: a jitted Adam train step (``--steps`` steps per timed call in one
   ``lax.scan``, batches of ``--batch-size``) with ``optax.chain(ewc_jax.add_ewc_penalty(λ),
   optax.adam(lr))`` holding a K-FAC state (``ewc_jax.consolidate(None, params, kfac_fisher,

@@ -15,8 +15,13 @@ from typing import Any, Literal, TypeAlias, get_args
 import jax
 import jax.numpy as jnp
 
-from ewc_jax._engine.chunking import chunked_sum
-from ewc_jax._engine.cost import MAX_SMALL_CHUNK, bytes_per_example, default_chunk_size
+from ewc_jax._engine.chunking import chunked_sum, even_chunk_size
+from ewc_jax._engine.cost import (
+    MAX_SMALL_CHUNK,
+    bytes_per_example,
+    default_chunk_size,
+    general_bytes_per_example,
+)
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
 from ewc_jax._engine.inputs import (
     check_key,
@@ -26,10 +31,15 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
+from ewc_jax._engine.onepass import SquareSums, sum_over_labels
 from ewc_jax._engine.placement import Layout
-from ewc_jax._engine.plan import Plan, make_plan
+from ewc_jax._engine.plan import Plan, make_plan, restrict
 from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
-from ewc_jax._engine.targets import label_targets
+from ewc_jax._engine.targets import (
+    checked_logits,
+    label_targets,
+    logit_errors_as_value_errors,
+)
 from ewc_jax._fisher import fisher_diagonal
 from ewc_jax._kfac_layers import plan_and_layers, selected_layers
 from ewc_jax._kfac_sequence import (
@@ -43,6 +53,13 @@ from ewc_jax._kfac_sequence import (
 )
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
 from ewc_jax._types import ApplyFn, Params, PyTree
+from ewc_jax._validation import (
+    check_trainable_only,
+    fail_if,
+    is_traced,
+    non_finite,
+    runtime_checks,
+)
 from ewc_jax._where import Where, selected_leaves, selected_tree
 
 KFACEstimator: TypeAlias = Literal["exact", "sampled", "empirical"]
@@ -159,6 +176,17 @@ def kfac_fisher(
     and diagonal of the unselected layers, not the pass. Consolidate and penalise with the same
     ``where``.
 
+    **One pass.** The diagonal Fisher of the leaves without a block is computed in the factors' own chunked pass: the same
+    forward, the same labels (for ``"sampled"`` the same draws as :func:`fisher_diagonal` with
+    the same key) and, per label, the same backward pass, whose ``δ`` give both ``G`` and the
+    squared per-example gradients :math:`\frac1N \sum_n \mathbb{E}_y[g_{ny}^2]` of those
+    leaves: ``(a²)ᵀ δ²`` for a scale or bias met once per example, that layer's own per-example
+    gradient where it is met several times (a LayerNorm over positions), and, for a leaf no
+    layer taps (an embedding's gather, a tied embedding), its per-example gradient from the
+    same backward pass (a zero perturbation of the leaf per example). The result equals
+    ``fisher_diagonal(..., where=those leaves)`` to float rounding. A model with no factored
+    layer gets :func:`fisher_diagonal` of every selected leaf (itself one pass).
+
     Params that carry a sharded ``NamedSharding`` (tensor parallel, FSDP) are used where they
     are: the computation is partitioned by XLA over their mesh (examples already placed on it,
     e.g. split over its data axis, stay there), and each layer's factors are computed and come
@@ -184,7 +212,10 @@ def kfac_fisher(
         in :func:`fisher_diagonal`).
       sequence: ``"expand"`` (default) or ``"reduce"``: how Dense layers applied over extra
         axes are factored (see above).
-      chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256.
+      chunk_size: examples per chunk; default: as many as fit the memory budget, at most 256,
+        then evened out over the chunks N needs, so that the last chunk (which overlaps the
+        one before and masks the overlap) computes fewer examples it does not count than there
+        are chunks.
       where: the parameters to cover (see above); ``None`` (default): all.
 
     Returns:
@@ -193,7 +224,10 @@ def kfac_fisher(
     Raises:
       ValueError: unknown estimator or sequence mode, missing labels/key, labels or mask of
         the wrong shape, a mask with a Dense layer applied over positions other than the
-        logits' tokens, a ``where`` that selects nothing or is not a bool prefix of params.
+        logits' tokens, a ``where`` that selects nothing or is not a bool prefix of params;
+        params holding model state, NaN or Inf in ``params``, ``inputs`` or the logits (the
+        checks of :func:`fisher_diagonal`; under an outer ``jax.jit`` the value checks fail the
+        compiled program).
 
     Example:
       >>> import jax.numpy as jnp, ewc_jax
@@ -251,63 +285,84 @@ def kfac_fisher(
         for node, *_ in layers:
             if positions(plan.nodes[node]) is not None:
                 check_mask_fits(plan.nodes[node], token_shape)
-    covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
     leaves, treedef = jax.tree.flatten(params)
-    uncovered = [i in selected and i not in covered for i in range(len(leaves))]
-    diagonal = iter(())
-    if any(uncovered):
-        # The diagonal of the leaves without a block only: the factored kernels' per-example
-        # squares would cost as much as the factors themselves, to be thrown away. A callable
-        # where=, since a flags tree of an Equinox model is itself callable.
-        flags = jax.tree.unflatten(treedef, uncovered)
-        diagonal = iter(
-            jax.tree.leaves(
-                fisher_diagonal(
-                    apply_fn,
-                    params,
-                    inputs,
-                    labels,
-                    estimator=estimator,
-                    key=key,
-                    mask=mask,
-                    chunk_size=chunk_size,
-                    where=lambda _: flags,
-                )
-            )
+    covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
+    uncovered = tuple(i for i in sorted(selected) if i not in covered)
+
+    def diagonal_tree(diagonal: dict[int, jax.Array]) -> PyTree:
+        # The selected leaves: their diagonal Fisher, or zeros where a block covers them.
+        return selected_tree(
+            params,
+            where,
+            lambda i: (
+                diagonal[i]
+                if i in diagonal
+                else jnp.zeros(leaves[i].shape, result_dtype(leaves[i], None))
+            ),
         )
-    diag_leaves = {
-        i: next(diagonal)
-        if uncovered[i]
-        else jnp.zeros(leaves[i].shape, result_dtype(leaves[i], None))
-        for i in sorted(selected)
-    }
-    diagonal_tree = selected_tree(params, where, diag_leaves.__getitem__)
-    if not layers:
-        return KFACFisher(diagonal_tree, ())
+
+    if not layers:  # nothing to factor: the diagonal Fisher of the selection, its own one pass
+        # A callable where=, since a flags tree of an Equinox model is itself callable.
+        flags = jax.tree.unflatten(treedef, [i in selected for i in range(len(leaves))])
+        diagonal = fisher_diagonal(
+            apply_fn,
+            params,
+            inputs,
+            labels,
+            estimator=estimator,
+            key=key,
+            mask=mask,
+            chunk_size=chunk_size,
+            where=lambda _: flags,
+        )
+        return KFACFisher(
+            diagonal_tree(dict(zip(uncovered, jax.tree.leaves(diagonal), strict=True))), ()
+        )
+    # The checks fisher_diagonal makes, whose diagonal this pass computes.
+    check_trainable_only(params)
+    failures = non_finite(params, "params", "the Fisher would be NaN")
+    failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
+    params, inputs = fail_if((params, inputs), failures, every_leaf=True)
+    traced = is_traced((params, inputs, labels, key, mask))
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
     # axes, partitioned by XLA, as fisher_diagonal runs it, each factor's sums constrained to
-    # the layout its layer's kernel gives it: reduced into its shards, never gathered.
+    # the layout its layer's kernel gives it and each diagonal to its leaf's: reduced into its
+    # shards, never gathered.
     layout = Layout.of(leaves, None)
     shardings = layout.kronecker(
         leaves, tuple((k, b is not None, ax, out) for _, k, b, ax, out in layers)
     )
-    factors = _factors(
+    # Per example: the tapped layers' working memory, and the per-example gradients of the
+    # leaves the plan cannot tap (embeddings), as fisher_diagonal's cost model counts them.
+    per_example = bytes_per_example(plan) + general_bytes_per_example(
+        model.params, restrict(plan, uncovered).fallback
+    )
+    factors, diagonal = logit_errors_as_value_errors(
+        _factors,
+        traced,
         layout.enter(params),
         *layout.enter_examples((inputs, labels, keys, mask)),
         apply_fn=Static(apply_fn),
         estimator=estimator,
         sequence=sequence,
         token_shape=token_shape,
-        chunk_size=min(
-            int(chunk_size or default_chunk_size(bytes_per_example(plan), MAX_SMALL_CHUNK)), n
-        ),
+        chunk_size=min(int(chunk_size), n)
+        if chunk_size
+        else even_chunk_size(default_chunk_size(per_example, MAX_SMALL_CHUNK), n),
         layers=layers,
         shardings=shardings,
+        diagonal=uncovered,
+        diagonal_shardings=tuple(layout.partitioned[i] for i in uncovered)
+        if layout.shardings
+        else None,
+        out_dtypes=tuple(result_dtype(leaves[i], None) for i in uncovered),
+        check_logits=runtime_checks(),
     )
     factors = layout.leave(factors, shardings)
+    diagonal = dict(zip(uncovered, layout.restore(uncovered, diagonal), strict=True))
     return KFACFisher(
-        diagonal_tree,
+        diagonal_tree(diagonal),
         tuple(
             KroneckerFactors(a, g, kernel, bias, axes)
             for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)
@@ -349,6 +404,10 @@ def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
         "chunk_size",
         "layers",
         "shardings",
+        "diagonal",
+        "diagonal_shardings",
+        "out_dtypes",
+        "check_logits",
     ),
 )
 def _factors(
@@ -365,33 +424,51 @@ def _factors(
     chunk_size,
     layers,
     shardings,
+    diagonal,
+    diagonal_shardings,
+    out_dtypes,
+    check_logits,
 ):
-    """``[(A, G)]`` per layer: chunked sums of ``ā āᵀ`` (with the count they average over) and
-    of ``δ δᵀ``, the latter divided by N; each constrained to its ``(A, G)`` shardings in
-    ``shardings`` (None: unconstrained)."""
+    """``([(A, G)] per layer, [diagonal Fisher] per leaf in ``diagonal``)`` from one chunked
+    pass: chunked sums of ``ā āᵀ`` (with the count they average over) and of ``δ δᵀ``, the
+    latter divided by N, each constrained to its ``(A, G)`` shardings in ``shardings``; and
+    the same pass's ``Σ w g²`` of the ``diagonal`` leaves divided by N, as ``fisher_diagonal``
+    sums them (:class:`~ewc_jax._engine.onepass.SquareSums`), each constrained to its
+    ``diagonal_shardings`` (None: unconstrained)."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
-    def placed(sums):  # [(A, ..., G)] with A and G on their layer's shardings
-        if shardings is None:
-            return sums
-        return [
-            (
-                jax.lax.with_sharding_constraint(a, sa),
-                *rest[:-1],
-                jax.lax.with_sharding_constraint(rest[-1], sg),
-            )
-            for (a, *rest), (sa, sg) in zip(sums, shardings, strict=True)
-        ]
+    def placed(sums, diag):  # A, G and the diagonal on their shardings
+        if shardings is not None:
+            sums = [
+                (
+                    jax.lax.with_sharding_constraint(a, sa),
+                    *rest[:-1],
+                    jax.lax.with_sharding_constraint(rest[-1], sg),
+                )
+                for (a, *rest), (sa, sg) in zip(sums, shardings, strict=True)
+            ]
+        if diagonal_shardings is not None:
+            diag = [
+                jax.lax.with_sharding_constraint(d, s)
+                for d, s in zip(diag, diagonal_shardings, strict=True)
+            ]
+        return sums, diag
 
     def sums(data, weight):
         x, y, k, m = data
         example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
         plan = make_plan(apply_fn.fn, params, example)
+        # The leaves without a block: tapped where fisher_diagonal's one-pass path taps them,
+        # the rest (embeddings, a leaf used twice) differentiated per example in the same pass.
+        diag_plan = restrict(plan, diagonal)
+        nodes = sorted({node for node, *_ in layers} | set(diag_plan.perturbed_nodes))
         logits, pullback, recorded = tapped_vjp(
-            plan, leaves, jax.tree.leaves(x), [node for node, *_ in layers]
+            plan, leaves, jax.tree.leaves(x), nodes, diag_plan.fallback
         )
+        logits = checked_logits(logits, check_logits)
         num_labels, target = label_targets(logits, estimator, y, k, m, weight)
+        squares = SquareSums.of(diag_plan, leaves, recorded, weight.shape[0], diag_plan.fallback)
         dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, *_ in layers]
         batch = weight.shape[0]
         # [B, S] counted positions of each Dense layer applied over extra axes; None otherwise.
@@ -413,9 +490,10 @@ def _factors(
             w = weight.astype(dtype)
             a_sums.append((jnp.einsum("n,nsi,nsj->ij", w, a, a), jnp.sum(w)))
 
-        def add_label(g_sums, label):
+        def add_label(totals, label):
+            g_sums, diag = totals
             cotangent, w = target(label)
-            (deltas,) = pullback(cotangent.astype(logits.dtype))
+            deltas, grads = pullback(cotangent.astype(logits.dtype))
             new = []
             for total, (node, *_), dtype, c in zip(g_sums, layers, dtypes, counted, strict=True):
                 d = _layer_deltas(plan, node, deltas[node], dtype)
@@ -425,16 +503,23 @@ def _factors(
                 # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
                 scale = jnp.asarray(1.0 / d.shape[1], dtype)
                 new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
-            return new, None
+            return (new, squares.add(diag, deltas, grads, w)), None
 
         zero = [
             jnp.zeros((out, out), dtype) for (*_, out), dtype in zip(layers, dtypes, strict=True)
         ]
-        if num_labels == 1:
-            g_sums, _ = add_label(zero, 0)
-        else:
-            g_sums, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-        return placed([(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)])
+        g_sums, diag = sum_over_labels(add_label, (zero, squares.zero()), num_labels)
+        diag = squares.finish(diag)
+        # Leaves the logits do not depend on get zeros, as in fisher_diagonal.
+        diag = [
+            diag[i] if i in diag else jnp.zeros(leaves[i].shape, accumulate_dtype(leaves[i].dtype))
+            for i in diagonal
+        ]
+        factor_sums = [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
+        return placed(factor_sums, diag)
 
-    total = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
-    return placed([(a / count, g / n) for a, count, g in total])
+    factor_sums, diag = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
+    return placed(
+        [(a / count, g / n) for a, count, g in factor_sums],
+        [(t / n).astype(d) for t, d in zip(diag, out_dtypes, strict=True)],
+    )

@@ -181,7 +181,7 @@ def _one_pass_abs_sums(
     general = sorted({*plan.fallback, *(t.leaf for t in plan.taps if not t.one_term)})
     out, pullback, recorded = tapped_vjp(plan, leaves, jax.tree.leaves(x), [t.node for t in taps])
     # δ = ∂‖f‖²/∂z = Jᵀ 2f at every tapped output z.
-    (deltas,) = pullback(2 * jax.lax.stop_gradient(out))
+    deltas, _ = pullback(2 * jax.lax.stop_gradient(out))
     sums = {}
     for tap in taps:
         dtype = accumulate_dtype(leaves[tap.leaf].dtype)

@@ -509,9 +509,9 @@ class _TokenModel(nn.Module):
 
 
 def test_diagonal_part_equals_fisher_diagonal_of_unfactored_leaves():
-    """The diagonal K-FAC keeps for unfactored leaves (computed for those leaves only) is
-    fisher_diagonal's over all parameters, same labels and mask, in float32; factored leaves
-    are zero."""
+    """The diagonal K-FAC keeps for unfactored leaves (computed for those leaves only, in the
+    factors' own pass) is fisher_diagonal's over all parameters, same labels and mask, to
+    float32 rounding (the sums run in another order); factored leaves are zero."""
     model = _TokenModel()
     tokens = jax.random.randint(jax.random.key(30), (N + 2, T), 0, 11)
     params = model.init(jax.random.key(31), tokens)["params"]
@@ -532,4 +532,5 @@ def test_diagonal_part_equals_fisher_diagonal_of_unfactored_leaves():
             np.testing.assert_array_equal(leaf, 0.0)
         else:
             assert float(jnp.max(leaf)) > 0
-            np.testing.assert_allclose(leaf, expected, rtol=1e-7, atol=0)
+            scale = float(jnp.max(expected))
+            np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=1e-6 * scale)

@@ -29,7 +29,8 @@ DUMP = {dump!r}
 
 
 def model(p, x):
-    h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"][None])
+    # A scale without a Kronecker block: its diagonal Fisher comes from the factors' pass.
+    h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"][None]) * p["s"][None]
     h = jnp.tanh(h @ p["l1"]["w"])
     h = jnp.tanh(h @ p["l2"]["w"] + p["l2"]["b"][None])
     # A DenseGeneral with two output axes (attention's per-head [D, H, Dh] projection).
@@ -37,7 +38,7 @@ def model(p, x):
     return h.reshape(h.shape[0], -1) @ p["l3"]["w"] + p["l3"]["b"][None]
 
 
-k = jax.random.split(jax.random.key(0), 11)
+k = jax.random.split(jax.random.key(0), 12)
 params = {{
     "l0": {{"w": jax.random.normal(k[0], (8, 16)) / 3, "b": jax.random.normal(k[1], (16,))}},
     "l1": {{"w": jax.random.normal(k[2], (16, 12)) / 3}},
@@ -45,6 +46,7 @@ params = {{
     "l2h": {{"w": jax.random.normal(k[9], (8, 4, 2)) / 3,
                "b": jax.random.normal(k[10], (4, 2))}},
     "l3": {{"w": jax.random.normal(k[5], (8, 5)) / 3, "b": jax.random.normal(k[6], (5,))}},
+    "s": 1.0 + 0.2 * jax.random.normal(k[11], (16,)),
 }}
 spec = {{
     "l0": {{"w": P(None, "model"), "b": P("model")}},  # kernel split along out
@@ -52,6 +54,7 @@ spec = {{
     "l2": {{"w": P("model", None), "b": P()}},  # along in, with a bias
     "l2h": {{"w": P(None, "model", None), "b": P("model", None)}},  # along the heads
     "l3": {{"w": P(), "b": P()}},  # replicated
+    "s": P("model"),  # along l0's out axis, as its activations are
 }}
 # (A, G) specs: A's rows follow the kernel's in axis (whole with a bias: [W; b] has in + 1
 # rows, which 4 devices cannot split evenly), G's rows its out axis (for [D, H, Dh] the
@@ -104,6 +107,10 @@ for i, (a, b, (sa, sg)) in enumerate(zip(one.layers, many.layers, want, strict=T
     close(b.g, a.g, f"G{{i}}")
     assert b.a.sharding.mesh == mesh and b.a.sharding.spec == sa, (i, b.a.sharding)
     assert b.g.sharding.mesh == mesh and b.g.sharding.spec == sg, (i, b.g.sharding)
+# The unfactored scale's diagonal Fisher, from the same pass, on the scale's own layout.
+assert float(np.max(one.diagonal["s"])) > 0
+close(many.diagonal["s"], one.diagonal["s"], "diagonal s")
+assert many.diagonal["s"].sharding == sharded["s"].sharding, many.diagonal["s"].sharding
 # (a) The factor programs (one device, and sharded): no sharded kernel gathered whole.
 modules = glob.glob(f"{{DUMP}}/*jit__factors*after_optimizations.txt")
 assert len(modules) == 2, modules
@@ -170,14 +177,16 @@ print("ok")
 @pytest.mark.slow
 def test_kfac_on_a_2x4_mesh_keeps_the_layers_sharding(tmp_path):
     """Kernels split along a mesh axis (FSDP-style: along ``in``, along ``out``, along ``in`` with
-    a bias, a ``[D, H, Dh]`` kernel along its heads, and one replicated) on the (data=2,
-    model=4) mesh, examples over "data".
+    a bias, a ``[D, H, Dh]`` kernel along its heads, and one replicated) and an elementwise
+    scale without a block (split along its features) on the (data=2, model=4) mesh, examples
+    over "data".
 
-    Checked against one device (float64, rtol 1e-10): the factors, the state after two online
-    consolidations and ``merge_kronecker_terms``, the penalty and its gradient, and a train
-    step. Layout: ``A`` split along the kernel's ``in`` axis (whole with a bias), ``G`` along
-    its ``out`` axis, replicated for a replicated kernel; the state's stacks and anchors the
-    same; the step's new params keep their shardings. HLO: the optimised programs of (a) the
+    Checked against one device (float64, rtol 1e-10): the factors, the scale's diagonal (on
+    the scale's own layout), the state after two online consolidations and
+    ``merge_kronecker_terms``, the penalty and its gradient, and a train step. Layout: ``A``
+    split along the kernel's ``in`` axis (whole with a bias), ``G`` along its ``out`` axis,
+    replicated for a replicated kernel; the state's stacks and anchors the same; the step's
+    new params keep their shardings. HLO: the optimised programs of (a) the
     factor computation (both ``_factors`` modules XLA dumps) and (b) the jitted train step (and
     the jitted penalty) hold no ``all-gather`` whose result shape, leading 1s dropped, equals a
     sharded parameter's full shape; all-gathers of activations and examples are allowed.

@@ -34,6 +34,17 @@ def kahan_sum(term: Callable[[jax.Array], PyTree], zero: PyTree, num_chunks: int
     return total
 
 
+def even_chunk_size(chunk_size: int, n: int) -> int:
+    """The smallest chunk size that covers ``n`` examples in as many chunks as ``chunk_size``.
+
+    :func:`chunked_sum`'s last chunk overlaps the one before it and computes the overlap only
+    to mask it out: ``n = 256`` in chunks of 116 computes 348 examples, in chunks of 86 only
+    258, with the same number of chunks and no more memory per chunk.
+    """
+    num_chunks = -(-n // min(chunk_size, n))
+    return -(-n // num_chunks)
+
+
 def chunked_sum(
     fn: Callable[[PyTree, jax.Array], PyTree],
     data: PyTree,

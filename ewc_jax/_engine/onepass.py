@@ -8,10 +8,14 @@ is the layer's own contraction applied to squares: one matrix product per layer,
 per-example gradient formed. A layer with several terms per example (a convolution, a Dense
 layer over a sequence) forms that one layer's per-example gradients instead (from image patches
 for a convolution kernel). See :mod:`ewc_jax._engine.plan` for how layers are found.
+
+:class:`SquareSums` adds these up one label's backward pass at a time, so that another
+estimator's pass (K-FAC's factors) can carry the diagonal of the leaves it does not factor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 from ewc_jax._engine.dtypes import accumulate_dtype
 from ewc_jax._engine.plan import Plan, Tap, consume, through_layout
 from ewc_jax._engine.tapped import (
+    Recorded,
     conv_kernel_grads,
     conv_patches,
     expand,
@@ -53,26 +58,96 @@ def tapped_sums(
     Returns:
       ``({leaf index: params-leaf-shaped sum}, logits)``.
     """
-    chunk = jax.tree.leaves(example_leaves)[0].shape[0]
     logits, pullback, recorded = tapped_vjp(
         plan, param_leaves, example_leaves, plan.perturbed_nodes
     )
     num_labels, target = targets(logits)
-    one_term_nodes = sorted({t.node for t in plan.taps if t.one_term})
-    several = [t for t in plan.taps if not t.one_term]
-    dtypes = {t.leaf: accumulate_dtype(param_leaves[t.leaf].dtype) for t in plan.taps}
-    node_dtype = {t.node: dtypes[t.leaf] for t in plan.taps}
-    patches = {
-        t.leaf: conv_patches(plan.nodes[t.node], recorded[(t.node, 0)], dtypes[t.leaf])
-        for t in several
-        if patch_conv(plan.nodes[t.node], t.operand)
-    }
+    squares = SquareSums.of(plan, param_leaves, recorded, logits.shape[0])
 
     def add_label(totals, k):
         # One backward pass for one label per example (K passes for the exact Fisher, one
         # after another, so memory does not grow with the number of labels).
         cotangent, w = target(k)
-        deltas = pullback(cotangent.astype(logits.dtype))[0]
+        return squares.add(totals, *pullback(cotangent.astype(logits.dtype)), w), None
+
+    return squares.finish(sum_over_labels(add_label, squares.zero(), num_labels)), logits
+
+
+def sum_over_labels(add_label: Callable[[Any, Any], tuple[Any, None]], zero: Any, num_labels: int):
+    """``add_label`` folded over the labels ``0..K-1`` (a ``lax.scan`` when ``K > 1``)."""
+    if num_labels == 1:
+        total, _ = add_label(zero, 0)
+    else:
+        total, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareSums:
+    """``Σ_k Σ_n w_kn g_kn²`` of a chunk, added up one label's backward pass at a time.
+
+    For the leaves a plan taps (:func:`tapped_sums`, and K-FAC's pass for the leaves without a
+    Kronecker block, which shares the forward, labels and backward of its factors) and, with
+    ``per_example``, for leaves whose per-example gradients the pullback returns (perturbed by
+    :func:`~ewc_jax._engine.tapped.tapped_vjp`'s ``per_example``: a leaf the plan cannot tap,
+    such as an embedding). Per label, :meth:`add` takes that pass's ``δ`` at the tapped nodes
+    and those gradients; :meth:`finish` turns the totals into sums per leaf.
+    """
+
+    plan: Plan
+    param_leaves: Sequence[Any]
+    recorded: Recorded
+    chunk: int
+    per_example: tuple[int, ...]
+    patches: dict[int, jax.Array]
+
+    @classmethod
+    def of(
+        cls,
+        plan: Plan,
+        param_leaves: Sequence[Any],
+        recorded: Recorded,
+        chunk: int,
+        per_example: Sequence[int] = (),
+    ) -> SquareSums:
+        patches = {
+            t.leaf: conv_patches(
+                plan.nodes[t.node], recorded[(t.node, 0)], _dtype(param_leaves, t.leaf)
+            )
+            for t in plan.taps
+            if not t.one_term and patch_conv(plan.nodes[t.node], t.operand)
+        }
+        return cls(plan, param_leaves, recorded, chunk, tuple(per_example), patches)
+
+    def _node_dtypes(self) -> dict[int, Any]:
+        return {t.node: _dtype(self.param_leaves, t.leaf) for t in self.plan.taps}
+
+    def zero(self) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
+        """``({one-term node: Σ w δ² [B, *out]}, {leaf: Σ w g²})``, all zeros."""
+        node_dtype = self._node_dtypes()
+        one_term = sorted({t.node for t in self.plan.taps if t.one_term})
+        summed = [t.leaf for t in self.plan.taps if not t.one_term] + list(self.per_example)
+        return (
+            {
+                i: jnp.zeros((self.chunk, *self.plan.nodes[i].outputs[0].aval.shape), node_dtype[i])
+                for i in one_term
+            },
+            {
+                i: jnp.zeros(jnp.shape(self.param_leaves[i]), _dtype(self.param_leaves, i))
+                for i in summed
+            },
+        )
+
+    def add(
+        self,
+        totals: tuple[dict[int, jax.Array], dict[int, jax.Array]],
+        deltas: dict[int, jax.Array],
+        grads: dict[int, jax.Array],
+        w: jax.Array,
+    ) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
+        """The totals with one label's terms added: ``δ`` at the tapped nodes, the per-example
+        gradients ``grads`` of the ``per_example`` leaves, ``w [B]`` the terms' weights."""
+        node_dtype = self._node_dtypes()
         squares, sums = totals
         squares = {
             i: squares[i]
@@ -80,38 +155,42 @@ def tapped_sums(
             * jnp.square(deltas[i].astype(node_dtype[i]))
             for i in squares
         }
-        sums = {
-            t.leaf: sums[t.leaf]
-            + jnp.tensordot(
-                w.astype(dtypes[t.leaf]),
-                jnp.square(
-                    _per_example_grads(
-                        plan, t, param_leaves, recorded, patches, dtypes[t.leaf], deltas[t.node]
-                    )
-                ),
-                axes=1,
-            )
-            for t in several
-        }
-        return (squares, sums), None
+        several = {t.leaf: (t, deltas[t.node]) for t in self.plan.taps if not t.one_term}
+        new = {}
+        for i, total in sums.items():
+            dtype = total.dtype
+            if i in several:  # that layer's own per-example gradient
+                tap, delta = several[i]
+                g = _per_example_grads(
+                    self.plan, tap, self.param_leaves, self.recorded, self.patches, dtype, delta
+                )
+            else:  # from the pullback: a leaf perturbed per example
+                g = grads[i].astype(dtype)
+            # A dot with the weights, not a sum over the batch axis (see general_sums).
+            new[i] = total + jnp.tensordot(w.astype(dtype), jnp.square(g), axes=1)
+        return squares, new
 
-    totals = (
-        {
-            i: jnp.zeros((chunk, *plan.nodes[i].outputs[0].aval.shape), node_dtype[i])
-            for i in one_term_nodes
-        },
-        {t.leaf: jnp.zeros(param_leaves[t.leaf].shape, dtypes[t.leaf]) for t in several},
-    )
-    if num_labels == 1:
-        (squares, sums), _ = add_label(totals, 0)
-    else:
-        (squares, sums), _ = jax.lax.scan(add_label, totals, jnp.arange(num_labels))
-    for tap in plan.taps:
-        if tap.one_term:
-            sums[tap.leaf] = _one_term_sum(
-                plan, tap, param_leaves, recorded, squares[tap.node], dtypes[tap.leaf]
-            )
-    return sums, logits
+    def finish(
+        self, totals: tuple[dict[int, jax.Array], dict[int, jax.Array]]
+    ) -> dict[int, jax.Array]:
+        """``{leaf: Σ_k Σ_n w_kn g_kn²}``: the one-term layers' contractions of ``Σ w δ²``."""
+        squares, sums = totals
+        sums = dict(sums)
+        for tap in self.plan.taps:
+            if tap.one_term:
+                sums[tap.leaf] = _one_term_sum(
+                    self.plan,
+                    tap,
+                    self.param_leaves,
+                    self.recorded,
+                    squares[tap.node],
+                    _dtype(self.param_leaves, tap.leaf),
+                )
+        return sums
+
+
+def _dtype(param_leaves: Sequence[Any], leaf: int) -> Any:
+    return accumulate_dtype(jnp.result_type(param_leaves[leaf]))
 
 
 def _per_example_grads(

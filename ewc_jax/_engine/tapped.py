@@ -19,22 +19,28 @@ import numpy as np
 
 from ewc_jax._engine.plan import Node, Plan, evaluate
 
-Pullback = Callable[[jax.Array], tuple[dict[int, jax.Array]]]
-"""Maps a cotangent of the logits to ``({node: δ},)``, the gradients at the perturbed outputs."""
+Pullback = Callable[[jax.Array], tuple[dict[int, jax.Array], dict[int, jax.Array]]]
+"""Maps a cotangent of the logits to ``({node: δ}, {leaf: per-example gradient})``: the gradients
+at the perturbed outputs and those of the leaves perturbed per example."""
 Recorded = dict[tuple[int, int], Any]
 """``recorded[(node, operand)]``: a tapped node's other operand, per example."""
 
 
 def tapped_vjp(
-    plan: Plan, param_leaves: Sequence[Any], example_leaves: Sequence[Any], nodes: Sequence[int]
-) -> tuple[
-    jax.Array, Callable[[jax.Array], tuple[dict[int, jax.Array]]], dict[tuple[int, int], Any]
-]:
+    plan: Plan,
+    param_leaves: Sequence[Any],
+    example_leaves: Sequence[Any],
+    nodes: Sequence[int],
+    per_example: Sequence[int] = (),
+) -> tuple[jax.Array, Pullback, Recorded]:
     """``(logits, pullback, recorded)`` of the plan on a chunk, perturbed at ``nodes``' outputs.
 
-    ``pullback(cotangent)`` returns ``({node: δ [B, *node output]},)``, the gradient of
-    ``Σ cotangent · logits`` at each perturbed output; ``recorded[(node, operand)]`` holds each
-    tapped node's other operand ``[B, ...]`` (see :func:`~ewc_jax._engine.plan.evaluate`).
+    ``pullback(cotangent)`` returns ``({node: δ [B, *node output]}, {leaf: g [B, *leaf]})``:
+    the gradient of ``Σ cotangent · logits`` at each perturbed output and, for each leaf in
+    ``per_example``, its per-example gradient (each example sees the leaf plus its own zero
+    perturbation, whose gradient that is: what ``vmap(grad)`` gives, from the same backward
+    pass). ``recorded[(node, operand)]`` holds each tapped node's other operand ``[B, ...]``
+    (see :func:`~ewc_jax._engine.plan.evaluate`).
     """
     chunk = jax.tree.leaves(example_leaves)[0].shape[0]
     eps0 = {
@@ -43,11 +49,21 @@ def tapped_vjp(
         )
         for i in nodes
     }
+    leaf_eps0 = {
+        i: jnp.zeros((chunk, *jnp.shape(param_leaves[i])), jnp.result_type(param_leaves[i]))
+        for i in per_example
+    }
 
-    def forward(eps):
-        return jax.vmap(lambda x, e: evaluate(plan, param_leaves, x, e))(example_leaves, eps)
+    def one(x, eps, leaf_eps):
+        leaves = list(param_leaves)
+        for i, e in leaf_eps.items():
+            leaves[i] = leaves[i] + e
+        return evaluate(plan, leaves, x, eps)
 
-    return jax.vjp(forward, eps0, has_aux=True)
+    def forward(eps, leaf_eps):
+        return jax.vmap(one)(example_leaves, eps, leaf_eps)
+
+    return jax.vjp(forward, eps0, leaf_eps0, has_aux=True)
 
 
 def patch_conv(node: Node, operand: int) -> bool:
