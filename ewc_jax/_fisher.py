@@ -340,18 +340,8 @@ def _chunk_sums(
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
     plan = make_plan(apply_fn, params, example)
     plan = move_to_fallback(restrict(plan, policy.selected), policy.to_general)
-    chosen = {}
-
-    def remembered_targets(logits):
-        num_labels, target = targets(logits)
-        chosen.update(num_labels=num_labels, target=target)
-        return num_labels, target
-
-    sums, _ = tapped_sums(plan, leaves, jax.tree.leaves(x), remembered_targets)
-    if plan.fallback:
-        sums.update(
-            general_sums(apply_fn, params, x, chosen["num_labels"], chosen["target"], plan.fallback)
-        )
+    # The leaves the plan cannot tap are differentiated per example in the same pass.
+    sums, _ = tapped_sums(plan, leaves, jax.tree.leaves(x), targets)
     return _as_list(sums, leaves, policy.selected)
 
 

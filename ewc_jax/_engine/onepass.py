@@ -11,6 +11,12 @@ for a convolution kernel). See :mod:`ewc_jax._engine.plan` for how layers are fo
 
 :class:`SquareSums` adds these up one label's backward pass at a time, so that another
 estimator's pass (K-FAC's factors) can carry the diagonal of the leaves it does not factor.
+
+A leaf the plan cannot tap (an embedding's gather, a table tied to the output projection,
+positions added by broadcasting, a leaf used twice) is perturbed per example instead: each
+example sees the leaf plus its own zero, so the same backward pass returns that leaf's
+per-example gradients ``g_n`` (what ``vmap(grad)`` gives, without a second forward and
+backward), and ``Σ_n w_n g_n²`` is a dot with the weights.
 """
 
 from __future__ import annotations
@@ -47,7 +53,12 @@ def tapped_sums(
     example_leaves: Sequence[Any],
     targets: Targets,
 ) -> tuple[dict[int, jax.Array], jax.Array]:
-    """``Σ_k Σ_n w_kn g_kn²`` for every tapped leaf, from one forward and K backward passes.
+    """``Σ_k Σ_n w_kn g_kn²`` for every leaf of the plan, from one forward and K backward passes.
+
+    The tapped leaves from their layers' ``a`` and ``δ``; the leaves the plan cannot tap
+    (``plan.fallback``: an embedding's gather, a tied embedding, a leaf used twice) from their
+    per-example gradients, which the same backward pass returns
+    (:func:`~ewc_jax._engine.tapped.tapped_vjp`'s ``per_example``): no second pass.
 
     Args:
       plan: from :func:`~ewc_jax._engine.plan.make_plan`.
@@ -59,10 +70,10 @@ def tapped_sums(
       ``({leaf index: params-leaf-shaped sum}, logits)``.
     """
     logits, pullback, recorded = tapped_vjp(
-        plan, param_leaves, example_leaves, plan.perturbed_nodes
+        plan, param_leaves, example_leaves, plan.perturbed_nodes, plan.fallback
     )
     num_labels, target = targets(logits)
-    squares = SquareSums.of(plan, param_leaves, recorded, logits.shape[0])
+    squares = SquareSums.of(plan, param_leaves, recorded, logits.shape[0], plan.fallback)
 
     def add_label(totals, k):
         # One backward pass for one label per example (K passes for the exact Fisher, one
