@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import _calibration, _where
+from ewc_jax._engine.chunking import even_chunk_size
 from ewc_jax._engine.cost import Policy, default_chunk_size, num_labels, policy
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
 from ewc_jax._engine.inputs import (
@@ -126,10 +127,13 @@ def fisher_diagonal(
     or convolution contractions, biases and elementwise scales from one forward and one backward
     pass per chunk: from layer inputs ``a`` and output gradients ``δ`` as :math:`(a^2)^\top δ^2`
     when each parameter meets one output per example, or from that one layer's per-example
-    gradient otherwise (see ``ewc_jax._engine.plan``); all other parameters take the general path.
-    ``method="auto"`` (default) estimates the FLOPs and bytes of each choice from the shapes the
-    model traces to and takes the cheaper per layer, or the general path for everything when that
-    is cheaper as a whole. All three agree to float rounding. Examples are processed
+    gradient otherwise (see ``ewc_jax._engine.plan``). Every other parameter (an embedding's
+    gather, a table tied to the output projection, positions added by broadcasting, a parameter
+    used twice) is perturbed per example by zero in that same pass, so its one backward pass also
+    returns their per-example gradients: no second forward and backward. ``method="auto"``
+    (default) estimates the FLOPs and bytes of each choice from the shapes the model traces to
+    and takes the cheaper per layer, or the general path for everything when that is cheaper as
+    a whole. All three agree to float rounding. Examples are processed
     ``chunk_size`` at a time inside one jitted ``lax.scan``, so working memory does not grow with
     N; the last chunk overlaps the previous one and masks the overlap, so every example counts
     exactly once. Chunk sums are added with Kahan compensation, so float32 results stay within
@@ -152,7 +156,8 @@ def fisher_diagonal(
         results do not depend on ``chunk_size``.
       mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count.
       chunk_size: examples per chunk; default: as many as fit in a 512 MiB working-memory
-        budget (``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``), or, for a large enough call, the
+        budget (``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``), evened out over the chunks that
+        takes (``n = 2048`` at 857 per chunk: three chunks of 683), or, for a large enough call, the
         fastest of a few sizes within that budget, measured at the first call for this model,
         shapes and estimator (``EWC_JAX_CALIBRATE=auto|on|off``, see ``ewc_jax._calibration``).
         Results depend on it only through float rounding.
@@ -263,7 +268,8 @@ def fisher_diagonal(
     if chunk_size is None:  # the byte-budget default, or the fastest chunk measured here
         static = dict(apply_fn=Static(apply_fn), estimator=estimator, policy=path, mesh=mesh)
         static.update(out_dtypes=out_dtypes, layout=Layout())
-        default = default_chunk_size(path.bytes_per_example, path.max_chunk)
+        # As many chunks as the budget needs, evened out so the last one recomputes little.
+        default = even_chunk_size(default_chunk_size(path.bytes_per_example, path.max_chunk), n)
         chunk_size = _calibration.chunk_size(
             default,
             n,

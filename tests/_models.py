@@ -88,7 +88,7 @@ class LinenMixed(nn.Module):
         # A learned temperature used through exp: not a contraction.
         log_scale = self.param("log_scale", nn.initializers.constant(0.1), (10,))
         x = jnp.tanh(x * jnp.exp(log_scale)[None])
-        # A weight used twice (tied): per-example gradients need the general path.
+        # A weight used twice (tied): not tapped, differentiated per example in the same pass.
         tied = self.param("tied", nn.initializers.normal(0.3), (10, 10))
         x = jnp.tanh(x @ tied) @ tied
         # A sequence-like Dense: the same kernel at every position (several terms per example).

@@ -16,7 +16,14 @@ import numpy as np
 from jax.extend import core as jex
 
 from ewc_jax._engine.model import Model, output_shape
-from ewc_jax._engine.plan import Plan, make_plan, move_to_fallback, num_params, restrict
+from ewc_jax._engine.plan import (
+    LAYOUT_OPS,
+    Plan,
+    make_plan,
+    move_to_fallback,
+    num_params,
+    restrict,
+)
 from ewc_jax._engine.tapped import patch_conv
 
 MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -36,7 +43,8 @@ class Policy:
     """Which path each parameter leaf takes; hashable, a static argument of the jitted sums.
 
     ``general=True``: every leaf on the general path. Otherwise the one-pass plan is rebuilt
-    inside the jit and the leaves in ``to_general`` are moved from its taps to the general path.
+    inside the jit and the leaves in ``to_general`` are untapped: differentiated per example in
+    the same pass, as the leaves the plan cannot tap are.
     """
 
     general: bool
@@ -198,7 +206,8 @@ def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
     * one pass: one forward (``F``) and per label one backward for the activations (``F``);
       per one-term layer its own contraction once (the layer's forward FLOPs) and ``δ²`` per
       label; per several-term layer, per label, its per-example gradient (its forward FLOPs)
-      and that gradient's bytes; plus the general path for the leaves it does not cover.
+      and that gradient's bytes; per leaf it does not tap (differentiated per example in the same
+      backward pass), per label the FLOPs of the operations it enters and its gradient's bytes.
 
     Convolution kernels' per-example gradients cost a measured multiple of their FLOPs on the
     general path (a grouped convolution with one group per example, see the constants above);
@@ -234,15 +243,42 @@ def path_costs(plan: Plan, num_labels: int) -> tuple[float, float]:
                     * math.prod(node.inputs[1].aval.shape)
                     / node.inputs[1].aval.shape[node.eqn.params["dimension_numbers"].rhs_spec[0]]
                 )
-    if plan.fallback:
-        fallback_bytes = sum(bytes_of(plan.inputs[i].aval) for i in plan.fallback)
-        one_pass += forward + num_labels * (3 * forward + conv_extra + 3 * fallback_bytes)
+    for leaf in plan.fallback:
+        # Differentiated per example in the same backward pass: per label, the weight gradients
+        # of the operations it enters (vmap batches them, as the general path does) and that
+        # gradient's bytes.
+        consumers = _consumers(plan, leaf)
+        flops = sum(_eqn_flops(plan.nodes[i].eqn) for i in consumers)
+        flops += sum(
+            (_GROUPED_CONV_PENALTY if n.eqn.params["feature_group_count"] > 1 else plain - 1)
+            * _eqn_flops(n.eqn)
+            for n in (plan.nodes[i] for i in consumers)
+            if n.eqn.primitive.name == "conv_general_dilated"
+        )
+        one_pass += num_labels * (flops + 3 * bytes_of(plan.inputs[leaf].aval))
     return one_pass, general
+
+
+def _consumers(plan: Plan, leaf: int) -> set[int]:
+    """The nodes that take the leaf as an input, followed through layout-only operations."""
+    found: set[int] = set()
+    frontier = {id(plan.inputs[leaf])}
+    while frontier:
+        following = set()
+        for i, node in enumerate(plan.nodes):
+            if i in found or not any(id(r) in frontier for r in node.inputs):
+                continue
+            if node.eqn.primitive.name in LAYOUT_OPS and len(node.outputs) == 1:
+                following.update(id(r) for r in node.outputs if r is not None)
+            else:
+                found.add(i)
+        frontier = following
+    return found
 
 
 def choose(plan: Plan, num_labels: int) -> tuple[int, ...] | None:
     """The cost model's choice: ``None`` for the general path everywhere, or the tapped leaves
-    to move to the general path (none today: a several-term layer costs the same on both, and
-    the general path's fixed cost is the forward and backward it adds)."""
+    to differentiate per example instead (none today: a several-term layer costs about the same
+    either way)."""
     one_pass, general = path_costs(plan, num_labels)
     return None if general < one_pass else ()

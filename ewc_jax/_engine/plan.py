@@ -28,9 +28,10 @@ Two cases:
   with ``jax.vmap`` (memory: chunk × that layer's size, not chunk × the whole model), squared
   and summed.
 
-Every other parameter (used twice, or by an operation not listed) goes through the general
-``jax.vmap(jax.grad(...))`` path, exactly as with ``method="general"``. Models must treat examples
-independently (no batch statistics), as every per-example-gradient method assumes.
+Every other parameter (used twice, or by an operation not listed: an embedding's gather) is
+in ``Plan.fallback``: the one-pass sums perturb it per example in the same pass, whose backward
+then returns its per-example gradients (:mod:`ewc_jax._engine.onepass`). Models must treat
+examples independently (no batch statistics), as every per-example-gradient method assumes.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class Plan:
     consts: tuple[tuple[Ref, Any], ...]
     outputs: tuple[Any, ...]
     taps: tuple[Tap, ...]
-    fallback: tuple[int, ...]  # leaves for the general path
+    fallback: tuple[int, ...]  # leaves not tapped: differentiated per example
     unused: tuple[int, ...]  # leaves the logits do not depend on: Fisher zero
 
     @property
@@ -315,7 +316,7 @@ def consume(plan: Plan, tap: Tap, leaf_value: Any, other: Any, dtype: Any = None
 
 
 def move_to_fallback(plan: Plan, leaves: Sequence[int]) -> Plan:
-    """The plan with the given tapped leaves moved to the general path."""
+    """The plan with the given tapped leaves untapped (differentiated per example instead)."""
     if not leaves:
         return plan
     leaves = set(leaves)
