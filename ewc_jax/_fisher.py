@@ -157,9 +157,10 @@ def fisher_diagonal(
       mask: for sequence outputs, ``[N, T]`` booleans or 0/1 numbers: which tokens count.
       chunk_size: examples per chunk; default: as many as fit in a 512 MiB working-memory
         budget (``ewc_jax._engine.cost.MEMORY_BUDGET_BYTES``), evened out over the chunks that
-        takes (``n = 2048`` at 857 per chunk: three chunks of 683), or, for a large enough call, the
-        fastest of a few sizes within that budget, measured at the first call for this model,
-        shapes and estimator (``EWC_JAX_CALIBRATE=auto|on|off``, see ``ewc_jax._calibration``).
+        takes (``n = 2048`` at 857 per chunk: three chunks of 683, not three of 857 with the
+        last one overlapping), or, for a large enough call, the fastest of a few sizes within
+        that budget, measured at the first call for this model, shapes and estimator
+        (``EWC_JAX_CALIBRATE=auto|on|off``, see ``ewc_jax._calibration``).
         Results depend on it only through float rounding.
       batch_size: mini-batch size for ``"batched"``.
       method: ``"auto"`` (default), ``"one_pass"`` or ``"general"``, as above.
