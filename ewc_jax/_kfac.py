@@ -176,14 +176,15 @@ def kfac_fisher(
     and diagonal of the unselected layers, not the pass. Consolidate and penalise with the same
     ``where``.
 
-    **One pass.** The diagonal Fisher of the leaves without a block is computed in the factors' own chunked pass: the same
-    forward, the same labels (for ``"sampled"`` the same draws as :func:`fisher_diagonal` with
-    the same key) and, per label, the same backward pass, whose ``δ`` give both ``G`` and the
-    squared per-example gradients :math:`\frac1N \sum_n \mathbb{E}_y[g_{ny}^2]` of those
-    leaves: ``(a²)ᵀ δ²`` for a scale or bias met once per example, that layer's own per-example
-    gradient where it is met several times (a LayerNorm over positions), and, for a leaf no
-    layer taps (an embedding's gather, a tied embedding), its per-example gradient from the
-    same backward pass (a zero perturbation of the leaf per example). The result equals
+    **One pass.** The diagonal Fisher of the leaves without a block is computed in the factors'
+    own chunked pass: the same forward, the same labels (for ``"sampled"`` the same draws as
+    :func:`fisher_diagonal` with the same key) and, per label, the same backward pass, whose
+    ``δ`` give both ``G`` and the squared per-example gradients
+    :math:`\frac1N \sum_n \mathbb{E}_y[g_{ny}^2]` of those leaves: ``(a²)ᵀ δ²`` for a scale
+    or bias met once per example, that layer's own per-example gradient where it is met several
+    times (a LayerNorm over positions), and, for a leaf no layer taps (an embedding's gather, a
+    tied embedding), its per-example gradient from the same backward pass (a zero perturbation
+    of the leaf per example). The result equals
     ``fisher_diagonal(..., where=those leaves)`` to float rounding. A model with no factored
     layer gets :func:`fisher_diagonal` of every selected leaf (itself one pass).
 
