@@ -19,6 +19,7 @@ import ewc_jax
 from ewc_jax import _calibration
 from ewc_jax._engine import cost
 from ewc_jax._engine import model as model_lib
+from ewc_jax._engine.chunking import even_chunk_size
 from tests._models import init_plain_mlp, plain_mlp
 
 N = 64
@@ -175,8 +176,10 @@ def test_real_timer_reports_seconds_per_chunk():
     assert 0.004 <= per_chunk <= 0.02  # 20 ms over 4 chunks: 5 ms, with some slack
 
 
-def _default(path):
-    return cost.default_chunk_size(path.bytes_per_example, path.max_chunk)
+def _default(path, n=N):
+    """The byte-budget chunk evened out over the chunks ``n`` needs (``fisher_diagonal``'s
+    default)."""
+    return even_chunk_size(cost.default_chunk_size(path.bytes_per_example, path.max_chunk), n)
 
 
 def _policy(params, x):
@@ -189,8 +192,9 @@ def test_budget_bounds_the_candidates(calibrated, problem, monkeypatch):
     monkeypatch.setattr(cost, "MEMORY_BUDGET_BYTES", budget)
     chosen = _spy_chunk_sizes(monkeypatch)
     _fisher_of(params, x)
-    # 40 (the budget), then balanced chunks of 64: 16 (4 chunks), 8; 40 is a miss (2 · 10 s).
-    assert calibrated == [40, 16, 8] and chosen == [16]
+    # The budget's 40 evened out over the 2 chunks 64 needs: 32, then balanced chunks of 64:
+    # 16 (4 chunks), 8; whole-call times 2 · 3, 4 · 1, 8 · 0.9 s.
+    assert calibrated == [32, 16, 8] and chosen == [16]
 
 
 def test_small_budget_leaves_nothing_to_time(calibrated, problem, monkeypatch):
