@@ -42,11 +42,13 @@ import ml_collections
 from experiments.configs import default
 
 LANGUAGES = ("en", "de", "es", "it")
+LARGE_FIRST_TASK = "runs/lm_large/first_task"
+"""Where ``large`` keeps its English pretraining, shared by its runs (``first_task_params``)."""
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """The four-language fortunes sequence; ``variant="small"`` for the tests, ``"lora"`` for
-    adapter fine-tunes."""
+    """The four-language fortunes sequence; ``variant="small"`` for the tests, ``"large"`` for the
+    1.3M-parameter model whose English pretraining runs once, ``"lora"`` for adapter fine-tunes."""
     config = default.get_config()
     config.variant = variant
     config.scenario = "sequence"
@@ -85,9 +87,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.methods = ("finetune", "ewc")
         config.strength = 1.0
         config.fisher_samples = 64
+    elif variant == "large":
+        config.transformer.num_layers = 4
+        config.transformer.width = 160
+        config.transformer.num_heads = 4
+        config.learning_rate = 1e-3
+        config.batch_size = 64
+        config.first_task_steps = 4000
+        config.steps_per_task = 200
+        config.eval_every_steps = 250
+        config.methods = ("finetune", "l2", "ewc", "online_ewc", "kfac")
+        config.first_task_params = LARGE_FIRST_TASK
     elif variant == "lora":
         config.lora_rank = 8
         config.lora_alpha = 8.0
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}; valid variants: 'small', 'lora'")
+        raise ValueError(f"unknown variant {variant!r}; valid variants: 'small', 'large', 'lora'")
     return config
