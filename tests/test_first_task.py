@@ -138,3 +138,27 @@ def test_store_save_is_first_writer_wins_and_refuses_edits_and_other_identities(
     marker_path.write_text("{not json")
     with pytest.raises(FirstTaskError, match="are corrupt"):
         store.load({"w": jnp.zeros(3)})
+
+
+def test_the_large_lm_config_shares_its_pretraining_and_has_about_1_3m_parameters():
+    import jax
+
+    from experiments import config as config_lib
+    from experiments import models
+
+    spec = config_lib.read_spec(fortunes_lm.get_config("large"))
+    assert spec.first_task_params == fortunes_lm.LARGE_FIRST_TASK
+    assert [m.name for m in spec.methods] == ["finetune", "l2", "ewc", "online_ewc", "kfac"]
+    assert all(m.method.shares_first_task for m in spec.methods)
+    model = models.build(spec.model, num_heads=1, num_outputs=256)
+    tokens = jnp.zeros((1, 64), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda key: models.init_params(model, key, tokens, jnp.zeros(1, jnp.int32), "flax"),
+        jax.random.key(0),
+    )
+    # Per block: attention 4 (D² + D), MLP 8 D² + 5 D, two LayerNorms 4 D; embeddings 256 D and
+    # 64 D; the final LayerNorm 2 D and the output layer 256 D + 256.
+    width, blocks = 160, 4
+    per_block = 4 * (width**2 + width) + 8 * width**2 + 5 * width + 4 * width
+    expected = blocks * per_block + 256 * width + 64 * width + 2 * width + 256 * width + 256
+    assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == expected == 1_329_856
