@@ -299,6 +299,13 @@ def _train_epoch(
                 "accuracy": accuracy,
             }
         )
+        # One line per point, so that a long task's curve can be followed in a log.
+        print(
+            f"{plan.label} task {task + 1} step {progress.steps_done}: "
+            f"{plan.metric.replace('_', ' ')} {' '.join(f'{a:.3f}' for a in accuracy)} "
+            f"(training loss {float(loss):.3f})",
+            flush=True,
+        )
     return RunState(arrays, progress)
 
 
