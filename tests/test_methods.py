@@ -225,6 +225,32 @@ def test_sequence_report_table_from_single_and_sweep_results(tmp_path):
     assert plots.plot_average_accuracy_over_tasks(curves, figure).stat().st_size > 1000
 
 
+def test_sequence_report_draws_each_labels_mean_matrix(tmp_path, monkeypatch, capsys):
+    """``--matrices``: one heatmap per label of its matrices' mean over seeds, in the first
+    file's metric and task names."""
+    first, second = [[3.0, 5.0], [4.0, 2.0]], [[2.0, 6.0], [5.0, 3.0]]
+    common = {"config": {"methods": ["finetune"]}, "metric": "bits_per_character"}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, matrix in zip(paths, (first, second), strict=True):
+        runs = [{"method": "finetune", "accuracy_matrix": matrix}]
+        path.write_text(json.dumps(common | {"task_names": ["en", "de"], "runs": runs}))
+    drawn = {}
+    original = plots.plot_accuracy_matrices
+
+    def spy(summary, task_names, path, metric):
+        drawn.update(summary=summary, task_names=task_names, metric=metric)
+        return original(summary, task_names, path, metric)
+
+    monkeypatch.setattr(plots, "plot_accuracy_matrices", spy)
+    sequence_report.main([*map(str, paths), "--every", "1", "--matrices", str(tmp_path / "m.png")])
+    np.testing.assert_allclose(
+        drawn["summary"]["finetune"]["accuracy_matrix_mean"], [[2.5, 5.5], [4.5, 2.5]]
+    )
+    assert drawn["task_names"] == ["en", "de"] and drawn["metric"] == "bits_per_character"
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert f"figure: {tmp_path / 'm.png'}" in capsys.readouterr().out
+
+
 def test_reset_optimizer_keeps_the_si_path_integral():
     """A fresh Adam state between tasks, but SI's ω and θ_start survive until si_importance."""
     method = MethodSpec(name="si", strength=1.0)

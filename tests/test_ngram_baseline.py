@@ -83,3 +83,28 @@ def test_the_english_baseline_beats_a_unigram_and_prints_one_line(capsys):
     assert ngram_baseline.main(["--order", "5", "--test-windows", "100"]) == 0
     five = float(capsys.readouterr().out.split(": ")[1].split()[0])
     assert 1.5 < five < unigram < 6.0
+
+
+@pytest.mark.skipif(
+    not (text.FORTUNES_DIR / "riddles").exists(),
+    reason="Debian's fortunes package is not installed (.ci/run installs it)",
+)
+def test_with_a_seed_it_scores_the_experiments_own_test_windows(monkeypatch):
+    from experiments import scenarios
+    from experiments.spec import DataSpec
+
+    data = text.load_fortunes("en:64")
+    spec = DataSpec(scenario="sequence", datasets=("fortunes:en",), test_limit=50)
+    scenario = scenarios.build_scenario(spec, {"fortunes:en": data}, 3)
+    scored = []
+    original = ngram_baseline.NGramModel.log_prob
+    monkeypatch.setattr(
+        ngram_baseline.NGramModel,
+        "log_prob",
+        lambda self, inputs, targets: scored.append(inputs) or original(self, inputs, targets),
+    )
+    ngram_baseline.baseline_bpc("en", 2, 0.75, 50, seed=3)
+    np.testing.assert_array_equal(scored[0], scenario.tasks[0].test_images)
+    ngram_baseline.baseline_bpc("en", 2, 0.75, 50)
+    np.testing.assert_array_equal(scored[1], data.test_images[:50])
+    assert not np.array_equal(scored[0], scored[1])

@@ -215,6 +215,11 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     for field in _BOOL_FIELDS:
         if not isinstance(config[field], bool):
             raise ConfigError(f"{field} must be True or False, got {config[field]!r}")
+    if not isinstance(config.first_task_params, str):
+        raise ConfigError(
+            f"first_task_params must be a directory path (a string; '' for none), got "
+            f"{config.first_task_params!r}"
+        )
     _check_float("strength", config.strength, 0.0, math.inf)
     for name in REGULARIZED:
         value = config.strengths.get(name)

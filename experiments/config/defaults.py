@@ -31,7 +31,14 @@ single run and a sweep read the same object. Fields (override any with ``--confi
   before short fine-tunes; 0: as every task),
   ``reset_optimizer`` (fresh optimiser state per task), ``eval_every_steps`` (0: after every
   epoch), ``eval_batch_size``, ``checkpoint_every_steps`` (0: checkpoint after every task only;
-  else also within a task, rounded up to whole epochs; see ``experiments/storage/checkpoint.py``).
+  else also within a task, rounded up to whole epochs; see ``experiments/storage/checkpoint.py``),
+  ``first_task_params`` (a directory, relative to the current one; "": off): the first run of a
+  seed to finish training task 1 saves its parameters, optimiser state and PRNG key there, and
+  every later run (any workdir, method or sweep) whose task 1 would train the same way (same
+  seed, model, optimiser, batch size, task 1 steps, devices and task 1 training data) loads them
+  instead of training task 1, then evaluates task 1 and computes its importance as usual; a
+  directory saved for another task 1, or damaged, is refused in one line. SI and joint train
+  task 1 their own way and ignore it (``experiments/runs/first_task.py``).
 * methods: ``methods`` (finetune, l2, ewc, online_ewc, si, mas, kfac, joint), ``strength`` (λ
   of the penalty ``λ/2 Σ F (θ - θ*)²``) and ``strengths.<method>`` (a per-method override of
   it), ``estimator`` (exact | sampled | empirical | argmax | batched; K-FAC takes the first
@@ -151,6 +158,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval_every_steps = 0
     config.eval_batch_size = 1000
     config.checkpoint_every_steps = 0
+    config.first_task_params = ""
 
     config.methods = ("finetune", "ewc")
     config.strength = 1000.0

@@ -35,6 +35,8 @@ class RunSpec:
         seeds: the seeds of the runs (a sweep's ``s0 .. s0+S-1``).
         mesh: the devices.
         sweep: the sweep, if any.
+        first_task_params: the directory of task 1's shared params (:mod:`experiments.runs.
+            first_task`), or "" for none.
         resolved: the config as JSON (``config.json``, ``results.json``, the fingerprint).
     """
 
@@ -46,6 +48,7 @@ class RunSpec:
     seeds: tuple[int, ...]
     mesh: MeshSpec
     sweep: SweepSpec
+    first_task_params: str
     resolved: dict[str, Any]
 
     def sweep_strengths(self, method: MethodSpec) -> tuple[float, ...]:
@@ -104,6 +107,7 @@ def read_spec(config: ml_collections.ConfigDict) -> RunSpec:
         seeds=seeds,
         mesh=MeshSpec(c.data_parallel, c.mesh_devices, c.param_sharding),
         sweep=SweepSpec(c.sweep.seeds, tuple(float(v) for v in c.sweep.strengths)),
+        first_task_params=c.first_task_params,
         resolved=json.loads(c.to_json_best_effort()),
     )
 

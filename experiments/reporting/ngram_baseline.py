@@ -20,6 +20,9 @@ Run::
 
     python -m experiments.reporting.ngram_baseline --language en --order 5 --discount 0.75 \
         --test-windows 500
+
+``--seed S`` scores the windows that ``fortunes_lm.py`` (``test_limit`` 500) evaluates with seed
+``S`` instead of the first 500.
 """
 
 import argparse
@@ -97,15 +100,34 @@ def _lookup(keys: np.ndarray, counts: np.ndarray, queries: np.ndarray) -> np.nda
 
 
 def baseline_bpc(
-    language: str, order: int, discount: float, test_windows: int | None, context_length: int = 64
+    language: str,
+    order: int,
+    discount: float,
+    test_windows: int | None,
+    context_length: int = 64,
+    seed: int | None = None,
 ) -> tuple[float, int, int]:
     """Test bits per character of the n-gram model of one language's fortunes.
+
+    Args:
+        language: a language of :data:`experiments.data.text.LANGUAGES`.
+        order: n of the n-gram.
+        discount: D in ``(0, 1)``.
+        test_windows: how many test windows to score (None: all).
+        context_length: bytes per window.
+        seed: None scores the first ``test_windows``; a seed scores the random ``test_windows``
+            that an experiment with ``test_limit = test_windows`` (and ``train_limit = 0``)
+            evaluates on that seed (:func:`experiments.scenarios.build.subsample`).
 
     Returns:
         (bits per character, training windows, test windows scored).
     """
     data = text.load_fortunes(f"{language}:{context_length}")
     model = NGramModel(data.train_images, data.train_labels, order, discount)
+    if seed is not None:
+        from experiments.scenarios.build import subsample
+
+        data = subsample(data, 0, test_windows or 0, seed)
     inputs, targets = data.test_images[:test_windows], data.test_labels[:test_windows]
     log_prob = model.log_prob(inputs, targets)
     bits = -log_prob.sum() / np.log(2.0) / text.character_starts(targets).sum()
@@ -119,17 +141,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--discount", type=float, default=0.75)
     parser.add_argument("--test-windows", type=int, default=500, help="0: all test windows")
     parser.add_argument("--context-length", type=int, default=64)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="score the test windows an experiment of this seed with test_limit=--test-windows "
+        "evaluates on (default: the first --test-windows)",
+    )
     args = parser.parse_args(argv)
     try:
         bpc, train, test = baseline_bpc(
-            args.language, args.order, args.discount, args.test_windows or None, args.context_length
+            args.language,
+            args.order,
+            args.discount,
+            args.test_windows or None,
+            args.context_length,
+            args.seed,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(
         f"fortunes:{args.language} byte {args.order}-gram, D={args.discount}: {bpc:.3f} bits per "
-        f"character on {test} test windows (trained on {train} windows of {args.context_length})"
+        f"character on {test} test windows{'' if args.seed is None else f' of seed {args.seed}'} "
+        f"(trained on {train} windows of {args.context_length})"
     )
     return 0
 

@@ -8,7 +8,10 @@ after every ``--every`` tasks ``t``, the average accuracy over tasks ``1 .. t`` 
 transfer over the first ``t`` tasks (:mod:`experiments.reporting.metrics` on the ``t x t`` top-left
 block
 of each run's accuracy matrix), mean ± std (ddof 1) over seeds. ``--plot`` draws the average
-accuracy after every task (:func:`experiments.reporting.plots.plot_average_accuracy_over_tasks`).
+accuracy after every task (:func:`experiments.reporting.plots.plot_average_accuracy_over_tasks`),
+``--matrices`` each label's matrix averaged over its seeds, as heatmaps in the first file's metric
+(:func:`experiments.reporting.plots.plot_accuracy_matrices`; bits per character for the language
+model).
 Runs of single-run and sweep ``results.json`` files mix freely; a later file's runs of a
 (method, strength) already seen are added as further seeds.
 """
@@ -104,9 +107,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=5, help="tasks between table columns")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the accuracy curves")
     parser.add_argument("--title", default="", help="title of the figure")
+    parser.add_argument(
+        "--matrices", type=Path, default=None, help="PNG of each label's mean matrix (heatmaps)"
+    )
     args = parser.parse_args(argv)
     runs = collect_runs(args.results)
     print(markdown_table(runs, args.every))
+    if args.matrices is not None:
+        first = json.loads(Path(args.results[0]).read_text())
+        summary = {
+            label: {"accuracy_matrix_mean": np.mean(np.stack(ms), axis=0)}
+            for label, ms in runs.items()
+        }
+        path = plots.plot_accuracy_matrices(
+            summary, first["task_names"], args.matrices, metric=first["metric"]
+        )
+        print(f"figure: {path}")
     if args.plot is not None:
         curves = {
             label: np.stack([average_accuracy_curve(m) for m in ms]) for label, ms in runs.items()

@@ -34,11 +34,12 @@ import ml_collections
 
 from experiments import data, scenarios
 from experiments.config import RunSpec, read_spec
-from experiments.runs import report
+from experiments.runs import first_task, report
 from experiments.runs.jobs import Job, jobs
 from experiments.runs.resume import run_with_checkpoints
 from experiments.spec import ConfigError
 from experiments.storage import checkpoint, workdir
+from experiments.storage.first_task import FirstTaskParams
 from experiments.training import loop, runners, steps
 from experiments.training.device import DeviceScenario, data_mesh, put_for_methods
 
@@ -116,7 +117,34 @@ def run_job(
         label=job.label,
         sweep=job.vmapped,
     )
-    return run_with_checkpoints(plan, fns, stage.data, checkpoints)
+    shared = shared_first_task(spec, job, plan, stage, seeds)
+    return run_with_checkpoints(plan, fns, stage.data, checkpoints, shared)
+
+
+def shared_first_task(
+    spec: RunSpec, job: Job, plan: loop.Plan, stage: Stage, seeds: tuple[int, ...]
+) -> first_task.SharedFirstTask | None:
+    """The stores of task 1 shared by runs (``spec.first_task_params``), or None: none asked
+    for, or a method that trains task 1 its own way (it says so)."""
+    if not spec.first_task_params:
+        return None
+    if not job.method.method.shares_first_task:
+        print(
+            f"{job.label} trains task 1 itself: its first task is not plain training "
+            "(first_task_params unused)",
+            flush=True,
+        )
+        return None
+    train = stage.data.training_sets(job.method)[0]
+    stores = {
+        seed: FirstTaskParams(
+            spec.first_task_params, seed, first_task.identity(spec, plan, train, seed)
+        )
+        for seed in dict.fromkeys(seeds)
+    }
+    return first_task.SharedFirstTask(
+        stores, seeds, vmapped=job.vmapped, curves=plan.eval_every is not None, label=job.label
+    )
 
 
 def run_jobs(

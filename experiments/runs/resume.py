@@ -23,6 +23,7 @@ def run_with_checkpoints(
     fns: loop.StepFns,
     data: DeviceScenario,
     checkpoints: checkpoint.RunCheckpoints | None,
+    first_task: loop.FirstTask | None = None,
 ) -> loop.Progress:
     """Resumes ``plan`` from its latest checkpoint (or starts it) and runs it to the end.
 
@@ -31,6 +32,7 @@ def run_with_checkpoints(
         fns: its steps.
         data: the scenario on device.
         checkpoints: where this run checkpoints; None: no checkpoints.
+        first_task: task 1 shared with other runs (:func:`experiments.training.loop.run`).
 
     Returns:
         The finished run's progress (its results).
@@ -40,7 +42,7 @@ def run_with_checkpoints(
     """
     state = loop.start(plan, fns)
     if checkpoints is None:
-        return loop.run(state, plan, fns, data).progress
+        return loop.run(state, plan, fns, data, first_task=first_task).progress
     restored = checkpoints.restore(storable(state.arrays))
     if restored is not None:
         arrays, progress = restored
@@ -70,7 +72,7 @@ def run_with_checkpoints(
                 f"{position.steps_done} from {checkpoints.latest()}",
                 flush=True,
             )
-        return loop.run(state, plan, fns, data, save).progress
+        return loop.run(state, plan, fns, data, save, first_task).progress
 
 
 def storable(arrays: TrainState) -> TrainState:

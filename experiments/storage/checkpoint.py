@@ -116,6 +116,56 @@ def marker_checksum(marker: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def state_damage(state: Path, checksums: Any) -> str | None:
+    """What differs between the files of ``state`` and their ``checksums`` (as
+    :func:`state_checksums` gave them when saved), or None when nothing does."""
+    if not isinstance(checksums, dict):
+        return f"{MARKER} holds no checksums"
+    found = state_checksums(state)
+    changed = sorted(
+        name for name in found.keys() | checksums.keys() if found.get(name) != checksums.get(name)
+    )
+    if not changed:
+        return None
+    what = "missing" if changed[0] not in found else "changed"
+    problem = f"{state.name}/{changed[0]} is {what} since it was saved (checksum mismatch)"
+    if len(changed) > 1:
+        problem += f", and {len(changed) - 1} more file(s)"
+    return problem
+
+
+def save_arrays(path: Path, arrays: Any) -> None:
+    """Writes the pytree ``arrays`` as an Orbax checkpoint at ``path`` (Orbax writes a temporary
+    directory and renames it when finished)."""
+    import orbax.checkpoint as ocp
+
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path, arrays)
+
+
+def restore_arrays(path: Path, target: Any) -> Any:
+    """The arrays of the Orbax checkpoint at ``path``, restored as ``target``'s shapes, dtypes
+    and shardings say (check the result with :func:`fits`).
+
+    Raises:
+        ValueError: the files cannot be restored (corrupt, or of another structure).
+    """
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(path, abstract)
+    except Exception as error:  # Orbax/TensorStore raise many types for bad files.
+        raise ValueError(f"{type(error).__name__}: {str(error)[:300]}") from None
+
+
+def fits(arrays: Any, target: Any) -> bool:
+    """Whether ``arrays`` has ``target``'s tree structure, shapes and dtypes."""
+    if jax.tree.structure(arrays) != jax.tree.structure(target):
+        return False
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), arrays)
+    return shapes == jax.tree.map(lambda a: (a.shape, a.dtype), target)
+
+
 def _numbered(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -193,21 +243,9 @@ class RunCheckpoints:
     @staticmethod
     def _verify(path: Path, checksums: Any) -> None:
         """Compares the files of ``path/state`` with the marker's checksums."""
-        if not isinstance(checksums, dict):
-            problem = f"{MARKER} holds no checksums"
-        else:
-            found = state_checksums(path / STATE)
-            changed = sorted(
-                name
-                for name in found.keys() | checksums.keys()
-                if found.get(name) != checksums.get(name)
-            )
-            if not changed:
-                return
-            what = "missing" if changed[0] not in found else "changed"
-            problem = f"{STATE}/{changed[0]} is {what} since it was saved (checksum mismatch)"
-            if len(changed) > 1:
-                problem += f", and {len(changed) - 1} more file(s)"
+        problem = state_damage(path / STATE, checksums)
+        if problem is None:
+            return
         raise CheckpointError(
             f"checkpoint {path} is damaged: {problem}; delete {path} to resume from the one "
             "before, or pass --overwrite to start the run afresh"
@@ -235,22 +273,15 @@ class RunCheckpoints:
         if path is None:
             return None
         progress = self.read_marker(path)
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            arrays = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-                path / STATE, abstract
-            )
-        except Exception as error:  # Orbax/TensorStore raise many types for bad files.
+            arrays = restore_arrays(path / STATE, target)
+        except ValueError as error:
             raise CheckpointError(
                 f"cannot restore {path / STATE}: it is corrupt or was written for another model "
-                f"({type(error).__name__}: {str(error)[:300]}); delete {path} to resume from the "
-                "one before, or pass --overwrite to start the run afresh"
+                f"({error}); delete {path} to resume from the one before, or pass --overwrite to "
+                "start the run afresh"
             ) from None
-        got = jax.tree.map(lambda a: (a.shape, a.dtype), arrays)
-        want = jax.tree.map(lambda a: (a.shape, a.dtype), target)
-        if jax.tree.structure(arrays) != jax.tree.structure(target) or got != want:
+        if not fits(arrays, target):
             raise CheckpointError(
                 f"checkpoint {path} holds arrays of another model; pass --overwrite to start afresh"
             )
@@ -266,14 +297,12 @@ class RunCheckpoints:
         Returns:
             The new checkpoint's directory.
         """
-        import orbax.checkpoint as ocp
-
         existing = _numbered(self.directory)
         number = int(existing[-1].name) + 1 if existing else 0
         path = self.directory / f"{number:08d}"
         try:
             path.mkdir(parents=True)
-            ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path / STATE, arrays)
+            save_arrays(path / STATE, arrays)
             marker = {
                 "format": CHECKPOINT_FORMAT,
                 "fingerprint": self.fingerprint,

@@ -26,7 +26,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,18 @@ class Plan:
         return len(self.task_names)
 
 
+class FirstTask(Protocol):
+    """Where a run may find task 1 trained already, and leaves it once it has trained it
+    (:class:`experiments.runs.first_task.SharedFirstTask`)."""
+
+    def load(self, arrays: steps.TrainState, progress: Progress) -> steps.TrainState | None:
+        """The arrays with task 1's trained ones (``progress`` moved to its end), or None."""
+
+    def save(self, arrays: steps.TrainState, progress: Progress) -> None:
+        """Keeps the arrays and progress at the end of task 1's training (before its
+        evaluation and importance)."""
+
+
 def make_plan(
     schedule: ScheduleSpec,
     optimizer: OptimizerSpec,
@@ -175,6 +187,7 @@ def run(
     fns: StepFns,
     data: DeviceScenario,
     save: Callable[[RunState], None] = lambda state: None,
+    first_task: FirstTask | None = None,
 ) -> RunState:
     """Trains from where ``state`` stands to the end of the task stream.
 
@@ -188,6 +201,9 @@ def run(
         fns: the steps.
         data: the scenario on device.
         save: writes a checkpoint of the state it is given.
+        first_task: task 1 trained by an earlier run: loaded instead of training it when it
+            holds it, else given task 1's state once trained. Task 1 is still evaluated and its
+            importance computed in this run.
 
     Returns:
         The finished state (``progress.task == plan.num_tasks``).
@@ -198,7 +214,7 @@ def run(
             point was saved first.
     """
     with safe_points():
-        return _run(state, plan, fns, data, save)
+        return _run(state, plan, fns, data, save, first_task)
 
 
 def _run(
@@ -207,6 +223,7 @@ def _run(
     fns: StepFns,
     data: DeviceScenario,
     save: Callable[[RunState], None],
+    first_task: FirstTask | None,
 ) -> RunState:
     train_sets = data.training_sets(plan.method)
     progress = state.progress
@@ -216,6 +233,10 @@ def _run(
             if task > 0 and plan.reset_optimizer:
                 state = state._replace(arrays=fns.reset_optimizer(state.arrays))
             progress.next_eval, progress.epoch = plan.eval_every or 0, 0
+        loaded = None
+        if task == 0 and first_task is not None and progress.steps_done == 0:
+            loaded = first_task.load(state.arrays, progress)
+            state = state if loaded is None else state._replace(arrays=loaded)
         bar = _progress_bar(plan, task, progress.steps_done)
         while progress.steps_done < plan.total_steps[task]:
             before = progress.steps_done
@@ -230,6 +251,9 @@ def _run(
                     bar.close()
                     raise Interrupted(stop_signal())
         bar.close()
+        if task == 0 and first_task is not None and loaded is None:
+            progress.task_elapsed_s = time.perf_counter() - start_time
+            first_task.save(state.arrays, progress)
         state = _finish_task(state, plan, fns, data, task, start_time)
         save(state)
         if stop_requested():
@@ -274,6 +298,13 @@ def _train_epoch(
                 "loss": float(loss),
                 "accuracy": accuracy,
             }
+        )
+        # One line per point, so that a long task's curve can be followed in a log.
+        print(
+            f"{plan.label} task {task + 1} step {progress.steps_done}: "
+            f"{plan.metric.replace('_', ' ')} {' '.join(f'{a:.3f}' for a in accuracy)} "
+            f"(training loss {float(loss):.3f})",
+            flush=True,
         )
     return RunState(arrays, progress)
 

@@ -110,6 +110,15 @@ class Method:
         """Whether the method adds a quadratic penalty after each task."""
         return self.importance is not None
 
+    @property
+    def shares_first_task(self) -> bool:
+        """Whether its first task trains as plain training does, so that shared first-task
+        params (``config.first_task_params``) serve it: not SI, whose path integral runs during
+        task 1 in its optimiser state, nor joint, whose task 1 set is the cumulative one padded
+        to all tasks' size (another shuffle). The others' penalty is zero before the first
+        consolidation."""
+        return self.wrap_optimizer is None and not self.cumulative_data
+
     def refusal(self, *, estimator: str) -> str | None:
         """Why this method cannot run with ``estimator``, or None."""
         if self.estimators is not None and estimator not in self.estimators:
