@@ -241,7 +241,7 @@ def fisher_diagonal(
     # Before the computation, so that a NaN input is named rather than the NaN logits it gives.
     failures = non_finite(params, "params", "the Fisher would be NaN")
     failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
-    params, inputs = fail_if((params, inputs), failures, every_leaf=True)
+    params = fail_if(params, failures, every_leaf=True)
     traced = is_traced((params, inputs, labels, key, mask, model_state))
     if estimator == "batched":
         if batch_size is None:

@@ -323,7 +323,7 @@ def kfac_fisher(
     check_trainable_only(params)
     failures = non_finite(params, "params", "the Fisher would be NaN")
     failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
-    params, inputs = fail_if((params, inputs), failures, every_leaf=True)
+    params = fail_if(params, failures, every_leaf=True)
     traced = is_traced((params, inputs, labels, key, mask))
     keys = jax.random.split(key, n) if estimator == "sampled" else None
     # Sharded params (tensor parallel, FSDP): one program on the params' devices with Auto
