@@ -8,21 +8,19 @@ The layers are found in the traced program by the engine's plan (``ewc_jax._engi
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Literal, TypeAlias, get_args
+from typing import Literal, TypeAlias, get_args
 
 import jax
 import jax.numpy as jnp
 
-from ewc_jax._engine.chunking import chunked_sum, even_chunk_size
+from ewc_jax._engine.chunking import even_chunk_size
 from ewc_jax._engine.cost import (
     MAX_SMALL_CHUNK,
     bytes_per_example,
     default_chunk_size,
     general_bytes_per_example,
 )
-from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
+from ewc_jax._engine.dtypes import result_dtype
 from ewc_jax._engine.inputs import (
     check_key,
     check_positive,
@@ -31,24 +29,18 @@ from ewc_jax._engine.inputs import (
     num_examples,
 )
 from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
-from ewc_jax._engine.onepass import SquareSums, sum_over_labels
 from ewc_jax._engine.placement import Layout
-from ewc_jax._engine.plan import Plan, make_plan, restrict
-from ewc_jax._engine.tapped import conv_patches, stack_examples, tapped_vjp
+from ewc_jax._engine.plan import restrict
 from ewc_jax._engine.targets import (
-    checked_logits,
-    label_targets,
     logit_errors_as_value_errors,
 )
 from ewc_jax._fisher import fisher_diagonal
 from ewc_jax._kfac_layers import plan_and_layers, selected_layers
+from ewc_jax._kfac_pass import factors_pass
 from ewc_jax._kfac_sequence import (
     SequenceMode,
     check_mask_fits,
     check_sequence,
-    input_sum,
-    output_sum,
-    position_weights,
     positions,
 )
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
@@ -264,21 +256,9 @@ def kfac_fisher(
       Eschenhagen, Immer, Turner, Schneider & Hennig, "Kronecker-Factored Approximate
       Curvature for Modern Neural Network Architectures", NeurIPS 2023.
     """
-    if estimator not in KFAC_ESTIMATORS:
-        raise ValueError(
-            f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
-        )
-    check_sequence(sequence)
-    check_positive("chunk_size", chunk_size)
-    check_params(params)
-    n = num_examples(inputs)
-    model = Model.of(apply_fn, params, inputs)
-    token_shape, num_classes = output_shape(model)
-    check_classes(num_classes)
-    labels = estimator_labels(estimator, labels, (n, *token_shape), num_classes)
-    mask = checked_mask(mask, (n, *token_shape))
-    if estimator == "sampled":
-        check_key(key)
+    n, model, token_shape, labels, mask = _checked_arguments(
+        apply_fn, params, inputs, labels, mask, key, estimator, sequence, chunk_size
+    )
     plan, layers = plan_and_layers(model)
     selected = frozenset(selected_leaves(params, where))
     layers = selected_layers(layers, selected)
@@ -289,18 +269,6 @@ def kfac_fisher(
     leaves, treedef = jax.tree.flatten(params)
     covered = {i for _, kernel, bias, *_ in layers for i in (kernel, bias) if i is not None}
     uncovered = tuple(i for i in sorted(selected) if i not in covered)
-
-    def diagonal_tree(diagonal: dict[int, jax.Array]) -> PyTree:
-        # The selected leaves: their diagonal Fisher, or zeros where a block covers them.
-        return selected_tree(
-            params,
-            where,
-            lambda i: (
-                diagonal[i]
-                if i in diagonal
-                else jnp.zeros(leaves[i].shape, result_dtype(leaves[i], None))
-            ),
-        )
 
     if not layers:  # nothing to factor: the diagonal Fisher of the selection, its own one pass
         # A callable where=, since a flags tree of an Equinox model is itself callable.
@@ -317,7 +285,10 @@ def kfac_fisher(
             where=lambda _: flags,
         )
         return KFACFisher(
-            diagonal_tree(dict(zip(uncovered, jax.tree.leaves(diagonal), strict=True))), ()
+            _diagonal_tree(
+                params, where, dict(zip(uncovered, jax.tree.leaves(diagonal), strict=True))
+            ),
+            (),
         )
     # The checks fisher_diagonal makes, whose diagonal this pass computes.
     check_trainable_only(params)
@@ -340,7 +311,7 @@ def kfac_fisher(
         model.params, restrict(plan, uncovered).fallback
     )
     factors, diagonal = logit_errors_as_value_errors(
-        _factors,
+        factors_pass,
         traced,
         layout.enter(params),
         *layout.enter_examples((inputs, labels, keys, mask)),
@@ -363,7 +334,7 @@ def kfac_fisher(
     factors = layout.leave(factors, shardings)
     diagonal = dict(zip(uncovered, layout.restore(uncovered, diagonal), strict=True))
     return KFACFisher(
-        diagonal_tree(diagonal),
+        _diagonal_tree(params, where, diagonal),
         tuple(
             KroneckerFactors(a, g, kernel, bias, axes)
             for (a, g), (_, kernel, bias, axes, _) in zip(factors, layers, strict=True)
@@ -371,156 +342,38 @@ def kfac_fisher(
     )
 
 
-def _layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array:
-    """``[B, S, in]``: each example's layer inputs at its S output positions (S = 1: Dense)."""
-    (kernel_operand,) = {t.operand for t in plan.taps if t.node == node}
-    inputs = recorded[(node, 1 - kernel_operand)]
-    if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
-        return conv_patches(plan.nodes[node], inputs, dtype)
-    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *in]
-        return inputs.reshape(inputs.shape[0], math.prod(extra), -1).astype(dtype)
-    return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
-
-
-def _layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
-    """``[B, S, out]``: the output gradients at the S output positions."""
-    eqn = plan.nodes[node].eqn
-    if eqn.primitive.name == "conv_general_dilated":
-        out_spec = eqn.params["dimension_numbers"].out_spec
-        d = stack_examples(delta.astype(dtype), out_spec[0])
-        d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
-        return d.reshape(d.shape[0], -1, d.shape[-1])
-    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *out]
-        return delta.reshape(delta.shape[0], math.prod(extra), -1).astype(dtype)
-    return delta.reshape(delta.shape[0], 1, -1).astype(dtype)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "apply_fn",
-        "estimator",
-        "sequence",
-        "token_shape",
-        "chunk_size",
-        "layers",
-        "shardings",
-        "diagonal",
-        "diagonal_shardings",
-        "out_dtypes",
-        "check_logits",
-    ),
-)
-def _factors(
-    params,
-    inputs,
-    labels,
-    keys,
-    mask,
-    *,
-    apply_fn,
-    estimator,
-    sequence,
-    token_shape,
-    chunk_size,
-    layers,
-    shardings,
-    diagonal,
-    diagonal_shardings,
-    out_dtypes,
-    check_logits,
+def _checked_arguments(
+    apply_fn, params, inputs, labels, mask, key, estimator, sequence, chunk_size
 ):
-    """``([(A, G)] per layer, [diagonal Fisher] per leaf in ``diagonal``)`` from one chunked
-    pass: chunked sums of ``ā āᵀ`` (with the count they average over) and of ``δ δᵀ``, the
-    latter divided by N, each constrained to its ``(A, G)`` shardings in ``shardings``; and
-    the same pass's ``Σ w g²`` of the ``diagonal`` leaves divided by N, as ``fisher_diagonal``
-    sums them (:class:`~ewc_jax._engine.onepass.SquareSums`), each constrained to its
-    ``diagonal_shardings`` (None: unconstrained)."""
-    leaves = jax.tree.leaves(params)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-
-    def placed(sums, diag):  # A, G and the diagonal on their shardings
-        if shardings is not None:
-            sums = [
-                (
-                    jax.lax.with_sharding_constraint(a, sa),
-                    *rest[:-1],
-                    jax.lax.with_sharding_constraint(rest[-1], sg),
-                )
-                for (a, *rest), (sa, sg) in zip(sums, shardings, strict=True)
-            ]
-        if diagonal_shardings is not None:
-            diag = [
-                jax.lax.with_sharding_constraint(d, s)
-                for d, s in zip(diag, diagonal_shardings, strict=True)
-            ]
-        return sums, diag
-
-    def sums(data, weight):
-        x, y, k, m = data
-        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
-        plan = make_plan(apply_fn.fn, params, example)
-        # The leaves without a block: tapped where fisher_diagonal's one-pass path taps them,
-        # the rest (embeddings, a leaf used twice) differentiated per example in the same pass.
-        diag_plan = restrict(plan, diagonal)
-        nodes = sorted({node for node, *_ in layers} | set(diag_plan.perturbed_nodes))
-        logits, pullback, recorded = tapped_vjp(
-            plan, leaves, jax.tree.leaves(x), nodes, diag_plan.fallback
+    """``(N, model, token shape, labels, mask)`` after :func:`kfac_fisher`'s argument checks."""
+    if estimator not in KFAC_ESTIMATORS:
+        raise ValueError(
+            f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
         )
-        logits = checked_logits(logits, check_logits)
-        num_labels, target = label_targets(logits, estimator, y, k, m, weight)
-        squares = SquareSums.of(diag_plan, leaves, recorded, weight.shape[0], diag_plan.fallback)
-        dtypes = [accumulate_dtype(leaves[kernel].dtype) for _, kernel, *_ in layers]
-        batch = weight.shape[0]
-        # [B, S] counted positions of each Dense layer applied over extra axes; None otherwise.
-        counted = [
-            None
-            if positions(plan.nodes[node]) is None
-            else position_weights(plan.nodes[node], m, token_shape, batch, dtype)
-            for (node, *_), dtype in zip(layers, dtypes, strict=True)
-        ]
-        a_sums = []
-        for (node, _, bias, *_), dtype, c in zip(layers, dtypes, counted, strict=True):
-            a = _layer_inputs(plan, node, recorded, dtype)
-            if bias is not None:
-                a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
-            if c is not None:  # K-FAC-expand or -reduce (Eschenhagen et al. 2023).
-                a_sums.append(input_sum(a, c, weight, sequence))
-                continue
-            # Σ over output positions (Grosse & Martens 2016; one position for Dense).
-            w = weight.astype(dtype)
-            a_sums.append((jnp.einsum("n,nsi,nsj->ij", w, a, a), jnp.sum(w)))
+    check_sequence(sequence)
+    check_positive("chunk_size", chunk_size)
+    check_params(params)
+    n = num_examples(inputs)
+    model = Model.of(apply_fn, params, inputs)
+    token_shape, num_classes = output_shape(model)
+    check_classes(num_classes)
+    labels = estimator_labels(estimator, labels, (n, *token_shape), num_classes)
+    mask = checked_mask(mask, (n, *token_shape))
+    if estimator == "sampled":
+        check_key(key)
+    return n, model, token_shape, labels, mask
 
-        def add_label(totals, label):
-            g_sums, diag = totals
-            cotangent, w = target(label)
-            deltas, grads = pullback(cotangent.astype(logits.dtype))
-            new = []
-            for total, (node, *_), dtype, c in zip(g_sums, layers, dtypes, counted, strict=True):
-                d = _layer_deltas(plan, node, deltas[node], dtype)
-                if c is not None:
-                    new.append(total + output_sum(d, c, w, sequence))
-                    continue
-                # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
-                scale = jnp.asarray(1.0 / d.shape[1], dtype)
-                new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
-            return (new, squares.add(diag, deltas, grads, w)), None
 
-        zero = [
-            jnp.zeros((out, out), dtype) for (*_, out), dtype in zip(layers, dtypes, strict=True)
-        ]
-        g_sums, diag = sum_over_labels(add_label, (zero, squares.zero()), num_labels)
-        diag = squares.finish(diag)
-        # Leaves the logits do not depend on get zeros, as in fisher_diagonal.
-        diag = [
-            diag[i] if i in diag else jnp.zeros(leaves[i].shape, accumulate_dtype(leaves[i].dtype))
-            for i in diagonal
-        ]
-        factor_sums = [(a, count, g) for (a, count), g in zip(a_sums, g_sums, strict=True)]
-        return placed(factor_sums, diag)
-
-    factor_sums, diag = chunked_sum(sums, (inputs, labels, keys, mask), chunk_size)
-    return placed(
-        [(a / count, g / n) for a, count, g in factor_sums],
-        [(t / n).astype(d) for t, d in zip(diag, out_dtypes, strict=True)],
+def _diagonal_tree(params: Params, where: Where | None, diagonal: dict[int, jax.Array]) -> PyTree:
+    """The selected leaves: their diagonal Fisher (``diagonal``, by leaf index), or zeros where a
+    block covers them."""
+    leaves = jax.tree.leaves(params)
+    return selected_tree(
+        params,
+        where,
+        lambda i: (
+            diagonal[i]
+            if i in diagonal
+            else jnp.zeros(leaves[i].shape, result_dtype(leaves[i], None))
+        ),
     )

@@ -10,9 +10,13 @@ import functools
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from ewc_jax._engine.model import Model
 from ewc_jax._engine.plan import LAYOUT_OPS, Plan, Tap, make_plan
-from ewc_jax._kfac_sequence import dense_kernel
+from ewc_jax._engine.tapped import conv_patches, stack_examples
+from ewc_jax._kfac_sequence import dense_kernel, positions
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,3 +125,27 @@ def carried_outputs(plan: Plan, node: int) -> list[Any]:
         ):
             return carried
         carried.append(users[0].outputs[0])
+
+
+def layer_inputs(plan: Plan, node: int, recorded: Any, dtype: Any) -> jax.Array:
+    """``[B, S, in]``: each example's layer inputs at its S output positions (S = 1: Dense)."""
+    (kernel_operand,) = {t.operand for t in plan.taps if t.node == node}
+    inputs = recorded[(node, 1 - kernel_operand)]
+    if plan.nodes[node].eqn.primitive.name == "conv_general_dilated":
+        return conv_patches(plan.nodes[node], inputs, dtype)
+    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *in]
+        return inputs.reshape(inputs.shape[0], math.prod(extra), -1).astype(dtype)
+    return inputs.reshape(inputs.shape[0], 1, -1).astype(dtype)
+
+
+def layer_deltas(plan, node: int, delta: jax.Array, dtype: Any) -> jax.Array:
+    """``[B, S, out]``: the output gradients at the S output positions."""
+    eqn = plan.nodes[node].eqn
+    if eqn.primitive.name == "conv_general_dilated":
+        out_spec = eqn.params["dimension_numbers"].out_spec
+        d = stack_examples(delta.astype(dtype), out_spec[0])
+        d = jnp.transpose(d, (out_spec[0], *out_spec[2:], out_spec[1]))
+        return d.reshape(d.shape[0], -1, d.shape[-1])
+    if (extra := positions(plan.nodes[node])) is not None:  # [B, 1, *P, *out]
+        return delta.reshape(delta.shape[0], math.prod(extra), -1).astype(dtype)
+    return delta.reshape(delta.shape[0], 1, -1).astype(dtype)

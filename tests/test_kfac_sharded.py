@@ -112,7 +112,7 @@ assert float(np.max(one.diagonal["s"])) > 0
 close(many.diagonal["s"], one.diagonal["s"], "diagonal s")
 assert many.diagonal["s"].sharding == sharded["s"].sharding, many.diagonal["s"].sharding
 # (a) The factor programs (one device, and sharded): no sharded kernel gathered whole.
-modules = glob.glob(f"{{DUMP}}/*jit__factors*after_optimizations.txt")
+modules = glob.glob(f"{{DUMP}}/*jit_factors_pass*after_optimizations.txt")
 assert len(modules) == 2, modules
 for path in modules:
     assert not whole_params(open(path).read()), path
@@ -187,7 +187,7 @@ def test_kfac_on_a_2x4_mesh_keeps_the_layers_sharding(tmp_path):
     split along the kernel's ``in`` axis (whole with a bias), ``G`` along its ``out`` axis,
     replicated for a replicated kernel; the state's stacks and anchors the same; the step's
     new params keep their shardings. HLO: the optimised programs of (a) the
-    factor computation (both ``_factors`` modules XLA dumps) and (b) the jitted train step (and
+    factor computation (both ``factors_pass`` modules XLA dumps) and (b) the jitted train step (and
     the jitted penalty) hold no ``all-gather`` whose result shape, leading 1s dropped, equals a
     sharded parameter's full shape; all-gathers of activations and examples are allowed.
     """

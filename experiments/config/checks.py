@@ -208,18 +208,9 @@ def _check_float(field: str, value: Any, low: float, high: float, *, open_low=Fa
     return float(value)
 
 
-def _check_numbers(config: ml_collections.ConfigDict) -> None:
-    """Every numeric and boolean field: its type and its range."""
-    for field, minimum in _INT_MINIMUMS.items():
-        _check_int(field, config[field], minimum)
-    for field in _BOOL_FIELDS:
-        if not isinstance(config[field], bool):
-            raise ConfigError(f"{field} must be True or False, got {config[field]!r}")
-    if not isinstance(config.first_task_params, str):
-        raise ConfigError(
-            f"first_task_params must be a directory path (a string; '' for none), got "
-            f"{config.first_task_params!r}"
-        )
+def _check_strengths(config: ml_collections.ConfigDict) -> None:
+    """``strength`` and every ``strengths.<method>``: a number >= 0, or ``evidence`` for the
+    methods with a Laplace precision."""
     _check_float("strength", config.strength, 0.0, math.inf)
     for name in REGULARIZED:
         value = config.strengths.get(name)
@@ -234,6 +225,21 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(
                     f"strengths.{name} must be a finite number >= 0 or {EVIDENCE!r}, got {value!r}"
                 ) from None
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every numeric and boolean field: its type and its range."""
+    for field, minimum in _INT_MINIMUMS.items():
+        _check_int(field, config[field], minimum)
+    for field in _BOOL_FIELDS:
+        if not isinstance(config[field], bool):
+            raise ConfigError(f"{field} must be True or False, got {config[field]!r}")
+    if not isinstance(config.first_task_params, str):
+        raise ConfigError(
+            f"first_task_params must be a directory path (a string; '' for none), got "
+            f"{config.first_task_params!r}"
+        )
+    _check_strengths(config)
     _check_float("gamma", config.gamma, 0.0, 1.0)
     _check_float("lora_alpha", config.lora_alpha, 0.0, math.inf, open_low=True)
     _check_float("learning_rate", config.learning_rate, 0.0, math.inf, open_low=True)

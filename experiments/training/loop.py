@@ -23,7 +23,6 @@ raises it at once.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -35,13 +34,10 @@ import numpy as np
 from experiments.spec import OptimizerSpec, ScheduleSpec
 from experiments.training import forecast, steps
 from experiments.training.device import DeviceScenario, TaskData
+from experiments.training.divergence import TrainingDivergedError, divergence_message
 from experiments.training.methods import MethodSpec
-from experiments.training.progress import Progress, fisher_examples
+from experiments.training.progress import Progress, fisher_examples, progress_bar
 from experiments.training.signals import Interrupted, safe_points, stop_requested, stop_signal
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 class RunState(NamedTuple):
@@ -237,7 +233,11 @@ def _run(
         if task == 0 and first_task is not None and progress.steps_done == 0:
             loaded = first_task.load(state.arrays, progress)
             state = state if loaded is None else state._replace(arrays=loaded)
-        bar = _progress_bar(plan, task, progress.steps_done)
+        bar = progress_bar(
+            plan.total_steps[task],
+            progress.steps_done,
+            f"{plan.label.strip('[]')} task {task + 1}/{plan.num_tasks}",
+        )
         while progress.steps_done < plan.total_steps[task]:
             before = progress.steps_done
             state = _train_epoch(state, plan, fns, train_sets[task], data, task)
@@ -279,7 +279,11 @@ def _train_epoch(
     finite = fns.unpad(np.isfinite(np.asarray(loss)))
     if not np.all(finite):
         if plan.raise_on_divergence:
-            raise TrainingDivergedError(divergence_message(plan, state.arrays, task))
+            raise TrainingDivergedError(
+                divergence_message(
+                    plan.method, plan.learning_rate, plan.optimizer, state.arrays, task
+                )
+            )
         progress.diverged = (np.asarray(progress.diverged) | ~finite).tolist()
     progress.steps_done += num_steps
     progress.epoch += 1
@@ -392,40 +396,3 @@ def _choose_strength(
         }
     )
     return arrays
-
-
-def divergence_message(plan: Plan, arrays: steps.TrainState, task: int) -> str:
-    """Why a single run's loss became non-finite, and what to change."""
-    method = plan.method
-    message = f"{method.name}: the training loss became non-finite on task {task + 1}"
-    if method.regularized and int(arrays.ewc_state.num_tasks) > 0:
-        ewc = arrays.ewc_state
-        # K-FAC: the diagonal of each layer's A ⊗ G besides the uncovered parameters' precision.
-        diagonals = [
-            jnp.diagonal(t.a[-1])[:, None] * jnp.diagonal(t.g[-1])[None]
-            for t in getattr(ewc, "layers", ())
-        ]
-        ewc = getattr(ewc, "diagonal", ewc)
-        top = max(float(jnp.max(p)) for p in jax.tree.leaves(ewc.precision) + diagonals)
-        # Plain gradient descent on λ/2·Λ·θ² is stable only while lr·λ·Λ < 2.
-        product = plan.learning_rate * method.strength * top
-        message += (
-            f"; learning_rate * strength * max precision = {plan.learning_rate:g} * "
-            f"{method.strength:g} * {top:.3g} = {product:.3g}"
-        )
-        if plan.optimizer == "sgd" and product >= 2:
-            message += " >= 2, so SGD on the penalty diverges"
-        message += ": lower the strength or the learning rate"
-    return message + "."
-
-
-def _progress_bar(plan: Plan, task: int, done: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=plan.total_steps[task],
-        initial=done,
-        desc=f"{plan.label.strip('[]')} task {task + 1}/{plan.num_tasks}",
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )

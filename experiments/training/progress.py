@@ -75,3 +75,19 @@ def fisher_examples(
         by_seed[seed] = np.sort(rng.choice(num_valid, count, replace=False))
         progress.fisher_rngs[index] = rng.bit_generator.state
     return [by_seed[seed] for seed in seeds]
+
+
+def progress_bar(total: int, done: int, description: str) -> Any:
+    """A tqdm bar of ``total`` steps starting at ``done``, shown only when stderr is a terminal
+    (a log file gets the loop's printed lines instead)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=description,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )
