@@ -230,7 +230,7 @@ def fisher_diagonal(
         raise ValueError(f"Unknown method {method!r}; valid methods: {METHODS}.")
     check_positive("chunk_size", chunk_size)
     check_positive("batch_size", batch_size)
-    model, labels, mask = _checked_model_and_data(
+    model, labels, mask = checked_model_and_data(
         apply_fn, params, inputs, labels, mask, key, estimator, model_state
     )
     n = num_examples(inputs)
@@ -297,7 +297,7 @@ def fisher_diagonal(
     return jax.tree.unflatten(result_def, layout.restore(selected, fisher))
 
 
-def _checked_model_and_data(
+def checked_model_and_data(
     apply_fn: ApplyFn,
     params: Params,
     inputs: PyTree,

@@ -22,19 +22,16 @@ from ewc_jax._engine.cost import (
 )
 from ewc_jax._engine.dtypes import result_dtype
 from ewc_jax._engine.inputs import (
-    check_key,
     check_positive,
-    checked_mask,
-    estimator_labels,
     num_examples,
 )
-from ewc_jax._engine.model import Model, Static, check_classes, check_params, output_shape
+from ewc_jax._engine.model import Static, output_shape
 from ewc_jax._engine.placement import Layout
 from ewc_jax._engine.plan import restrict
 from ewc_jax._engine.targets import (
     logit_errors_as_value_errors,
 )
-from ewc_jax._fisher import fisher_diagonal
+from ewc_jax._fisher import checked_model_and_data, fisher_diagonal
 from ewc_jax._kfac_layers import plan_and_layers, selected_layers
 from ewc_jax._kfac_pass import factors_pass
 from ewc_jax._kfac_sequence import (
@@ -46,7 +43,6 @@ from ewc_jax._kfac_sequence import (
 from ewc_jax._kfac_state import KFACFisher, KroneckerFactors
 from ewc_jax._types import ApplyFn, Params, PyTree
 from ewc_jax._validation import (
-    check_trainable_only,
     fail_if,
     is_traced,
     non_finite,
@@ -291,7 +287,6 @@ def kfac_fisher(
             (),
         )
     # The checks fisher_diagonal makes, whose diagonal this pass computes.
-    check_trainable_only(params)
     failures = non_finite(params, "params", "the Fisher would be NaN")
     failures += non_finite(inputs, "inputs", "the Fisher would be NaN")
     params = fail_if(params, failures, every_leaf=True)
@@ -345,23 +340,19 @@ def kfac_fisher(
 def _checked_arguments(
     apply_fn, params, inputs, labels, mask, key, estimator, sequence, chunk_size
 ):
-    """``(N, model, token shape, labels, mask)`` after :func:`kfac_fisher`'s argument checks."""
+    """``(N, model, token shape, labels, mask)`` after :func:`kfac_fisher`'s argument checks:
+    its own (estimator, sequence mode, chunk size), then :func:`fisher_diagonal`'s."""
     if estimator not in KFAC_ESTIMATORS:
         raise ValueError(
             f"Unknown estimator {estimator!r} for K-FAC; valid estimators: {KFAC_ESTIMATORS}."
         )
     check_sequence(sequence)
     check_positive("chunk_size", chunk_size)
-    check_params(params)
-    n = num_examples(inputs)
-    model = Model.of(apply_fn, params, inputs)
-    token_shape, num_classes = output_shape(model)
-    check_classes(num_classes)
-    labels = estimator_labels(estimator, labels, (n, *token_shape), num_classes)
-    mask = checked_mask(mask, (n, *token_shape))
-    if estimator == "sampled":
-        check_key(key)
-    return n, model, token_shape, labels, mask
+    model, labels, mask = checked_model_and_data(
+        apply_fn, params, inputs, labels, mask, key, estimator, None
+    )
+    token_shape, _ = output_shape(model)
+    return num_examples(inputs), model, token_shape, labels, mask
 
 
 def _diagonal_tree(params: Params, where: Where | None, diagonal: dict[int, jax.Array]) -> PyTree:
