@@ -11,12 +11,13 @@ import jax.numpy as jnp
 
 from ewc_jax._engine.chunking import chunked_sum
 from ewc_jax._engine.dtypes import accumulate_dtype
-from ewc_jax._engine.onepass import SquareSums, sum_over_labels
+from ewc_jax._engine.onepass import SquareSums
 from ewc_jax._engine.plan import make_plan, restrict
 from ewc_jax._engine.tapped import tapped_vjp
 from ewc_jax._engine.targets import (
     checked_logits,
     label_targets,
+    sum_over_labels,
 )
 from ewc_jax._kfac_layers import layer_deltas, layer_inputs
 from ewc_jax._kfac_sequence import (

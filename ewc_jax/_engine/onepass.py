@@ -40,6 +40,7 @@ from ewc_jax._engine.tapped import (
     stacked_axes,
     tapped_vjp,
 )
+from ewc_jax._engine.targets import sum_over_labels
 
 Targets = Callable[[jax.Array], tuple[int, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]]
 """Maps the logits ``[B, ..., C]`` to ``(K, target)``; ``target(k)`` gives the gradient of the
@@ -82,15 +83,6 @@ def tapped_sums(
         return squares.add(totals, *pullback(cotangent.astype(logits.dtype)), w), None
 
     return squares.finish(sum_over_labels(add_label, squares.zero(), num_labels)), logits
-
-
-def sum_over_labels(add_label: Callable[[Any, Any], tuple[Any, None]], zero: Any, num_labels: int):
-    """``add_label`` folded over the labels ``0..K-1`` (a ``lax.scan`` when ``K > 1``)."""
-    if num_labels == 1:
-        total, _ = add_label(zero, 0)
-    else:
-        total, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
-    return total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +125,13 @@ def general_sums(
             for t, g in zip(total, grads, strict=True)
         ], None
 
+    return dict(zip(leaf_indices, sum_over_labels(one_label, zero, num_labels), strict=True))
+
+
+def sum_over_labels(add_label: Callable[[Any, Any], tuple[Any, None]], zero: Any, num_labels: int):
+    """``add_label`` folded over the labels ``0..K-1`` (a ``lax.scan`` when ``K > 1``)."""
     if num_labels == 1:
-        total, _ = one_label(zero, 0)
+        total, _ = add_label(zero, 0)
     else:
-        total, _ = jax.lax.scan(one_label, zero, jnp.arange(num_labels))
-    return dict(zip(leaf_indices, total, strict=True))
+        total, _ = jax.lax.scan(add_label, zero, jnp.arange(num_labels))
+    return total
