@@ -14,6 +14,16 @@ accuracy after every task (:func:`experiments.reporting.plots.plot_average_accur
 model).
 Runs of single-run and sweep ``results.json`` files mix freely; a later file's runs of a
 (method, strength) already seen are added as further seeds.
+
+``--final`` adds a table of every task's value after the last task (the matrix's last row) and
+their mean, mean ± std over seeds; ``--trade-off`` draws the first task's final value against
+the last task's, one point per label (± std), a method's strengths joined by a line; and
+``--equal-cost A,B`` prints, for every label of method ``A``, method ``B``'s first-task value at
+the same last-task value, linearly interpolated between ``B``'s strengths (mean over seeds):
+"K-FAC against EWC at equal cost on the last language" for a language sequence.
+
+    python -m experiments.reporting.sequence_report runs/lm_large/*/results.json --every 4 \
+        --final --equal-cost kfac,ewc --trade-off docs/figures/fortunes_lm_large_trade_off.png
 """
 
 from __future__ import annotations
@@ -100,6 +110,103 @@ def markdown_table(runs: dict[str, list[np.ndarray]], every: int) -> str:
     return "\n".join(lines)
 
 
+def final_table(runs: dict[str, list[np.ndarray]], task_names: Sequence[str]) -> str:
+    """Per label: seeds, each task's value after the last task, and their mean (mean ± std)."""
+    header = ["method", "seeds", *[f"{name} final" for name in task_names], "average final"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, matrices in runs.items():
+        last = np.stack([m[-1] for m in matrices])
+        cells = [label, str(len(matrices))]
+        cells += [_mean_std(last[:, k]) for k in range(last.shape[1])]
+        lines.append("| " + " | ".join([*cells, _mean_std(last.mean(axis=1))]) + " |")
+    return "\n".join(lines)
+
+
+def _end_points(matrices: list[np.ndarray]) -> tuple[float, float]:
+    """The mean over seeds of (the last task's, the first task's) value after the last task."""
+    last = np.stack([m[-1] for m in matrices])
+    return float(last[:, -1].mean()), float(last[:, 0].mean())
+
+
+def equal_cost_lines(runs: dict[str, list[np.ndarray]], method: str, other: str) -> list[str]:
+    """For every label of ``method``: ``other``'s first-task value at the same last-task value.
+
+    ``other``'s labels (its strengths), sorted by their mean last-task value, are joined by
+    straight lines; a value outside their range is not extrapolated.
+
+    Example:
+        >>> runs = {"kfac λ=1": [np.array([[2.0, 9.0], [2.9, 3.0]])],
+        ...         "ewc λ=0.1": [np.array([[2.0, 9.0], [3.5, 2.5]])],
+        ...         "ewc λ=1": [np.array([[2.0, 9.0], [3.1, 3.5]])]}
+        >>> equal_cost_lines(runs, "kfac", "ewc")
+        ['kfac λ=1: last 3.000, first 2.900; ewc at that last: first 3.300']
+    """
+    mine = [label for label in runs if label.split(" ")[0] == method]
+    theirs = sorted(
+        (_end_points(runs[label]) for label in runs if label.split(" ")[0] == other),
+    )
+    if not mine or len(theirs) < 2:
+        raise ValueError(
+            f"--equal-cost needs runs of {method!r} and at least two strengths of {other!r}; "
+            f"labels: {', '.join(runs)}"
+        )
+    xs, ys = np.asarray(theirs).T
+    lines = []
+    for label in mine:
+        last, first = _end_points(runs[label])
+        head = f"{label}: last {last:.3f}, first {first:.3f}; {other} at that last"
+        if xs[0] <= last <= xs[-1]:
+            lines.append(f"{head}: first {np.interp(last, xs, ys):.3f}")
+        else:
+            lines.append(f"{head}: outside its range {xs[0]:.3f}-{xs[-1]:.3f}")
+    return lines
+
+
+def plot_trade_off(
+    runs: dict[str, list[np.ndarray]], task_names: Sequence[str], path: Path, metric: str
+) -> Path:
+    """The first task's final value against the last task's, one point per label (mean ± std
+    over seeds), the strengths of a method joined by a line in the order of the last task."""
+    figure = plots._new_figure(6.0, 4.5)
+    ax = figure.subplots()
+    methods = list(dict.fromkeys(label.split(" ")[0] for label in runs))
+    for k, method in enumerate(methods):
+        labels = [label for label in runs if label.split(" ")[0] == method]
+        finals = [np.stack([m[-1] for m in runs[label]]) for label in labels]
+        x = np.array([f[:, -1].mean() for f in finals])
+        y = np.array([f[:, 0].mean() for f in finals])
+        spread = [(f.std(axis=0, ddof=1) if len(f) > 1 else np.zeros(f.shape[1])) for f in finals]
+        order = np.argsort(x)
+        ax.plot(x[order], y[order], color=f"C{k}", marker="o", label=method)
+        ax.errorbar(
+            x,
+            y,
+            xerr=[s[-1] for s in spread],
+            yerr=[s[0] for s in spread],
+            fmt="none",
+            color=f"C{k}",
+            alpha=0.6,
+        )
+        for label, xi, yi in zip(labels, x, y, strict=True):
+            if "=" in label:
+                ax.annotate(
+                    label.split("=")[1],
+                    (xi, yi),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    label = metrics.METRICS[metric].label
+    ax.set_xlabel(f"{task_names[-1]} after the last task: {label}")
+    ax.set_ylabel(f"{task_names[0]} after the last task: {label}")
+    ax.set_title(
+        "first task against last task, after the last (mean ± std over seeds)", fontsize=10
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return plots._save(figure, path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Prints the table of the given ``results.json`` files and, with ``--plot``, the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,11 +217,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--matrices", type=Path, default=None, help="PNG of each label's mean matrix (heatmaps)"
     )
+    parser.add_argument("--final", action="store_true", help="table of the last row")
+    parser.add_argument("--trade-off", type=Path, default=None, help="PNG: first vs last task")
+    parser.add_argument("--equal-cost", default="", help="A,B: B's first task at A's last")
     args = parser.parse_args(argv)
     runs = collect_runs(args.results)
+    first = json.loads(Path(args.results[0]).read_text())
     print(markdown_table(runs, args.every))
+    if args.final:
+        print(final_table(runs, first["task_names"]))
+    if args.equal_cost:
+        method, other = args.equal_cost.split(",")
+        print("\n".join(equal_cost_lines(runs, method, other)))
+    if args.trade_off is not None:
+        path = plot_trade_off(runs, first["task_names"], args.trade_off, first["metric"])
+        print(f"figure: {path}")
     if args.matrices is not None:
-        first = json.loads(Path(args.results[0]).read_text())
         summary = {
             label: {"accuracy_matrix_mean": np.mean(np.stack(ms), axis=0)}
             for label, ms in runs.items()
