@@ -18,8 +18,9 @@ from ewc_jax._engine.cost import (
 from ewc_jax._engine.dtypes import accumulate_dtype, result_dtype
 from ewc_jax._engine.inputs import check_positive, num_examples
 from ewc_jax._engine.model import Model, Static, check_params, output_shape, per_example_logits
-from ewc_jax._engine.plan import consume, make_plan
-from ewc_jax._engine.tapped import expand, tapped_vjp
+from ewc_jax._engine.onepass import SquareSums
+from ewc_jax._engine.plan import make_plan
+from ewc_jax._engine.tapped import tapped_vjp
 from ewc_jax._fisher import METHODS, Method
 from ewc_jax._types import ApplyFn, Params, PyTree
 
@@ -52,7 +53,9 @@ def mas_importance(
     kernel on a ``[features]`` input, a bias added once, an elementwise scale) take their
     per-example gradient ``a_n ⊗ δ_n``, whose absolute value is ``|a_n| ⊗ |δ_n|``, so that
     :math:`\sum_n |a_n ⊗ δ_n| = |a|^\top |δ|`, one matrix product per layer from one forward and
-    one backward pass; every other parameter takes the general path. ``"auto"`` (default) is
+    one backward pass; the others (a convolution's kernel, an embedding, a leaf used twice) take
+    their per-example gradients from the same backward pass (the diagonal Fisher's one pass,
+    :mod:`ewc_jax._engine.onepass`, with ``|·|`` in place of ``(·)²``). ``"auto"`` (default) is
     ``"one_pass"`` when at least one parameter is covered, else ``"general"``. Both agree to
     float rounding.
 
@@ -173,29 +176,17 @@ def _general_abs_sums(
 def _one_pass_abs_sums(
     apply_fn: ApplyFn, params: Params, x: PyTree, weight: jax.Array
 ) -> dict[int, jax.Array]:
-    """``Σ_n w_n |a_n ⊗ δ_n| = |a|ᵀ (w |δ|)`` for one-term taps, the general path for the rest."""
+    """``Σ_n w_n |g_n|`` from one forward and one backward pass: ``|a|ᵀ (w |δ|)`` for one-term
+    layers, per-example gradients for the rest (the Fisher's pass with ``|·|`` for ``(·)²``)."""
     leaves = jax.tree.leaves(params)
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
     plan = make_plan(apply_fn, params, example)
-    taps = [t for t in plan.taps if t.one_term]
-    general = sorted({*plan.fallback, *(t.leaf for t in plan.taps if not t.one_term)})
-    out, pullback, recorded = tapped_vjp(plan, leaves, jax.tree.leaves(x), [t.node for t in taps])
-    # δ = ∂‖f‖²/∂z = Jᵀ 2f at every tapped output z.
-    deltas, _ = pullback(2 * jax.lax.stop_gradient(out))
-    sums = {}
-    for tap in taps:
-        dtype = accumulate_dtype(leaves[tap.leaf].dtype)
-        other = jnp.abs(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
-        delta = expand(weight, deltas[tap.node].ndim).astype(dtype) * jnp.abs(
-            deltas[tap.node].astype(dtype)
-        )
-
-        def contraction(p, other=other, tap=tap, dtype=dtype):
-            return jax.vmap(lambda o: consume(plan, tap, p, o, dtype))(other)
-
-        _, pull = jax.vjp(contraction, leaves[tap.leaf].astype(dtype))
-        # The layer's own contraction of |a| and |δ|; a subtraction flips the sign: abs.
-        sums[tap.leaf] = jnp.abs(pull(delta)[0])
-    if general:
-        sums.update(_general_abs_sums(apply_fn, params, x, weight, general))
-    return sums
+    out, pullback, recorded = tapped_vjp(
+        plan, leaves, jax.tree.leaves(x), plan.perturbed_nodes, plan.fallback
+    )
+    sums = SquareSums.of(
+        plan, leaves, recorded, weight.shape[0], plan.fallback, elementwise=jnp.abs
+    )
+    # δ = ∂‖f‖²/∂z = Jᵀ 2f at every tapped output z; one "label" of weight w.
+    deltas, grads = pullback(2 * jax.lax.stop_gradient(out))
+    return sums.finish(sums.add(sums.zero(), deltas, grads, weight))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _models import init_plain_mlp, plain_mlp
+from _models import TinyCausalLM, init_plain_mlp, plain_mlp
 from jax.flatten_util import ravel_pytree
 
 import ewc_jax
@@ -62,6 +62,24 @@ def test_mas_cnn_one_pass_matches_reference():
             model.apply, params, x, method="one_pass", chunk_size=2
         )
         _assert_trees_close(got, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_mas_language_model_one_pass_matches_reference():
+    # The embedding table (a gather), the attention projections over the tokens (several-term)
+    # and the LayerNorms take per-example gradients from the one backward pass; the output
+    # layer over [B, T, D] too. Against the jacrev reference, float64, both paths.
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        model = TinyCausalLM()
+        tokens = jax.random.randint(jax.random.key(1), (5, 4), 0, 5)
+        params = jax.tree.map(
+            lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), tokens[:1])
+        )
+        ref = _mas_reference(model.apply, params, tokens)
+        for method in ("one_pass", "general"):
+            got = ewc_jax.importance.mas_importance(
+                model.apply, params, tokens, method=method, chunk_size=2
+            )
+            _assert_trees_close(got, ref, rtol=1e-9, atol=1e-13)
 
 
 def test_mas_is_per_example_abs_not_abs_of_mean():

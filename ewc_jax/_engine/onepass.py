@@ -17,6 +17,10 @@ positions added by broadcasting, a leaf used twice) is perturbed per example ins
 example sees the leaf plus its own zero, so the same backward pass returns that leaf's
 per-example gradients ``g_n`` (what ``vmap(grad)`` gives, without a second forward and
 backward), and ``Σ_n w_n g_n²`` is a dot with the weights.
+
+MAS's importance takes the same pass with the absolute value in place of the square:
+``|a_n ⊗ δ_n| = |a_n| ⊗ |δ_n|`` as ``(a_n ⊗ δ_n)² = a_n² ⊗ δ_n²``, so
+``Σ_n w_n |g_n| = |a|ᵀ (w ⊙ |δ|)`` (:class:`SquareSums`' ``elementwise``).
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ class SquareSums:
     ``per_example``, for leaves whose per-example gradients the pullback returns (perturbed by
     :func:`~ewc_jax._engine.tapped.tapped_vjp`'s ``per_example``: a leaf the plan cannot tap,
     such as an embedding). Per label, :meth:`add` takes that pass's ``δ`` at the tapped nodes
-    and those gradients; :meth:`finish` turns the totals into sums per leaf.
+    and those gradients; :meth:`finish` turns the totals into sums per leaf. ``elementwise`` is
+    the square (the Fisher) or, for MAS's ``Σ_n w_n |g_n|``, the absolute value: either maps
+    ``a_n ⊗ δ_n`` to ``φ(a_n) ⊗ φ(δ_n)``, which is what the one-term layers' contraction uses.
     """
 
     plan: Plan
@@ -103,6 +109,7 @@ class SquareSums:
     chunk: int
     per_example: tuple[int, ...]
     patches: dict[int, jax.Array]
+    elementwise: Callable[[jax.Array], jax.Array] = jnp.square
 
     @classmethod
     def of(
@@ -112,6 +119,7 @@ class SquareSums:
         recorded: Recorded,
         chunk: int,
         per_example: Sequence[int] = (),
+        elementwise: Callable[[jax.Array], jax.Array] = jnp.square,
     ) -> SquareSums:
         patches = {
             t.leaf: conv_patches(
@@ -120,7 +128,7 @@ class SquareSums:
             for t in plan.taps
             if not t.one_term and patch_conv(plan.nodes[t.node], t.operand)
         }
-        return cls(plan, param_leaves, recorded, chunk, tuple(per_example), patches)
+        return cls(plan, param_leaves, recorded, chunk, tuple(per_example), patches, elementwise)
 
     def _node_dtypes(self) -> dict[int, Any]:
         return {t.node: _dtype(self.param_leaves, t.leaf) for t in self.plan.taps}
@@ -155,7 +163,7 @@ class SquareSums:
         squares = {
             i: squares[i]
             + expand(w, deltas[i].ndim).astype(node_dtype[i])
-            * jnp.square(deltas[i].astype(node_dtype[i]))
+            * self.elementwise(deltas[i].astype(node_dtype[i]))
             for i in squares
         }
         several = {t.leaf: (t, deltas[t.node]) for t in self.plan.taps if not t.one_term}
@@ -170,7 +178,7 @@ class SquareSums:
             else:  # from the pullback: a leaf perturbed per example
                 g = grads[i].astype(dtype)
             # A dot with the weights, not a sum over the batch axis (see general_sums).
-            new[i] = total + jnp.tensordot(w.astype(dtype), jnp.square(g), axes=1)
+            new[i] = total + jnp.tensordot(w.astype(dtype), self.elementwise(g), axes=1)
         return squares, new
 
     def finish(
@@ -188,6 +196,7 @@ class SquareSums:
                     self.recorded,
                     squares[tap.node],
                     _dtype(self.param_leaves, tap.leaf),
+                    self.elementwise,
                 )
         return sums
 
@@ -227,12 +236,14 @@ def _one_term_sum(
     recorded: dict[tuple[int, int], Any],
     squares: jax.Array,
     dtype: Any,
+    elementwise: Callable[[jax.Array], jax.Array] = jnp.square,
 ) -> jax.Array:
     """``Σ_n w_n (a_n ⊗ δ_n)² = (a²)ᵀ (w δ²)`` for a one-term layer, from ``w δ²`` summed over
     labels: the layer's own contraction, applied to squares (in the accumulation dtype), with
-    the examples stacked along a size-1 free axis so that XLA sees one plain matmul."""
+    the examples stacked along a size-1 free axis so that XLA sees one plain matmul. With
+    ``elementwise`` the absolute value: ``|a|ᵀ (w |δ|)``."""
     leaf = param_leaves[tap.leaf].astype(dtype)
-    other_sq = jnp.square(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
+    other_sq = elementwise(recorded[(tap.node, 1 - tap.operand)].astype(dtype))
     stacked = stacked_axes(plan.nodes[tap.node], tap.operand)
     if stacked is None:
 
