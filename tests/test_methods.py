@@ -225,6 +225,19 @@ def test_sequence_report_table_from_single_and_sweep_results(tmp_path):
     assert plots.plot_average_accuracy_over_tasks(curves, figure).stat().st_size > 1000
 
 
+def test_average_curves_in_bits_per_character_fit_the_data(tmp_path, monkeypatch):
+    """Accuracy's axis is fixed to [0, 1]; bits per character (unbounded) fit their values."""
+    axes = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: axes.extend(figure.axes) or path)
+    curves = {"ewc": np.array([[2.2, 2.9, 3.4], [2.3, 3.0, 3.5]])}
+    plots.plot_average_accuracy_over_tasks(curves, tmp_path / "a.png", metric="bits_per_character")
+    plots.plot_average_accuracy_over_tasks({"ewc": curves["ewc"] / 4}, tmp_path / "b.png")
+    low, high = axes[0].get_ylim()
+    assert low < 2.2 and 3.5 < high < 4.0
+    assert "bits per character" in axes[0].get_ylabel()
+    assert axes[1].get_ylim() == (0.0, 1.02)
+
+
 def test_sequence_report_draws_each_labels_mean_matrix(tmp_path, monkeypatch, capsys):
     """``--matrices``: one heatmap per label of its matrices' mean over seeds, in the first
     file's metric and task names."""

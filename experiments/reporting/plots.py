@@ -342,9 +342,10 @@ def plot_strength_sensitivity(
 
 
 def plot_average_accuracy_over_tasks(
-    curves: dict[str, np.ndarray], path: Path, *, title: str = ""
+    curves: dict[str, np.ndarray], path: Path, *, title: str = "", metric: str = "accuracy"
 ) -> Path:
-    """Average accuracy on the tasks seen so far against their number, one line per method.
+    """Average accuracy (or ``metric``) on the tasks seen so far against their number, one line
+    per method.
 
     ``curves[label][s, t]`` is seed ``s``'s mean accuracy over tasks ``1 .. t+1`` after training
     task ``t+1`` (:func:`experiments.reporting.sequence_report.average_accuracy_curve`); the line
@@ -354,10 +355,13 @@ def plot_average_accuracy_over_tasks(
         curves: ``{label: [S, T] array}``.
         path: output PNG.
         title: the figure's title.
+        metric: what the curves hold (:data:`experiments.reporting.metrics.METRICS`): its label
+            names the axis, its bounds (if any) fix it; bits per character fit the data.
 
     Returns:
         ``path``.
     """
+    spec = METRICS[metric]
     figure = _new_figure(6.0, 4.0)
     ax = figure.subplots()
     for k, (label, values) in enumerate(curves.items()):
@@ -370,9 +374,10 @@ def plot_average_accuracy_over_tasks(
     num_tasks = max(np.shape(values)[-1] for values in curves.values())
     ax.set_xticks(np.arange(1, num_tasks + 1, max(1, num_tasks // 10)))
     ax.set_xlabel("tasks trained")
-    ax.set_ylabel("average accuracy on the tasks so far")
-    ax.set_title(title or "average accuracy (mean ± std over seeds)", fontsize=10)
-    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel(f"average {spec.label} on the tasks so far")
+    ax.set_title(title or f"average {spec.label} (mean ± std over seeds)", fontsize=10)
+    if spec.bounds is not None:
+        ax.set_ylim(spec.bounds[0], spec.bounds[1] * 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     return _save(figure, path)

@@ -245,9 +245,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         curves = {
             label: np.stack([average_accuracy_curve(m) for m in ms]) for label, ms in runs.items()
         }
-        print(
-            f"figure: {plots.plot_average_accuracy_over_tasks(curves, args.plot, title=args.title)}"
+        path = plots.plot_average_accuracy_over_tasks(
+            curves, args.plot, title=args.title, metric=first["metric"]
         )
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":
