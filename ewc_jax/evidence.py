@@ -51,6 +51,7 @@ import numpy as np
 
 from ewc_jax._consolidation import EWCState
 from ewc_jax._types import Params
+from ewc_jax._where import Where
 from ewc_jax.kfac import KFACFisher, KFACState
 
 __all__ = ["Evidence", "evidence_strength", "log_evidence", "relative_curvatures"]
@@ -207,6 +208,7 @@ def log_evidence(
     *,
     num_examples: int,
     log_likelihood: jax.typing.ArrayLike = 0.0,
+    where: Where | None = None,
 ) -> jax.Array:
     r"""The Laplace log evidence of the current task as a function of the strength λ.
 
@@ -225,6 +227,8 @@ def log_evidence(
       curvature: the current task's Fisher at ``params`` (:func:`relative_curvatures`).
       num_examples: N, the number of examples of the current task the mean loss runs over.
       log_likelihood: :math:`\log p(D_t \mid θ)`, added as it is.
+      where: the selection the state was consolidated with (:func:`ewc_jax.consolidate`'s
+        ``where``, e.g. low-rank adapters), if any; ``params`` are the whole model's.
 
     Returns:
       :math:`\log Z(λ)`, float32 at least.
@@ -239,14 +243,16 @@ def log_evidence(
       1
     """
     relative = relative_curvatures(state, curvature)
-    q = _deviation_quadratic(params, state)
+    q = _deviation_quadratic(params, state, where)
     strength = jnp.asarray(strength, q.dtype)
     return _log_evidence(strength, relative, q, num_examples) + jnp.asarray(log_likelihood, q.dtype)
 
 
-def _deviation_quadratic(params: Params, state: EWCState | KFACState) -> jax.Array:
+def _deviation_quadratic(
+    params: Params, state: EWCState | KFACState, where: Where | None
+) -> jax.Array:
     """:math:`q = (θ - θ̄)^\\top Λ (θ - θ̄)`, from the state's own penalty at strength 2."""
-    return state.penalty(params, 2.0)
+    return state.penalty(params, 2.0, where=where)
 
 
 def _log_evidence(strength: jax.Array, relative: jax.Array, q: jax.Array, n: int) -> jax.Array:
@@ -268,6 +274,7 @@ def evidence_strength(
     *,
     num_examples: int,
     log_likelihood: jax.typing.ArrayLike = 0.0,
+    where: Where | None = None,
 ) -> Evidence:
     r"""The strength λ that maximises the Laplace evidence of the current task, and its value.
 
@@ -286,6 +293,10 @@ def evidence_strength(
       curvature: the current task's Fisher at ``params`` (:func:`relative_curvatures`).
       num_examples: N, the number of examples the current task's mean loss runs over.
       log_likelihood: added to the returned log evidence (:func:`log_evidence`).
+      where: the state's ``where`` selection, if it was consolidated with one; ``params`` and
+        ``curvature`` are then the whole model's and the selection's, as
+        :func:`ewc_jax.fisher_diagonal` and :func:`~ewc_jax.kfac.kfac_fisher` return them with
+        the same ``where``.
 
     Returns:
       An :class:`Evidence`: the maximising strength, :math:`\log Z` there and :math:`γ` there.
@@ -303,7 +314,7 @@ def evidence_strength(
     if num_examples <= 0:
         raise ValueError(f"num_examples must be a positive count, got {num_examples}.")
     relative = relative_curvatures(state, curvature)
-    q = _deviation_quadratic(params, state)
+    q = _deviation_quadratic(params, state, where)
     strength, value, gamma = _maximise(relative, q, jnp.asarray(num_examples, q.dtype))
     return Evidence(strength, value + jnp.asarray(log_likelihood, q.dtype), gamma)
 

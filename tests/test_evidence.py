@@ -6,6 +6,8 @@ densely with ``jnp.linalg``, and MacKay's fixed point (re-fit, re-choose) must l
 maximiser found by brute force. The Kronecker log-determinants are checked against ``jnp.kron``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -287,3 +289,42 @@ def test_bad_arguments_are_refused():
         relative_curvatures(diag, {"v": jnp.ones_like(anchor)})
     with pytest.raises(ValueError, match="num_examples must be a positive count"):
         evidence_strength(diag, {"w": anchor}, {"w": jnp.ones_like(anchor)}, num_examples=0)
+
+
+def test_a_where_state_takes_the_deviation_of_its_selection_alone():
+    """A K-FAC state over one layer of two (``where=``): ``q`` is that layer's explicit
+    ``vec(X)ᵀ (A ⊗ G) vec(X)`` with ``X = [ΔW; Δb]``, and the strength returned solves
+    ``γ(λ) = N λ q``; without ``where`` the call is refused, as the penalty is."""
+    import flax.linen as nn
+
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = functools.partial(nn.Dense, param_dtype=jnp.float64)
+            return dense(3, name="out")(jnp.tanh(dense(4, name="hidden")(x)))
+
+    model = TwoLayers()
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+    y = jnp.arange(32) % 3
+    params = model.init(jax.random.key(1), x[:1])["params"]
+    where = {"hidden": False, "out": True}
+
+    def fisher(p):
+        apply = lambda p, x: model.apply({"params": p}, x)
+        return kfac.kfac_fisher(apply, p, x, y, estimator="empirical", where=where)
+
+    state = ewc_jax.consolidate(None, params, fisher(params), where=where)
+    moved = jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), params
+    )
+    best = evidence_strength(state, moved, fisher(moved), num_examples=32, where=where)
+    (terms,) = state.layers
+    kernel, bias = (moved["out"][k] - params["out"][k] for k in ("kernel", "bias"))
+    delta = jnp.concatenate([kernel, bias[None]]).ravel()  # row-major vec of [ΔW; Δb]
+    q = delta @ jnp.kron(terms.a[0], terms.g[0]) @ delta
+    r = relative_curvatures(state, fisher(moved))
+    gamma = jnp.nansum(r / (r + best.strength))
+    assert 0 < best.strength < jnp.inf
+    np.testing.assert_allclose(gamma, 32 * best.strength * q, rtol=1e-8)
+    with pytest.raises(ValueError, match="pass the same where= here"):
+        evidence_strength(state, moved, fisher(moved), num_examples=32)
