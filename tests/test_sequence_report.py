@@ -72,3 +72,17 @@ def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_p
     assert "| kfac λ=1 | 2 | 2.700 ± 0.141 | 3.100 ± 0.141 | 2.900 ± 0.000 |" in printed
     assert "ewc at that last: first 3.200" in printed
     assert figure.stat().st_size > 1000
+    assert "| method | seeds | avg bpc @2 | BWT @2 |" in printed  # the file's metric names it
+
+
+def test_one_seed_prints_its_value_without_a_spread():
+    one = {"kfac λ=1": KFAC[:1]}
+    assert sequence_report.final_table(one, ["en", "it"]).splitlines()[2] == (
+        "| kfac λ=1 | 1 | 2.600 | 3.200 | 2.900 |"
+    )
+
+
+def test_a_missing_results_file_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sequence_report.main([str(tmp_path / "absent" / "results.json")])
+    assert "no such results file" in capsys.readouterr().err

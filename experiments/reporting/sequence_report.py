@@ -89,17 +89,21 @@ def _single_run_strength(config: dict[str, Any], name: str) -> float:
 
 
 def _mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` (ddof 1) over seeds; one seed has no spread and prints its value alone."""
     values = np.asarray(values, np.float64)
-    std = values.std(ddof=1) if values.size > 1 else 0.0
-    return f"{values.mean():.3f} ± {std:.3f}"
+    if values.size == 1:
+        return f"{values[0]:.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
-def markdown_table(runs: dict[str, list[np.ndarray]], every: int) -> str:
-    """The table: per label, seeds, then average accuracy and BWT after every ``every`` tasks."""
+def markdown_table(runs: dict[str, list[np.ndarray]], every: int, metric: str = "accuracy") -> str:
+    """The table: per label, seeds, then average accuracy (or bits per character, ``metric``)
+    and BWT after every ``every`` tasks."""
     num_tasks = min(m.shape[0] for matrices in runs.values() for m in matrices)
     points = list(range(every, num_tasks + 1, every)) or [num_tasks]
+    average = "avg acc" if metric == "accuracy" else "avg bpc"
     header = ["method", "seeds"]
-    header += [f"avg acc @{t}" for t in points] + [f"BWT @{t}" for t in points]
+    header += [f"{average} @{t}" for t in points] + [f"BWT @{t}" for t in points]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, matrices in runs.items():
         accuracy = [[average_accuracy_curve(m)[t - 1] for m in matrices] for t in points]
@@ -221,9 +225,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trade-off", type=Path, default=None, help="PNG: first vs last task")
     parser.add_argument("--equal-cost", default="", help="A,B: B's first task at A's last")
     args = parser.parse_args(argv)
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        parser.error(
+            f"no such results file: {', '.join(missing)} (a run writes results.json when all its "
+            "seeds and tasks are done)"
+        )
     runs = collect_runs(args.results)
     first = json.loads(Path(args.results[0]).read_text())
-    print(markdown_table(runs, args.every))
+    print(markdown_table(runs, args.every, first["metric"]))
     if args.final:
         print(final_table(runs, first["task_names"]))
     if args.equal_cost:
