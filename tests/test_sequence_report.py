@@ -26,7 +26,10 @@ def test_equal_cost_interpolates_between_the_other_methods_strengths():
     # EWC's mean end points: λ=0.1 (it 2.5, en 3.5), λ=1 (it 3.5, en 3.0). K-FAC's it is 3.1:
     # 60% of the way from 2.5 to 3.5, so EWC's en there is 3.5 - 0.6 * 0.5 = 3.2.
     [line] = sequence_report.equal_cost_lines(RUNS, "kfac", "ewc")
-    assert line == "kfac λ=1: last 3.100, first 2.700; ewc at that last: first 3.200"
+    assert line == (
+        "kfac λ=1: last 3.100, first 2.700, earlier 2.700; "
+        "ewc at that last: first 3.200, earlier 3.200"
+    )
     # The other way round: EWC λ=0.1's it 2.5 is outside K-FAC's single point, which is refused.
     with pytest.raises(ValueError, match="at least two strengths of 'kfac'"):
         sequence_report.equal_cost_lines(RUNS, "ewc", "kfac")
@@ -34,7 +37,7 @@ def test_equal_cost_interpolates_between_the_other_methods_strengths():
     lines = sequence_report.equal_cost_lines(wider, "ewc", "kfac")
     assert lines[0].endswith("outside its range 3.100-4.000")  # λ=0.1's it 2.5 < 3.1
     # λ=1's it 3.5 lies between (3.1, 2.7) and (4.0, 2.2): 2.7 - 0.4 / 0.9 * 0.5.
-    assert lines[1].endswith(f"first {2.7 - 0.4 / 0.9 * 0.5:.3f}")
+    assert f"first {2.7 - 0.4 / 0.9 * 0.5:.3f}," in lines[1]
 
 
 def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_path, capsys):
@@ -70,7 +73,7 @@ def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_p
     )
     printed = capsys.readouterr().out
     assert "| kfac λ=1 | 2 | 2.700 ± 0.141 | 3.100 ± 0.141 | 2.900 ± 0.000 |" in printed
-    assert "ewc at that last: first 3.200" in printed
+    assert "ewc at that last: first 3.200, earlier 3.200" in printed
     assert figure.stat().st_size > 1000
     assert "| method | seeds | avg bpc @2 | BWT @2 |" in printed  # the file's metric names it
 
@@ -86,3 +89,22 @@ def test_a_missing_results_file_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sequence_report.main([str(tmp_path / "absent" / "results.json")])
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_labels_sort_by_method_then_strength_by_value(tmp_path):
+    document = {
+        "sweep": True,
+        "config": {"methods": ["ewc"], "strength": 1.0, "strengths": {}},
+        "runs": [
+            {"method": m, "strength": lam, "accuracy_matrix": [[1.0]]}
+            for m, lam in [("kfac", 0.3), ("ewc", 10.0), ("ewc", 3.0), ("ewc", 0.1)]
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    assert list(sequence_report.collect_runs([path])) == [
+        "ewc λ=0.1",
+        "ewc λ=3",
+        "ewc λ=10",
+        "kfac λ=0.3",
+    ]

@@ -18,8 +18,9 @@ Runs of single-run and sweep ``results.json`` files mix freely; a later file's r
 ``--final`` adds a table of every task's value after the last task (the matrix's last row) and
 their mean, mean ± std over seeds; ``--trade-off`` draws the first task's final value against
 the last task's, one point per label (± std), a method's strengths joined by a line; and
-``--equal-cost A,B`` prints, for every label of method ``A``, method ``B``'s first-task value at
-the same last-task value, linearly interpolated between ``B``'s strengths (mean over seeds):
+``--equal-cost A,B`` prints, for every label of method ``A``, method ``B``'s first-task value and
+its mean over the tasks before the last at the same last-task value, linearly interpolated
+between ``B``'s strengths (mean over seeds):
 "K-FAC against EWC at equal cost on the last language" for a language sequence.
 
     python -m experiments.reporting.sequence_report runs/lm_large/*/results.json --every 4 \
@@ -75,10 +76,13 @@ def collect_runs(paths: Sequence[Path]) -> dict[str, list[np.ndarray]]:
     return dict(sorted(runs.items(), key=lambda item: _method_order(item[0])))
 
 
-def _method_order(label: str) -> tuple[int, str]:
+def _method_order(label: str) -> tuple[int, str, float]:
+    """Methods in :data:`METHODS`' order, a method's strengths by value (``λ=3`` before
+    ``λ=10``)."""
     names = list(METHODS)
-    method = label.split(" ")[0]
-    return (names.index(method) if method in names else len(names), label)
+    method, _, strength = label.partition(" λ=")
+    rank = names.index(method) if method in names else len(names)
+    return (rank, method, float(strength) if strength else 0.0)
 
 
 def _single_run_strength(config: dict[str, Any], name: str) -> float:
@@ -126,24 +130,29 @@ def final_table(runs: dict[str, list[np.ndarray]], task_names: Sequence[str]) ->
     return "\n".join(lines)
 
 
-def _end_points(matrices: list[np.ndarray]) -> tuple[float, float]:
-    """The mean over seeds of (the last task's, the first task's) value after the last task."""
+def _end_points(matrices: list[np.ndarray]) -> tuple[float, float, float]:
+    """The mean over seeds of the last task's, the first task's and the earlier tasks' mean
+    value after the last task."""
     last = np.stack([m[-1] for m in matrices])
-    return float(last[:, -1].mean()), float(last[:, 0].mean())
+    return float(last[:, -1].mean()), float(last[:, 0].mean()), float(last[:, :-1].mean())
 
 
 def equal_cost_lines(runs: dict[str, list[np.ndarray]], method: str, other: str) -> list[str]:
-    """For every label of ``method``: ``other``'s first-task value at the same last-task value.
+    """For every label of ``method``: ``other``'s first-task value, and its mean over every
+    task before the last, at the same last-task value.
 
     ``other``'s labels (its strengths), sorted by their mean last-task value, are joined by
     straight lines; a value outside their range is not extrapolated.
 
     Example:
-        >>> runs = {"kfac λ=1": [np.array([[2.0, 9.0], [2.9, 3.0]])],
-        ...         "ewc λ=0.1": [np.array([[2.0, 9.0], [3.5, 2.5]])],
-        ...         "ewc λ=1": [np.array([[2.0, 9.0], [3.1, 3.5]])]}
-        >>> equal_cost_lines(runs, "kfac", "ewc")
-        ['kfac λ=1: last 3.000, first 2.900; ewc at that last: first 3.300']
+        >>> first_rows = [[2.0, 9.0, 9.0], [2.5, 2.0, 9.0]]  # only the last row counts
+        >>> runs = {"kfac λ=1": [np.array([*first_rows, [2.9, 3.1, 3.0]])],
+        ...         "ewc λ=0.1": [np.array([*first_rows, [3.5, 3.3, 2.5]])],
+        ...         "ewc λ=1": [np.array([*first_rows, [3.1, 3.5, 3.5]])]}
+        >>> for part in equal_cost_lines(runs, "kfac", "ewc")[0].split("; "):
+        ...     print(part)
+        kfac λ=1: last 3.000, first 2.900, earlier 3.000
+        ewc at that last: first 3.300, earlier 3.350
     """
     mine = [label for label in runs if label.split(" ")[0] == method]
     theirs = sorted(
@@ -154,13 +163,16 @@ def equal_cost_lines(runs: dict[str, list[np.ndarray]], method: str, other: str)
             f"--equal-cost needs runs of {method!r} and at least two strengths of {other!r}; "
             f"labels: {', '.join(runs)}"
         )
-    xs, ys = np.asarray(theirs).T
+    xs, ys, earlier = np.asarray(theirs).T
     lines = []
     for label in mine:
-        last, first = _end_points(runs[label])
-        head = f"{label}: last {last:.3f}, first {first:.3f}; {other} at that last"
+        last, first, mean = _end_points(runs[label])
+        head = (
+            f"{label}: last {last:.3f}, first {first:.3f}, earlier {mean:.3f}; {other} at that last"
+        )
         if xs[0] <= last <= xs[-1]:
-            lines.append(f"{head}: first {np.interp(last, xs, ys):.3f}")
+            at = np.interp(last, xs, ys), np.interp(last, xs, earlier)
+            lines.append(f"{head}: first {at[0]:.3f}, earlier {at[1]:.3f}")
         else:
             lines.append(f"{head}: outside its range {xs[0]:.3f}-{xs[-1]:.3f}")
     return lines
