@@ -108,3 +108,38 @@ def test_labels_sort_by_method_then_strength_by_value(tmp_path):
         "ewc λ=10",
         "kfac λ=0.3",
     ]
+
+
+def test_matrices_of_draws_the_named_labels_only_and_refuses_unknown_ones(
+    tmp_path, monkeypatch, capsys
+):
+    from experiments.reporting import plots
+
+    document = {
+        "sweep": True,
+        "config": {"methods": ["ewc", "kfac"], "strength": 1.0, "strengths": {}},
+        "task_names": ["en", "it"],
+        "metric": "bits_per_character",
+        "runs": [
+            {
+                "method": label.split(" ")[0],
+                "strength": float(label.split("=")[1]),
+                "accuracy_matrix": matrix.tolist(),
+            }
+            for label, matrices in RUNS.items()
+            for matrix in matrices
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    drawn = []
+    monkeypatch.setattr(
+        plots, "plot_accuracy_matrices", lambda summary, *a, **k: drawn.append(summary) or a[1]
+    )
+    figure = str(tmp_path / "m.png")
+    sequence_report.main([str(path), "--matrices", figure, "--matrices-of", "kfac λ=1, ewc λ=1"])
+    assert list(drawn[0]) == ["ewc λ=1", "kfac λ=1"]
+    np.testing.assert_allclose(drawn[0]["kfac λ=1"]["accuracy_matrix_mean"], np.mean(KFAC, 0))
+    with pytest.raises(SystemExit):
+        sequence_report.main([str(path), "--matrices", figure, "--matrices-of", "kfac λ=9"])
+    assert "no runs labelled ['kfac λ=9']" in capsys.readouterr().err

@@ -11,7 +11,7 @@ of each run's accuracy matrix), mean ± std (ddof 1) over seeds. ``--plot`` draw
 accuracy after every task (:func:`experiments.reporting.plots.plot_average_accuracy_over_tasks`),
 ``--matrices`` each label's matrix averaged over its seeds, as heatmaps in the first file's metric
 (:func:`experiments.reporting.plots.plot_accuracy_matrices`; bits per character for the language
-model).
+model), ``--matrices-of`` naming the labels to draw (say, each method at its best strength).
 Runs of single-run and sweep ``results.json`` files mix freely; a later file's runs of a
 (method, strength) already seen are added as further seeds.
 
@@ -233,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--matrices", type=Path, default=None, help="PNG of each label's mean matrix (heatmaps)"
     )
+    parser.add_argument(
+        "--matrices-of",
+        default="",
+        help="comma-separated labels the --matrices figure draws (default: every label)",
+    )
     parser.add_argument("--final", action="store_true", help="table of the last row")
     parser.add_argument("--trade-off", type=Path, default=None, help="PNG: first vs last task")
     parser.add_argument("--equal-cost", default="", help="A,B: B's first task at A's last")
@@ -255,9 +260,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = plot_trade_off(runs, first["task_names"], args.trade_off, first["metric"])
         print(f"figure: {path}")
     if args.matrices is not None:
+        chosen = [label.strip() for label in args.matrices_of.split(",") if label.strip()]
+        unknown = sorted(set(chosen) - set(runs))
+        if unknown:
+            parser.error(f"--matrices-of: no runs labelled {unknown}; labels: {', '.join(runs)}")
         summary = {
             label: {"accuracy_matrix_mean": np.mean(np.stack(ms), axis=0)}
             for label, ms in runs.items()
+            if not chosen or label in chosen
         }
         path = plots.plot_accuracy_matrices(
             summary, first["task_names"], args.matrices, metric=first["metric"]
