@@ -27,7 +27,12 @@ For each model it prints:
   block, and of those only: the transformer's token and position embeddings and its
   LayerNorms (attention's q/k/v/output projections are factored); none for the MLP. Its time
   is included, as it is for a user; ``fisher_diagonal`` alone over all parameters is timed
-  beside it for reference;
+  beside it for reference.
+  Beside each time ratio, the ratio of the FLOPs XLA counts in the same jitted computations
+  (``GFLOP`` and ``FLOPs /``): what the time ratio would be if both ran at the same FLOP rate.
+  The factors add ``ā āᵀ`` and ``δ δᵀ`` of every layer (``in²`` and ``out²`` per token, against
+  the layer's ``in · out`` per token in each of the forward's and the backward's products): on
+  the MLP's 784-wide first layer that alone is several forward+backward passes;
 * the penalty step's overhead: a jitted Adam train step (``--steps`` steps per timed call in one
   ``lax.scan``, batches of ``--batch-size``) with ``optax.chain(ewc_jax.add_ewc_penalty(λ),
   optax.adam(lr))`` holding a K-FAC state (``ewc_jax.consolidate(None, params, kfac_fisher,
@@ -235,25 +240,33 @@ def _fisher_runners(workload: Workload, key: jax.Array) -> list[tuple[dict[str, 
     """One forward+backward, ``kfac_fisher`` per estimator, and ``fisher_diagonal`` (sampled)."""
     apply_fn, params, x, y = workload.apply_fn, workload.params, workload.inputs, workload.labels
     grad_fn = jax.jit(jax.value_and_grad(_mean_cross_entropy, argnums=1), static_argnums=0)
-    runners = [
-        (
-            _row(workload, "forward+backward"),
-            lambda: jax.block_until_ready(grad_fn(apply_fn, params, x, y)),
-        )
-    ]
+    row = _row(
+        workload, "forward+backward", gflop=_gflop(lambda p: grad_fn(apply_fn, p, x, y), params)
+    )
+    runners = [(row, lambda: jax.block_until_ready(grad_fn(apply_fn, params, x, y)))]
     for estimator in workload.estimators:
         labels = y if estimator == "empirical" else None
 
-        def call(e=estimator, labels=labels):
-            fisher = ewc_jax.kfac.kfac_fisher(apply_fn, params, x, labels, estimator=e, key=key)
-            return jax.block_until_ready(fisher)
+        def fisher(p, e=estimator, labels=labels):
+            return ewc_jax.kfac.kfac_fisher(apply_fn, p, x, labels, estimator=e, key=key)
 
-        runners.append((_row(workload, f"kfac_fisher {estimator}", estimator=estimator), call))
-    diagonal = lambda: jax.block_until_ready(
-        ewc_jax.fisher_diagonal(apply_fn, params, x, estimator="sampled", key=key)
-    )
-    runners.append((_row(workload, "fisher_diagonal sampled", estimator="sampled"), diagonal))
+        row = _row(workload, f"kfac_fisher {estimator}", estimator=estimator)
+        row["gflop"] = _gflop(fisher, params)
+        runners.append((row, lambda f=fisher: jax.block_until_ready(f(params))))
+
+    def diagonal(p):
+        return ewc_jax.fisher_diagonal(apply_fn, p, x, estimator="sampled", key=key)
+
+    row = _row(workload, "fisher_diagonal sampled", estimator="sampled")
+    row["gflop"] = _gflop(diagonal, params)
+    runners.append((row, lambda: jax.block_until_ready(diagonal(params))))
     return runners
+
+
+def _gflop(fn: Callable[[Any], Any], params: Any) -> float | None:
+    """The GFLOPs XLA's cost analysis counts in ``jax.jit(fn)(params)`` (a chunk loop by its
+    trip count: :func:`benchmarks.roofline.program_flops`), what the timed call computes."""
+    return roofline.program_flops(fn, params)["flops"] / 1e9
 
 
 def _kfac_jax_runners(workload: Workload, key: jax.Array, rows: list[dict[str, Any]]):
@@ -335,13 +348,16 @@ def _step_runners(workload: Workload, config: Config, key: jax.Array):
 
 
 def _ratio(row: dict[str, Any], reference: dict[str, Any], target: float | None = None):
-    value = None
+    value = flops = None
     if row["median_s"] and reference["median_s"]:
         value = row["median_s"] / reference["median_s"]
+    if row.get("gflop") and reference.get("gflop"):
+        flops = row["gflop"] / reference["gflop"]
     return {
         "model": row["model"],
         "name": f"{row['name']} / {reference['name']}",
         "value": value,
+        "flop_value": flops,
         "target": target,
     }
 
@@ -427,7 +443,7 @@ def format_table(report: dict[str, Any]) -> str:
         f" {load(machine.get('loadavg_end'))} at end",
         "",
         f"{'model':<5} {'entry':<30} {'N':>5} {'tokens':>7} {'median':>10} {'first call':>10}"
-        f" {'reps':>4} {'/ fwd+bwd':>9} {'target':>7}",
+        f" {'reps':>4} {'/ fwd+bwd':>9} {'target':>7} {'GFLOP':>7} {'FLOPs /':>7}",
     ]
     ratios = {(r["model"], r["name"]): r for r in report["ratios"]}
     for section, reference in (("fisher", "forward+backward"), ("steps", "plain step")):
@@ -446,14 +462,19 @@ def format_table(report: dict[str, Any]) -> str:
             ratio = ratios.get((row["model"], f"{row['name']} / {reference}"))
             value = "-" if not ratio or ratio["value"] is None else f"{ratio['value']:.2f}x"
             target = f"<= {ratio['target']}" if ratio and ratio["target"] else ""
+            flops = ratio.get("flop_value") if ratio else None
+            work = "" if row.get("gflop") is None else f"{row['gflop']:7.2f}"
+            work += "" if flops is None else f" {flops:6.2f}x"
             lines.append(
                 f"{head} {_fmt_s(row['median_s']):>10} {_fmt_s(row['first_call_s']):>10}"
-                f" {len(row['samples_s']):>4} {value:>9} {target:>7}"
+                f" {len(row['samples_s']):>4} {value:>9} {target:>7} {work}".rstrip()
             )
     lines += [
         "",
         "kfac_fisher includes the diagonal Fisher of the parameters without a Kronecker block "
         "(the LM's embeddings, positions, LayerNorms); first call: compilation included.",
+        "GFLOP: XLA's count of the same jitted computation (chunk loops by their trip count);"
+        " 'FLOPs /': its ratio to the forward+backward's (the time ratio at equal FLOP rates).",
     ]
     return "\n".join(lines)
 

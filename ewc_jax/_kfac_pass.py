@@ -21,6 +21,7 @@ from ewc_jax._engine.targets import (
 )
 from ewc_jax._kfac_layers import layer_deltas, layer_inputs
 from ewc_jax._kfac_sequence import (
+    gram,
     input_sum,
     output_sum,
     position_weights,
@@ -71,6 +72,7 @@ def factors_pass(
     ``diagonal_shardings`` (None: unconstrained)."""
     leaves = jax.tree.leaves(params)
     n = jax.tree.leaves(inputs)[0].shape[0]
+    flat = shardings is None  # Gram products over flattened rows, unless split (see gram)
 
     def placed(sums, diag):  # A, G and the diagonal on their shardings
         if shardings is not None:
@@ -118,11 +120,11 @@ def factors_pass(
             if bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dtype)], axis=2)
             if c is not None:  # K-FAC-expand or -reduce (Eschenhagen et al. 2023).
-                a_sums.append(input_sum(a, c, weight, sequence))
+                a_sums.append(input_sum(a, c, weight, sequence, flat))
                 continue
             # Σ over output positions (Grosse & Martens 2016; one position for Dense).
             w = weight.astype(dtype)
-            a_sums.append((jnp.einsum("n,nsi,nsj->ij", w, a, a), jnp.sum(w)))
+            a_sums.append((gram(a, jnp.broadcast_to(w[:, None], a.shape[:2]), flat), jnp.sum(w)))
 
         def add_label(totals, label):
             g_sums, diag = totals
@@ -132,11 +134,12 @@ def factors_pass(
             for total, (node, *_), dtype, c in zip(g_sums, layers, dtypes, counted, strict=True):
                 d = layer_deltas(plan, node, deltas[node], dtype)
                 if c is not None:
-                    new.append(total + output_sum(d, c, w, sequence))
+                    new.append(total + output_sum(d, c, w, sequence, flat))
                     continue
                 # Mean over output positions (spatial homogeneity; Grosse & Martens 2016).
                 scale = jnp.asarray(1.0 / d.shape[1], dtype)
-                new.append(total + scale * jnp.einsum("n,nsi,nsj->ij", w.astype(dtype), d, d))
+                ws = jnp.broadcast_to(w.astype(dtype)[:, None], d.shape[:2])
+                new.append(total + scale * gram(d, ws, flat))
             return (new, squares.add(diag, deltas, grads, w)), None
 
         zero = [

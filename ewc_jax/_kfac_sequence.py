@@ -133,24 +133,43 @@ def check_mask_fits(node: Node, token_shape: tuple[int, ...]) -> None:
         )
 
 
+def gram(x: jax.Array, w: jax.Array, flat: bool = True) -> jax.Array:
+    """``Σ_r w_r x_r x_rᵀ`` (``[d, d]``) of ``x [..., d]`` weighted by ``w [...]``.
+
+    ``flat``: one matrix product over the rows flattened, ``(w ⊙ x)ᵀ x``. The same sum as one
+    contraction over ``[B, S, d]``'s two leading axes ran about 1.5x slower on XLA's CPU backend
+    for the language model's factors (``BENCHMARKS.md``, "K-FAC cost"), but it is what keeps
+    factors split over devices on their layouts (the flattening merges the data-split axis with
+    the positions): ``flat=False`` there.
+    """
+    w = w.astype(x.dtype)
+    if flat:
+        x = x.reshape(-1, x.shape[-1])
+        return (x * w.reshape(-1, 1)).T @ x
+    lead = "ns"[: x.ndim - 1]
+    return jnp.einsum(f"{lead},{lead}i,{lead}j->ij", w, x, x)
+
+
 def input_sum(
-    a: jax.Array, m: jax.Array, weight: jax.Array, sequence: SequenceMode
+    a: jax.Array, m: jax.Array, weight: jax.Array, sequence: SequenceMode, flat: bool = True
 ) -> tuple[jax.Array, jax.Array]:
     """``(Σ ā āᵀ, count)`` of one chunk: ``a [B, S, in]``, ``m [B, S]``, ``weight [B]``."""
     w = weight.astype(a.dtype)
     if sequence == "expand":
         mw = m * w[:, None]
-        return jnp.einsum("ns,nsi,nsj->ij", mw, a, a), jnp.sum(mw)
+        return gram(a, mw, flat), jnp.sum(mw)
     counted = jnp.sum(m, axis=1)
     mean = jnp.einsum("ns,nsi->ni", m, a) / jnp.maximum(counted, 1)[:, None]
     w = w * (counted > 0).astype(w.dtype)
-    return jnp.einsum("n,ni,nj->ij", w, mean, mean), jnp.sum(w)
+    return gram(mean, w, flat), jnp.sum(w)
 
 
-def output_sum(d: jax.Array, m: jax.Array, weight: jax.Array, sequence: SequenceMode) -> jax.Array:
+def output_sum(
+    d: jax.Array, m: jax.Array, weight: jax.Array, sequence: SequenceMode, flat: bool = True
+) -> jax.Array:
     """``Σ w g gᵀ`` of one chunk and label: ``d [B, S, out]``, ``m [B, S]``, ``weight [B]``."""
     w = weight.astype(d.dtype)
     if sequence == "expand":
-        return jnp.einsum("ns,nsi,nsj->ij", m * w[:, None], d, d)
+        return gram(d, m * w[:, None], flat)
     total = jnp.einsum("ns,nsi->ni", m, d)
-    return jnp.einsum("n,ni,nj->ij", w, total, total)
+    return gram(total, w, flat)

@@ -7,6 +7,7 @@ cores, more than this test may take.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -50,6 +51,18 @@ def test_quick_report_has_every_row_and_positive_finite_ratios(tmp_path, capsys)
         else:
             assert ratio["value"] is None
     assert ratios["kfac_fisher sampled / forward+backward"]["target"] == kfac.SAMPLED_TARGET
+    # FLOPs: at least the matrix products each computation must make (quick MLP 16-8-10, N = 8):
+    # forward+backward the forward's products and the kernels' gradients; kfac_fisher the
+    # forward and, per layer, A = ā āᵀ ([in + 1]²) and G = δ δᵀ ([out]²) over the N examples.
+    n, sizes = kfac.QUICK_OVERRIDES["mlp_examples"], (16, 8, 10)
+    dense = sum(2 * n * i * o for i, o in itertools.pairwise(sizes))
+    factors = sum(2 * n * ((i + 1) ** 2 + o**2) for i, o in itertools.pairwise(sizes))
+    gflop = {r["name"]: r["gflop"] for r in report["fisher"] if r["status"] == "ok"}
+    assert gflop["forward+backward"] * 1e9 >= 2 * dense
+    assert gflop["kfac_fisher sampled"] * 1e9 >= dense + factors
+    assert gflop["fisher_diagonal sampled"] * 1e9 >= 2 * dense
+    flops = ratios["kfac_fisher sampled / forward+backward"]["flop_value"]
+    assert flops == pytest.approx(gflop["kfac_fisher sampled"] / gflop["forward+backward"])
     printed = capsys.readouterr().out
     assert "kfac_fisher sampled" in printed and "K-FAC penalty step" in printed
 

@@ -23,6 +23,7 @@ import pytest
 from _xla import xla_flags
 
 import ewc_jax
+from ewc_jax._kfac_sequence import gram
 
 N, T, D, H1, H2, C = 3, 4, 6, 5, 4, 3
 
@@ -229,6 +230,20 @@ def test_factors_match_hand_written_reference(sequence, estimator):
             layer = _layer(fisher, params, name)
             np.testing.assert_allclose(layer.a, a, rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(layer.g, g, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("shape", [(7, 3, 5), (7, 5)])
+def test_gram_is_the_weighted_sum_of_outer_products(flat, shape):
+    """Both forms of the factors' product (flattened rows; two contracted axes, kept for split
+    factors) against the sum of ``w_r x_r x_rᵀ`` row by row in NumPy."""
+    with jax.enable_x64(True):
+        x = np.asarray(jax.random.normal(jax.random.key(0), shape, jnp.float64))
+        w = np.asarray(jax.random.uniform(jax.random.key(1), shape[:-1], jnp.float64))
+        rows, weights = x.reshape(-1, shape[-1]), w.reshape(-1)
+        expected = sum(wr * np.outer(xr, xr) for wr, xr in zip(weights, rows, strict=True))
+        got = gram(jnp.asarray(x), jnp.asarray(w), flat)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_masked_tokens_do_not_change_the_factors():
