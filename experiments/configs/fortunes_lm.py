@@ -31,9 +31,9 @@ LayerNorms keep the diagonal Fisher. The windows have no padding, so no token ma
 ``large`` (4 blocks, width 160, 4 heads: 1,329,856 parameters): English for 4,000 Adam steps
 of batch 64 (lr 1.5e-3, about 7 passes over its 35,647 training windows), then 200-step fine-tunes
 on German, Spanish and Italian; finetune, L2, EWC, online EWC and K-FAC. Strengths: EWC, online
-EWC and K-FAC 1, the best average final bits per character of a seed-0 sweep (EWC 0.1-10,
-online EWC 0.1-1, K-FAC 0.1-3; ``docs/results.md`` has the sweep and the 3 seeds at these); L2
-keeps the small model's 0.01 (its sweep here was not finished).
+EWC and K-FAC 1, L2 0.03: the best average final bits per character of a seed-0 sweep (EWC
+0.1-10, online EWC 0.1-3, K-FAC 0.1-3, L2 0.003-0.3; ``docs/results.md`` has the sweep and the
+3 seeds at these).
 The English pretraining runs once per seed: ``first_task_params`` is ``runs/lm_large/first_task``
 (relative to the current directory), where the first run saves it and every later run of another
 method, workdir or sweep loads it (``experiments/runs/first_task.py``); a mid-task checkpoint
@@ -118,10 +118,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.eval_every_steps = 250
         config.checkpoint_every_steps = 1000
         config.methods = ("finetune", "l2", "ewc", "online_ewc", "kfac")
-        # The seed-0 sweep's best average final bpc (docs/results.md); L2 not swept here.
+        # The seed-0 sweep's best average final bpc (docs/results.md).
         config.strength = 1.0
-        config.strengths.online_ewc = 1.0
-        config.strengths.kfac = 1.0
+        config.strengths.l2 = 0.03
+        config.strengths.online_ewc = config.strengths.kfac = 1.0
         config.first_task_params = LARGE_FIRST_TASK
     elif variant == "lora":
         config.lora_rank = 8
