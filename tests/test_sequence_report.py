@@ -40,7 +40,8 @@ def test_equal_cost_interpolates_between_the_other_methods_strengths():
     assert f"first {2.7 - 0.4 / 0.9 * 0.5:.3f}," in lines[1]
 
 
-def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_path, capsys):
+def _write_runs(tmp_path):
+    """``RUNS`` as a sweep's results.json (English, then Italian, in bits per character)."""
     document = {
         "sweep": True,
         "config": {"methods": ["ewc", "kfac"], "strength": 1.0, "strengths": {}},
@@ -58,6 +59,11 @@ def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_p
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(document))
+    return path
+
+
+def test_cli_prints_the_final_table_the_equal_cost_and_draws_the_trade_off(tmp_path, capsys):
+    path = _write_runs(tmp_path)
     figure = tmp_path / "trade_off.png"
     sequence_report.main(
         [
@@ -115,23 +121,7 @@ def test_matrices_of_draws_the_named_labels_only_and_refuses_unknown_ones(
 ):
     from experiments.reporting import plots
 
-    document = {
-        "sweep": True,
-        "config": {"methods": ["ewc", "kfac"], "strength": 1.0, "strengths": {}},
-        "task_names": ["en", "it"],
-        "metric": "bits_per_character",
-        "runs": [
-            {
-                "method": label.split(" ")[0],
-                "strength": float(label.split("=")[1]),
-                "accuracy_matrix": matrix.tolist(),
-            }
-            for label, matrices in RUNS.items()
-            for matrix in matrices
-        ],
-    }
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(document))
+    path = _write_runs(tmp_path)
     drawn = []
     monkeypatch.setattr(
         plots, "plot_accuracy_matrices", lambda summary, *a, **k: drawn.append(summary) or a[1]
